@@ -1,0 +1,294 @@
+"""Typed run configuration: dataclasses with commented defaults, YAML presets that list only what
+differs, dotted command-line overrides (`--train.beta=0.2`). Unknown keys and bad values fail at load
+time with the key and the value in the message."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import hashlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "selfalign"        # run name: MLflow run name and default run directory
+    dir: str = ""                  # run directory; default runs/<name>
+    rounds: int = 2                # DICE rounds (the paper runs 2)
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    policy: str = ""               # pi_0: the DPO model the rounds start from (path or hub id)
+    reference: str = ""            # the model pi_0 was DPO-trained against (usually the SFT model)
+    dtype: str = "float32"         # float32 | bfloat16 (training, scoring and generation)
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    prompts: str = ""              # prompts for on-policy sampling (JSONL/Parquet path or hub id)
+    eval_prompts: str = ""         # held-out prompts for evaluation
+    offline_pairs: str = ""        # offline preference pairs (experience replay)
+    heldout_pairs: str = ""        # held-out offline pairs: implicit-reward accuracy and the guard
+    prompts_per_round: int = 0     # prompts sampled per round (0 = all); rounds take fresh slices
+    max_eval_prompts: int = 0      # cap on eval prompts (0 = all)
+
+
+@dataclass
+class GenerateConfig:
+    k: int = 16                    # samples per prompt (DICE: 16)
+    temperature: float = 0.7       # DICE Zephyr setting
+    top_p: float = 0.9
+    max_tokens: int = 2048
+    kv_cache_gib: float = 1.0      # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = True     # skip torch.compile / CUDA graphs warm-up
+    tensor_parallel_size: int = 1
+    max_model_len: int = 0         # 0 = the model's own limit
+
+
+@dataclass
+class ScoreConfig:
+    reference: str = "previous"    # previous: ref_{r-1} as in DICE | sft: always model.reference |
+                                   # initial: pi_0 from round 2 on (the SFT model in round 1)
+    batch_tokens: int = 16384      # padded tokens per scoring batch
+
+
+@dataclass
+class PairsConfig:
+    min_valid: int = 8             # keep prompts with at least this many valid samples (DICE: 8 of 16)
+    min_chars: int = 4             # responses shorter than this are degenerate (DICE: <= 3 dropped)
+    max_chars: int = 6699          # responses longer than this are degenerate (DICE: >= 6700 dropped)
+    length_unit: str = "chars"     # chars (DICE) | tokens: the unit of the alpha * length penalty
+    alpha_step: float = 0.001
+    alpha_max: float = 1.0
+    validity: str = ""             # optional hook package.module:function(prompt, response) -> bool
+    gamma: float = 0.5             # fraction of offline (replay) pairs in the training set
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "dpo"              # dpo (sigmoid DPO; other losses plug in here)
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    lr: float = 5e-7               # DICE: 5e-7 constant
+    weight_decay: float = 0.0
+    epochs: float = 1.0            # passes over the round's pairs (ignored when max_steps > 0)
+    max_steps: int = 0
+    batch_size: int = 32           # pairs per optimiser step, all processes together
+    micro_batch_size: int = 4      # pairs per forward pass per process
+    grad_clip: float = 1.0
+    zero_stage: int = 2            # DeepSpeed ZeRO stage
+    nproc: int = 1                 # training processes on this node
+    launcher: str = "torchrun"     # torchrun | deepspeed
+    threads: int = 0               # torch threads per process (0 = cores / nproc)
+
+
+@dataclass
+class EvaluateConfig:
+    preferred: str = ""            # hook package.module:function(prompt, response) -> bool
+    checker: str = ""              # hook for correctness, same signature
+    samples: int = 4               # sampled answers per eval prompt (temperature of generate)
+    max_tokens: int = 0            # 0 = generate.max_tokens
+
+
+@dataclass
+class GuardConfig:
+    min_pair_accuracy: float = 0.6  # stop before training if the scoring reward ranks held-out pairs worse
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""                  # MLflow tracking URI; default sqlite:///<run_dir>/mlflow.db
+    experiment: str = "selfalign"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir or f"runs/{self.run.name}")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        return {f"{s}.{k}": v for s, sec in self.to_dict().items() for k, v in sec.items()}
+
+    def section_hash(self, *sections: str) -> str:
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_CHOICES = {
+    "model.dtype": {"float32", "bfloat16"},
+    "score.reference": {"previous", "sft", "initial"},
+    "pairs.length_unit": {"chars", "tokens"},
+    "train.launcher": {"torchrun", "deepspeed"},
+    "train.zero_stage": {0, 1, 2, 3},
+}
+_REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs"]
+# Values given relative to a preset file ("./x", "../x") are resolved against the preset's folder.
+_PATH_KEYS = {"model.policy", "model.reference", "data.prompts", "data.eval_prompts",
+              "data.offline_pairs", "data.heldout_pairs", "run.dir"}
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _build(raw: dict[str, Any]) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {f.name: f for f in fields(Config)}
+    kwargs = {}
+    for sname, svalues in raw.items():
+        if sname not in sections:
+            raise ConfigError(f"unknown config section {sname!r} (known: {', '.join(sections)})")
+        if svalues is None:
+            continue
+        if not isinstance(svalues, dict):
+            raise ConfigError(f"{sname}: expected a mapping, got {svalues!r}")
+        cls = get_type_hints(Config)[sname]
+        hints = get_type_hints(cls)
+        values = {}
+        for key, value in svalues.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {sname}.{key} (known in {sname}: {', '.join(hints)})")
+            values[key] = _coerce(f"{sname}.{key}", value, hints[key])
+        kwargs[sname] = cls(**values)
+    cfg = Config(**kwargs)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    flat = cfg.flat()
+    for key in _REQUIRED:
+        if not flat[key]:
+            raise ConfigError(f"{key} is required (a local path or a hub id)")
+    for key, allowed in _CHOICES.items():
+        if flat[key] not in allowed:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {sorted(allowed)}")
+    checks = [
+        ("run.rounds", cfg.run.rounds >= 1, "must be >= 1"),
+        ("generate.k", cfg.generate.k >= 2, "must be >= 2 (best-vs-worst needs two samples)"),
+        ("generate.temperature", cfg.generate.temperature > 0, "must be > 0 for sampling"),
+        ("generate.top_p", 0 < cfg.generate.top_p <= 1, "must be in (0, 1]"),
+        ("generate.max_tokens", cfg.generate.max_tokens >= 1, "must be >= 1"),
+        ("pairs.min_valid", 2 <= cfg.pairs.min_valid <= cfg.generate.k, f"must be in [2, generate.k={cfg.generate.k}]"),
+        ("pairs.gamma", 0 <= cfg.pairs.gamma <= 1, "must be in [0, 1]"),
+        ("pairs.alpha_step", cfg.pairs.alpha_step > 0, "must be > 0"),
+        ("train.beta", cfg.train.beta > 0, "must be > 0"),
+        ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        ("train.label_smoothing", 0 <= cfg.train.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("train.micro_batch_size", cfg.train.micro_batch_size >= 1, "must be >= 1"),
+        ("train.nproc", cfg.train.nproc >= 1, "must be >= 1"),
+        ("train.batch_size", cfg.train.batch_size % (cfg.train.micro_batch_size * cfg.train.nproc) == 0,
+         f"must be a multiple of micro_batch_size * nproc = {cfg.train.micro_batch_size * cfg.train.nproc}"),
+        ("guard.min_pair_accuracy", 0 <= cfg.guard.min_pair_accuracy <= 1, "must be in [0, 1]"),
+        ("evaluate.samples", cfg.evaluate.samples >= 0, "must be >= 0"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {flat[key]!r} {why}")
+    if cfg.train.loss != "dpo":
+        raise ConfigError(f"train.loss: {cfg.train.loss!r} is not a known loss (known: dpo)")
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """`--section.key=value` -> ("section.key", value); the value is parsed as YAML (numbers, bools)."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --section.key=value")
+    key, _, text = arg[2:].partition("=")
+    if key.count(".") != 1:
+        raise ConfigError(f"override key {key!r} must be section.key")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    # A value like "1e-5" is a string to YAML 1.1; treat numeric-looking strings as numbers.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    base = Path.cwd()
+    if preset is not None:
+        path = Path(preset)
+        if not path.is_file():
+            raise ConfigError(f"preset file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"preset {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"preset {str(path)!r} must be a mapping of sections")
+        base = path.resolve().parent
+        raw = _resolve_paths(raw, base)
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
+    for key, value in items:
+        if key.count(".") != 1:
+            raise ConfigError(f"override key {key!r} must be section.key")
+        section, name = key.split(".")
+        sec = raw.setdefault(section, {})
+        if not isinstance(sec, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {sec!r}")
+        sec[name] = value
+    return _build(raw)
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = {s: dict(v) if isinstance(v, dict) else v for s, v in raw.items()}
+    for key in _PATH_KEYS:
+        s, k = key.split(".")
+        value = out.get(s, {}).get(k) if isinstance(out.get(s), dict) else None
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            out[s][k] = str((base / value).resolve())
+    return out
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    return _build(d)

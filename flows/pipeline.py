@@ -1,0 +1,222 @@
+"""The DICE pipeline as Prefect flows: one flow for the run, a sub-flow per round, a task per stage.
+Tasks are thin: they take and return paths and metrics, call the stage function, and skip the work
+when the stage's manifest shows its output came from the same inputs and config.
+
+    for r in 1..R:
+        samples = generate(pi_{r-1})                     K samples per prompt (vLLM)
+        scores  = score(samples, pi_{r-1}, ref_{r-1})    implicit reward S_pi - S_ref
+        pairs   = pairs(scores, offline)                 filters, alpha*, best-vs-worst, replay gamma
+        guard: stop if the reward misranks held-out pairs
+        pi_r    = train(pi_{r-1}, pairs)                 DPO, reference pi_{r-1} (DeepSpeed)
+        metrics = evaluate(pi_r)                         held-out prompts
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from selfalign.flows.config import Config, from_dict
+from selfalign.tasks import artifacts
+from selfalign.tasks.data import load_pairs, load_prompts
+from selfalign.tasks.evaluate import run_evaluate
+from selfalign.tasks.generate import run_generate
+from selfalign.tasks.pairs import run_pairs
+from selfalign.tasks.score import run_score
+from selfalign.tasks.tracking import MetricLogger, make_logger
+from selfalign.tasks.train import run_train
+
+
+def _log():
+    return get_run_logger().info
+
+
+def _stage(output: Path, key: dict[str, Any], work, stats_path: Path) -> dict[str, Any]:
+    """Run `work()` unless `output` is already there from the same key; returns the stage's stats."""
+    if artifacts.is_done(output, key) and stats_path.exists():
+        _log()(f"{output.name}: up to date, skipped")
+        return artifacts.read_json(stats_path)
+    stats = work()
+    artifacts.write_json(stats_path, stats)
+    artifacts.mark_done(output, key)
+    return stats
+
+
+@task(name="generate", cache_policy=NO_CACHE)
+def generate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> tuple[Path, dict]:
+    rd = artifacts.round_dir(cfg.run_dir, r)
+    out = rd / "samples.parquet"
+    key = {"config": cfg.section_hash("model", "generate"), "model": artifacts.input_token(model),
+           "prompts": [p["id"] for p in prompts], "seed": cfg.run.seed + r}
+    stats = _stage(out, key, lambda: run_generate(cfg, model, prompts, out, rd, cfg.run.seed + r, _log()),
+                   rd / "generate.stats.json")
+    return out, stats
+
+
+@task(name="score", cache_policy=NO_CACHE)
+def score_task(cfg: Config, r: int, samples: Path, policy: str, reference: str,
+               heldout: list[dict[str, str]]) -> tuple[Path, dict]:
+    rd = artifacts.round_dir(cfg.run_dir, r)
+    out = rd / "scores.parquet"
+    key = {"config": cfg.section_hash("model", "score", "data"), "samples": artifacts.input_token(samples),
+           "policy": artifacts.input_token(policy), "reference": artifacts.input_token(reference)}
+    stats = _stage(out, key, lambda: run_score(cfg, samples, policy, reference, heldout, out, _log()),
+                   rd / "score.stats.json")
+    return out, stats
+
+
+@task(name="pairs", cache_policy=NO_CACHE)
+def pairs_task(cfg: Config, r: int, scores: Path, offline: list[dict[str, str]]) -> tuple[Path, dict]:
+    rd = artifacts.round_dir(cfg.run_dir, r)
+    out = rd / "pairs.parquet"
+    key = {"config": cfg.section_hash("pairs", "evaluate", "data"), "scores": artifacts.input_token(scores),
+           "seed": cfg.run.seed + r}
+    stats = _stage(out, key, lambda: run_pairs(cfg, scores, offline, out, rd / "alpha_sweep.json",
+                                               cfg.run.seed + r, _log()), rd / "pairs.stats.json")
+    return out, stats
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(cfg: Config, r: int, model: str, pairs: Path) -> tuple[Path, list[dict]]:
+    rd = artifacts.round_dir(cfg.run_dir, r)
+    out = rd / "model"
+    key = {"config": cfg.section_hash("model", "train"), "model": artifacts.input_token(model),
+           "pairs": artifacts.input_token(pairs), "seed": cfg.run.seed + r}
+    steps_path = rd / "train.steps.json"
+    _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log())}, steps_path)
+    return out, artifacts.read_json(steps_path)["steps"]
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> dict:
+    rd = artifacts.round_dir(cfg.run_dir, r)
+    out = rd / "eval_greedy.parquet"
+    key = {"config": cfg.section_hash("model", "generate", "evaluate"), "model": artifacts.input_token(model),
+           "prompts": [p["id"] for p in prompts]}
+    return _stage(out, key, lambda: run_evaluate(cfg, model, prompts, rd, cfg.run.seed + 7919 * r, _log()),
+                  rd / "evaluate.stats.json")
+
+
+def round_prompts(prompts: list[dict[str, str]], per_round: int, r: int) -> list[dict[str, str]]:
+    """Round r's prompts: a fresh slice of `per_round` prompts (wrapping around), or all of them."""
+    if not per_round or per_round >= len(prompts):
+        return prompts
+    start = ((r - 1) * per_round) % len(prompts)
+    return [prompts[(start + i) % len(prompts)] for i in range(per_round)]
+
+
+def scoring_reference(cfg: Config, r: int, reference_prev: str) -> str:
+    if cfg.score.reference == "previous" or r == 1:
+        return reference_prev if cfg.score.reference == "previous" else cfg.model.reference
+    return cfg.model.policy if cfg.score.reference == "initial" else cfg.model.reference
+
+
+@flow(name="dice-round", flow_run_name="round-{r}")
+def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id: str = "") -> dict:
+    cfg = from_dict(config)
+    log = _log()
+    t0 = time.time()
+    prompts = round_prompts(load_prompts(cfg.data.prompts), cfg.data.prompts_per_round, r)
+    offline = load_pairs(cfg.data.offline_pairs)
+    heldout = load_pairs(cfg.data.heldout_pairs) if cfg.data.heldout_pairs else []
+    tracker = _tracker(cfg, parent_run_id, f"round_{r}")
+    tracker.log_params({"round": r, "policy": policy, "reference": reference})
+    result: dict[str, Any] = {"round": r, "model": policy, "stopped": ""}
+    metrics: dict[str, Any] = {}
+    try:
+        samples, st = generate_task(cfg, r, policy, prompts)
+        metrics |= st
+        scores, st = score_task(cfg, r, samples, policy, scoring_reference(cfg, r, reference), heldout)
+        metrics |= st
+        pairs, st = pairs_task(cfg, r, scores, offline)
+        metrics |= st
+        rd = artifacts.round_dir(cfg.run_dir, r)
+        tracker.log_artifact(pairs, "tables")
+        tracker.log_artifact(rd / "alpha_sweep.json", "tables")
+        acc = metrics.get("eval/pair_accuracy", math.nan)
+        if heldout and not acc >= cfg.guard.min_pair_accuracy:
+            result["stopped"] = (f"round {r}: the implicit reward ranks only {acc:.3f} of the held-out pairs "
+                                 f"correctly (guard.min_pair_accuracy = {cfg.guard.min_pair_accuracy}); "
+                                 f"stopping before training, the run ends with {policy}")
+            log(result["stopped"])
+        elif metrics["pairs/kept"] == 0:
+            result["stopped"] = f"round {r}: no training pairs survived the filters; stopping"
+            log(result["stopped"])
+        else:
+            model, steps = train_task(cfg, r, policy, pairs)
+            for s in steps:
+                tracker.log_metrics({k: v for k, v in s.items() if k != "step"}, step=s["step"])
+            if steps:
+                metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
+            metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg))
+            result["model"] = str(model)
+        metrics["round/seconds"] = time.time() - t0
+        tracker.log_metrics(metrics, step=r)
+        artifacts.write_json(artifacts.round_dir(cfg.run_dir, r) / "metrics.json", metrics)
+        tracker.close("KILLED" if result["stopped"] else "FINISHED")
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    result["metrics"] = metrics
+    return result
+
+
+def load_prompts_eval(cfg: Config) -> list[dict[str, str]]:
+    rows = load_prompts(cfg.data.eval_prompts)
+    return rows[: cfg.data.max_eval_prompts] if cfg.data.max_eval_prompts else rows
+
+
+def _tracker(cfg: Config, parent_run_id: str, name: str) -> MetricLogger:
+    from selfalign.tasks.tracking import MlflowLogger, NullLogger
+
+    uri = tracking_uri(cfg)
+    if uri == "none":
+        return NullLogger()
+    return MlflowLogger(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id or None)
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or f"sqlite:///{(cfg.run_dir / 'mlflow.db').resolve()}"
+
+
+@flow(name="selfalign-run", flow_run_name="{config[run][name]}")
+def run_flow(config: dict) -> dict:
+    """Multi-round DICE from pi_0 (`model.policy`, DPO-trained against `model.reference`)."""
+    cfg = from_dict(config)
+    log = _log()
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name)
+    tracker.log_params(cfg.flat())
+    parent = getattr(tracker, "run_id", "")
+    rows = []
+    try:
+        t0 = time.time()
+        base = evaluate_task(cfg, 0, cfg.model.policy, load_prompts_eval(cfg))
+        base["round/seconds"] = time.time() - t0
+        artifacts.write_json(artifacts.round_dir(cfg.run_dir, 0) / "metrics.json", base)
+        tracker.log_metrics(base, step=0)
+        rows.append({"round": 0, **base})
+        policy, reference = cfg.model.policy, cfg.model.reference
+        stopped = ""
+        for r in range(1, cfg.run.rounds + 1):
+            res = round_flow(config, r, policy, reference, parent)
+            tracker.log_metrics(res["metrics"], step=r)
+            rows.append({"round": r, **res["metrics"]})
+            if res["stopped"]:
+                stopped = res["stopped"]
+                break
+            reference, policy = policy, res["model"]
+        summary = {"rounds": rows, "final_model": policy, "stopped": stopped,
+                   "tracking_uri": tracking_uri(cfg), "run_dir": str(cfg.run_dir)}
+        artifacts.write_json(cfg.run_dir / "summary.json", summary)
+        tracker.log_artifact(cfg.run_dir / "summary.json")
+        tracker.close("FINISHED")
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    log(f"final model: {policy}")
+    return summary

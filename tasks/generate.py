@@ -1,0 +1,146 @@
+"""Generate stage: K samples per prompt from the current policy with vLLM, in a process of its own so
+the engine's memory is released when the stage ends. The prompt is the chat template applied by
+`data.encode_prompt`, passed to vLLM as token ids, exactly what scoring and training see.
+
+Run as a module (`python -m selfalign.tasks.generate <job.json>`) it is the vLLM worker."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from selfalign.tasks import artifacts
+from selfalign.tasks.data import encode_prompt, load_tokenizer
+
+
+def engine_env(cache_dir: Path, kv_cache_gib: float) -> dict[str, str]:
+    """Environment for the vLLM worker: offline, loopback only, caches inside the run."""
+    env = dict(os.environ)
+    env.update({
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_HOST_IP": "127.0.0.1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+        "VLLM_CACHE_ROOT": str(cache_dir),
+        # The worker is already our own process: run the engine core inside it (seconds to start
+        # instead of a second spawned process).
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(kv_cache_gib)))),
+        "TOKENIZERS_PARALLELISM": "false",
+    })
+    return env
+
+
+def run_vllm(job: dict[str, Any], job_path: Path, cache_dir: Path, kv_cache_gib: float, log=print) -> list[list[dict[str, Any]]]:
+    """Run one vLLM job in a subprocess; returns the sample rows of each of its runs."""
+    artifacts.write_json(job_path, job)
+    t0 = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "selfalign.tasks.generate", str(job_path)],
+        env=engine_env(cache_dir, kv_cache_gib), capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise RuntimeError(f"vLLM worker failed (exit {proc.returncode}) for {job['model']}:\n{tail}")
+    out = [artifacts.read_table(Path(r["output"])) for r in job["runs"]]
+    log(f"vLLM: {sum(map(len, out))} samples in {time.time() - t0:.1f}s from {job['model']}")
+    return out
+
+
+def sampling_run(output: Path, *, n: int, temperature: float, top_p: float, max_tokens: int) -> dict[str, Any]:
+    """One sampling configuration of a vLLM job; temperature 0 is greedy decoding."""
+    return {"output": str(output), "n": n, "temperature": temperature, "top_p": top_p if temperature > 0 else 1.0,
+            "max_tokens": max_tokens}
+
+
+def build_job(cfg, model: str, prompts: list[dict[str, str]], runs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """A vLLM job: one engine start for one model, several sampling runs over the same prompts."""
+    tok = load_tokenizer(model, cfg.model.trust_remote_code)
+    g = cfg.generate
+    return {
+        "model": model,
+        "prompts": [{"id": p["id"], "prompt": p["prompt"], "ids": encode_prompt(tok, p["prompt"])} for p in prompts],
+        "runs": runs,
+        "seed": seed,
+        "dtype": cfg.model.dtype,
+        "enforce_eager": g.enforce_eager,
+        "gpu_memory_utilization": g.gpu_memory_utilization,
+        "tensor_parallel_size": g.tensor_parallel_size,
+        "max_model_len": g.max_model_len,
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
+
+
+def run_generate(cfg, model: str, prompts: list[dict[str, str]], out_path: Path, work_dir: Path, seed: int,
+                 log=print) -> dict[str, Any]:
+    """K samples per prompt at the configured temperature/top_p/max_tokens -> `out_path`."""
+    g = cfg.generate
+    t0 = time.time()
+    run = sampling_run(out_path, n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
+    job = build_job(cfg, model, prompts, [run], seed)
+    rows = run_vllm(job, work_dir / "generate_job.json", cfg.run_dir / "cache" / "vllm", g.kv_cache_gib, log)[0]
+    seconds = time.time() - t0
+    n_tok = sum(r["n_tokens"] for r in rows)
+    stats = {"generate/samples": len(rows), "generate/tokens": n_tok, "generate/seconds": seconds,
+             "generate/truncated": sum(r["finish_reason"] == "length" for r in rows)}
+    log(f"generate: {len(prompts)} prompts x {g.k} = {len(rows)} samples, {n_tok} tokens in {seconds:.1f}s")
+    return stats
+
+
+def _generation_eos(model: str) -> set[int]:
+    """End-of-turn ids from the model's generation config (Llama 3 has two)."""
+    from transformers import GenerationConfig
+
+    try:
+        ids = GenerationConfig.from_pretrained(model).eos_token_id
+    except OSError:
+        return set()
+    return set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
+
+
+def _worker(job: dict[str, Any]) -> None:
+    import torch
+    from vllm import LLM, SamplingParams
+
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        model=job["model"], dtype=job["dtype"], enforce_eager=job["enforce_eager"], seed=job["seed"],
+        trust_remote_code=job["trust_remote_code"], tensor_parallel_size=job["tensor_parallel_size"],
+        enable_prefix_caching=True,  # the K samples of a prompt share its KV blocks
+    )
+    if job["max_model_len"]:
+        kwargs["max_model_len"] = job["max_model_len"]
+    if on_gpu:
+        kwargs["gpu_memory_utilization"] = job["gpu_memory_utilization"]
+    llm = LLM(**kwargs)
+    tok = llm.get_tokenizer()
+    eos = {tok.eos_token_id} | _generation_eos(job["model"])
+    requests = [{"prompt_token_ids": p["ids"]} for p in job["prompts"]]
+    for run in job["runs"]:
+        # No per-request seed: the engine's seed makes the job reproducible, and a shared per-request
+        # seed would give identical prompts identical samples.
+        params = SamplingParams(n=run["n"], temperature=run["temperature"], top_p=run["top_p"],
+                                max_tokens=run["max_tokens"])
+        outs = llm.generate(requests, params, use_tqdm=False)
+        rows = []
+        for p, out in zip(job["prompts"], outs):
+            for k, c in enumerate(out.outputs):
+                ids = list(c.token_ids)
+                # The end-of-turn token is part of the response (scored and trained); vLLM may or
+                # may not include it in token_ids depending on the stop condition: normalise.
+                if c.finish_reason == "stop" and (not ids or ids[-1] not in eos):
+                    ids.append(tok.eos_token_id)
+                rows.append({
+                    "prompt_id": p["id"], "prompt": p["prompt"], "k": k,
+                    "response": c.text.strip(), "response_ids": ids,
+                    "finish_reason": c.finish_reason or "", "n_tokens": len(ids),
+                })
+        artifacts.write_table(Path(run["output"]), rows)
+
+
+if __name__ == "__main__":
+    _worker(json.loads(Path(sys.argv[1]).read_text()))

@@ -1,0 +1,104 @@
+"""Pairs stage: from scored samples to the round's training pairs (ALGORITHMS.md §2.4-2.6).
+Drop truncated, degenerate and (optionally, by a user hook) invalid samples; keep prompts with at
+least `min_valid` samples; sweep alpha so that the length penalty cancels the mean chosen-minus-
+rejected length; chosen = best, rejected = worst shaped score; mix in offline pairs at fraction gamma
+with prompts disjoint from the generated ones."""
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from selfalign.kernels import pairs as rules
+from selfalign.tasks import artifacts
+from selfalign.tasks.data import load_hook
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: Path, sweep_path: Path,
+              seed: int, log=print) -> dict[str, Any]:
+    t0 = time.time()
+    pc = cfg.pairs
+    samples = artifacts.read_table(scores_path)
+    valid_fn = load_hook(pc.validity, "pairs.validity") if pc.validity else None
+    preferred_fn = load_hook(cfg.evaluate.preferred, "evaluate.preferred") if cfg.evaluate.preferred else None
+
+    dropped = {"truncated": 0, "degenerate": 0, "invalid": 0}
+    by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for s in samples:
+        if s["finish_reason"] != "stop" or not math.isfinite(s["score"]):
+            dropped["truncated"] += 1
+        elif rules.is_degenerate(s["response"], min_chars=pc.min_chars, max_chars=pc.max_chars):
+            dropped["degenerate"] += 1
+        elif valid_fn is not None and not valid_fn(s["prompt"], s["response"]):
+            dropped["invalid"] += 1
+        else:
+            s["length"] = float(len(s["response"]) if pc.length_unit == "chars" else s["n_tokens"])
+            by_prompt[s["prompt_id"]].append(s)
+    kept = {pid: group for pid, group in by_prompt.items() if len(group) >= pc.min_valid}
+    groups = [([s["score"] for s in g], [s["length"] for s in g]) for g in kept.values()]
+
+    alpha, trace = rules.sweep_alpha(groups, step=pc.alpha_step, max_alpha=pc.alpha_max)
+    artifacts.write_json(sweep_path, {"alpha_star": alpha, "trace": trace})
+
+    generated = []
+    for pid, group in kept.items():
+        scores, lengths = [s["score"] for s in group], [s["length"] for s in group]
+        w, l = rules.best_worst(scores, lengths, alpha)
+        cw, cl = group[w], group[l]
+        generated.append({
+            "source": "generated", "prompt_id": pid, "prompt": cw["prompt"],
+            "chosen": cw["response"], "rejected": cl["response"],
+            "chosen_ids": cw["response_ids"], "rejected_ids": cl["response_ids"],
+            # The training reference is the start-of-round policy, which is the scoring policy:
+            # its log-probs are already here, so training needs no reference forward for these.
+            "ref_chosen_logp": cw["policy_logp"], "ref_rejected_logp": cl["policy_logp"],
+            "chosen_score": cw["score"] - alpha * cw["length"], "rejected_score": cl["score"] - alpha * cl["length"],
+            "chosen_len": cw["length"], "rejected_len": cl["length"],
+        })
+
+    gen_idx, off_idx = rules.mix_replay([g["prompt"] for g in generated], [o["prompt"] for o in offline],
+                                        pc.gamma, seed)
+    rows = [generated[i] for i in gen_idx]
+    for i in off_idx:
+        o = offline[i]
+        unit = (lambda t: float(len(t))) if pc.length_unit == "chars" else (lambda t: math.nan)
+        rows.append({
+            "source": "offline", "prompt_id": o["id"], "prompt": o["prompt"],
+            "chosen": o["chosen"], "rejected": o["rejected"], "chosen_ids": [], "rejected_ids": [],
+            "ref_chosen_logp": math.nan, "ref_rejected_logp": math.nan,
+            "chosen_score": math.nan, "rejected_score": math.nan,
+            "chosen_len": unit(o["chosen"]), "rejected_len": unit(o["rejected"]),
+        })
+    artifacts.write_table(out_path, rows)
+
+    gap0 = trace[0]["mean_len_gap"] if trace else math.nan
+    stats = {
+        "alpha_star": alpha,
+        "pairs/prompts": len({s["prompt_id"] for s in samples}),
+        "pairs/prompts_kept": len(kept),
+        "pairs/generated_built": len(generated),
+        "pairs/generated": len(gen_idx),
+        "pairs/offline": len(off_idx),
+        "pairs/kept": len(rows),
+        "pairs/dropped_truncated": dropped["truncated"],
+        "pairs/dropped_degenerate": dropped["degenerate"],
+        "pairs/dropped_invalid": dropped["invalid"],
+        "len/gap_alpha0": gap0,
+        "len/gap": _mean([g["chosen_len"] - g["rejected_len"] for g in generated]),
+        "len/chosen_mean": _mean([g["chosen_len"] for g in generated]),
+        "len/rejected_mean": _mean([g["rejected_len"] for g in generated]),
+        "pairs/seconds": time.time() - t0,
+    }
+    if preferred_fn is not None:
+        prec, n = rules.label_precision([preferred_fn(g["prompt"], g["chosen"]) for g in generated],
+                                        [preferred_fn(g["prompt"], g["rejected"]) for g in generated])
+        stats["eval/label_precision"], stats["pairs/decisive"] = prec, n
+    log(f"pairs: {len(kept)}/{stats['pairs/prompts']} prompts kept (dropped {dropped}), alpha*={alpha:.3f}, "
+        f"length gap {gap0:+.1f} -> {stats['len/gap']:+.1f}, {len(gen_idx)} generated + {len(off_idx)} offline pairs")
+    return stats

@@ -1,0 +1,82 @@
+"""Train stage: launches the DeepSpeed worker (`train_worker.py`) in processes of its own, with
+torchrun or the `deepspeed` launcher, then publishes the round's model atomically and returns the
+per-step metrics the worker wrote."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from selfalign.tasks import artifacts
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(launcher: str, nproc: int, spec_path: Path) -> list[str]:
+    port = str(_free_port())
+    if launcher == "deepspeed":
+        flag = "--num_gpus" if torch.cuda.is_available() else "--num_accelerators"
+        return [sys.executable, "-m", "deepspeed.launcher.runner", flag, str(nproc), "--master_addr", "127.0.0.1",
+                "--master_port", port, "--module", "selfalign.tasks.train_worker", str(spec_path)]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "selfalign.tasks.train_worker", str(spec_path)]
+
+
+def worker_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfalign" / "torch_extensions"))
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=print) -> list[dict[str, Any]]:
+    """Trains pi_r from pi_{r-1} (= `model`) on the round's pairs; writes `out_dir` (HF format)."""
+    t0 = time.time()
+    work = out_dir.parent / "train"
+    work.mkdir(parents=True, exist_ok=True)
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    metrics_path = work / "metrics.jsonl"
+    metrics_path.unlink(missing_ok=True)
+    t = cfg.train
+    spec = {
+        "model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
+        "seed": seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
+        "loss": t.loss, "beta": t.beta, "label_smoothing": t.label_smoothing, "lr": t.lr,
+        "weight_decay": t.weight_decay, "epochs": t.epochs, "max_steps": t.max_steps,
+        "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size, "grad_clip": t.grad_clip,
+        "zero_stage": t.zero_stage, "threads": t.threads, "batch_tokens": cfg.score.batch_tokens,
+    }
+    spec_path = work / "spec.json"
+    artifacts.write_json(spec_path, spec)
+    cmd = launch_command(t.launcher, t.nproc, spec_path)
+    log(f"train: launching {t.nproc} process(es) with {t.launcher}, ZeRO-{t.zero_stage}")
+    with open(work / "worker.log", "w") as logf:
+        proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        tail: list[str] = []
+        for line in proc.stdout:
+            logf.write(line)
+            tail = (tail + [line.rstrip()])[-40:]
+            if line.startswith("train:"):
+                log(line.rstrip())
+        rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"training failed (exit {rc}); log: {work / 'worker.log'}\n" + "\n".join(tail))
+    artifacts.publish_dir(partial, out_dir)
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    log(f"train: {len(rows)} steps in {time.time() - t0:.1f}s -> {out_dir}")
+    return rows
