@@ -1,0 +1,95 @@
+"""Stage functions on hand-made tables: the pair stage's filters, replay mixing and label
+precision; the round's prompt slices and scoring reference; the MLflow seam."""
+import math
+
+import pytest
+
+from selfalign.flows.config import load_config
+from selfalign.flows.pipeline import round_prompts, scoring_reference
+from selfalign.tasks import artifacts
+from selfalign.tasks.pairs import run_pairs
+
+BASE = {"model.policy": "pi0", "model.reference": "sft", "data.prompts": "p", "data.eval_prompts": "e",
+        "data.offline_pairs": "o", "generate.k": 4, "pairs.min_valid": 3,
+        "pairs.validity": "selfalign.tasks.toy:is_valid", "pairs.min_chars": 1, "evaluate.preferred": "selfalign.tasks.toy:is_preferred"}
+
+
+def sample(pid, prompt, k, response, score, finish="stop"):
+    return {"prompt_id": pid, "prompt": prompt, "k": k, "response": response, "response_ids": list(range(len(response) + 1)),
+            "finish_reason": finish, "n_tokens": len(response) + 1, "policy_logp": -10.0 - k, "ref_logp": -10.0 - k - score,
+            "score": score if finish == "stop" else math.nan}
+
+
+def test_pair_stage_filters_picks_and_mixes(tmp_path):
+    cfg = load_config(None, BASE | {"pairs.gamma": 0.5})
+    q1, q2, q3 = "What is 12 + 34?", "What is 50 + 25?", "What is 11 + 11?"
+    rows = [
+        sample("a", q1, 0, "The sum of 12 and 34 is 46. Happy to help!", 3.0),
+        sample("a", q1, 1, "46", -1.0),
+        sample("a", q1, 2, "12+34=46", 0.5),
+        sample("a", q1, 3, "thesum of 12 and 34 is 46 thanks", 9.0),  # malformed: the hook drops it
+        sample("b", q2, 0, "75", 1.0),
+        sample("b", q2, 1, "50+25=75", 0.0),
+        sample("b", q2, 2, "The sum of 50 and 25 is 75. Happy to help!", -2.0),  # the reward is wrong here
+        sample("b", q2, 3, "The sum of 50 and 25 is", 5.0, finish="length"),
+        sample("c", q3, 0, "22", 1.0),  # only two valid samples: prompt dropped
+        sample("c", q3, 1, "11+11=22", 0.0),
+    ]
+    scores = tmp_path / "scores.parquet"
+    artifacts.write_table(scores, rows)
+    # N_off = 6 -> both generated pairs are used and 2 offline ones, never the one sharing prompt q1
+    offline = [{"id": f"o{i}", "prompt": q, "chosen": "c", "rejected": "r"}
+               for i, q in enumerate([q1, q2] + [f"What is {i} + 2?" for i in range(4)])]
+    stats = run_pairs(cfg, scores, offline, tmp_path / "pairs.parquet", tmp_path / "sweep.json", seed=0, log=lambda m: None)
+    pairs = artifacts.read_table(tmp_path / "pairs.parquet")
+    assert stats["pairs/dropped_invalid"] == 1 and stats["pairs/dropped_truncated"] == 1
+    assert stats["pairs/prompts"] == 3 and stats["pairs/prompts_kept"] == 2
+    gen = {p["prompt_id"]: p for p in pairs if p["source"] == "generated"}
+    assert gen["a"]["chosen"].startswith("The sum") and gen["a"]["rejected"] == "46"
+    # reference log-probs for training are the scoring policy's, carried over from the scores table
+    assert gen["a"]["ref_chosen_logp"] == -10.0 and gen["a"]["ref_rejected_logp"] == -11.0
+    # label precision: prompt a labels correctly, prompt b backwards -> 1 of 2 decisive pairs
+    assert stats["eval/label_precision"] == pytest.approx(0.5) and stats["pairs/decisive"] == 2
+    off = [p for p in pairs if p["source"] == "offline"]
+    assert stats["pairs/generated"] == 2 and stats["pairs/offline"] == len(off) == 2
+    assert {p["prompt"] for p in off}.isdisjoint({p["prompt"] for p in gen.values()})
+    assert all(math.isnan(p["ref_chosen_logp"]) for p in off)
+    sweep = artifacts.read_json(tmp_path / "sweep.json")
+    assert sweep["alpha_star"] == stats["alpha_star"] and sweep["trace"][0]["alpha"] == 0.0
+
+
+def test_round_prompts_take_fresh_slices():
+    prompts = [{"id": str(i), "prompt": str(i)} for i in range(10)]
+    assert [p["id"] for p in round_prompts(prompts, 4, 1)] == ["0", "1", "2", "3"]
+    assert [p["id"] for p in round_prompts(prompts, 4, 3)] == ["8", "9", "0", "1"]
+    assert round_prompts(prompts, 0, 5) == prompts
+
+
+@pytest.mark.parametrize("mode, r, prev, want", [
+    ("previous", 1, "sft", "sft"), ("previous", 2, "pi0", "pi0"), ("previous", 3, "pi1", "pi1"),
+    ("sft", 3, "pi1", "sft"), ("initial", 1, "sft", "sft"), ("initial", 3, "pi1", "pi0"),
+])
+def test_scoring_reference(mode, r, prev, want):
+    cfg = load_config(None, BASE | {"score.reference": mode})
+    assert scoring_reference(cfg, r, prev) == want
+
+
+def test_mlflow_logger_nests_and_ignores_an_active_run(tmp_path):
+    import mlflow
+
+    from selfalign.tasks.tracking import MlflowLogger
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_name="users-own-run"):
+        parent = MlflowLogger(uri, "exp", "parent")
+        parent.log_params({"train.beta": 0.1, "judge.api_key": "sk-secret"})
+        child = parent.child("round_1")
+        child.log_metrics({"loss": 0.5, "nan": float("nan")}, step=3)
+        child.close()
+        parent.close()
+    client = mlflow.tracking.MlflowClient(uri)
+    run = client.get_run(child.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id
+    assert run.data.metrics == {"loss": 0.5}
+    assert client.get_run(parent.run_id).data.params == {"train.beta": "0.1", "judge.api_key": "***"}
