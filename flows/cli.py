@@ -56,6 +56,8 @@ def prepare_environment(run_dir: Path) -> None:
     }
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
+    # Prefect creates only the last level of its home; make the whole path.
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
