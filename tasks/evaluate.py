@@ -34,8 +34,7 @@ def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, 
     if e.samples:
         runs.append(sampling_run(out_dir / "eval_sampled.parquet", n=e.samples, temperature=g.temperature,
                                  top_p=g.top_p, max_tokens=max_tokens))
-    results = run_vllm(build_job(cfg, model, prompts, runs, seed), out_dir / "eval_job.json",
-                       cfg.run_dir / "cache" / "vllm", g.kv_cache_gib, log)
+    results = run_vllm(build_job(cfg, model, prompts, runs, seed), out_dir / "eval_job.json", g.kv_cache_gib, log)
     metrics: dict[str, Any] = {}
     for name, rows in zip(("greedy", "sampled"), results):
         for k, v in _rates(rows, preferred, checker).items():
