@@ -46,13 +46,17 @@ def _stage(output: Path, key: dict[str, Any], work, stats_path: Path) -> dict[st
     return stats
 
 
+def generate_key(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> dict[str, Any]:
+    return {"config": cfg.section_hash("model", "generate"), "model": artifacts.input_token(model),
+            "prompts": [p["id"] for p in prompts], "seed": cfg.run.seed + r}
+
+
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> tuple[Path, dict]:
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "samples.parquet"
-    key = {"config": cfg.section_hash("model", "generate"), "model": artifacts.input_token(model),
-           "prompts": [p["id"] for p in prompts], "seed": cfg.run.seed + r}
-    stats = _stage(out, key, lambda: run_generate(cfg, model, prompts, out, rd, cfg.run.seed + r, _log()),
+    stats = _stage(out, generate_key(cfg, r, model, prompts),
+                   lambda: run_generate(cfg, model, prompts, out, rd, cfg.run.seed + r, _log()),
                    rd / "generate.stats.json")
     return out, stats
 
@@ -93,12 +97,30 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path) -> tuple[Path, list
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> dict:
+    """Evaluates the model that round r produced (r = 0: pi_0). When round r+1 follows, the same
+    vLLM engine also draws its samples and records them as round r+1's finished generate stage."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "eval_greedy.parquet"
     key = {"config": cfg.section_hash("model", "generate", "evaluate"), "model": artifacts.input_token(model),
            "prompts": [p["id"] for p in prompts]}
-    return _stage(out, key, lambda: run_evaluate(cfg, model, prompts, rd, cfg.run.seed + 7919 * r, _log()),
-                  rd / "evaluate.stats.json")
+    nxt = None
+    if r < cfg.run.rounds:
+        nd = artifacts.round_dir(cfg.run_dir, r + 1)
+        next_prompts = round_prompts(load_prompts(cfg.data.prompts), cfg.data.prompts_per_round, r + 1)
+        next_key = generate_key(cfg, r + 1, model, next_prompts)
+        if not artifacts.is_done(nd / "samples.parquet", next_key):
+            nxt = (next_prompts, nd / "samples.parquet", next_key)
+
+    def work():
+        metrics, gen = run_evaluate(cfg, model, prompts, rd, cfg.run.seed + 7919 * r, _log(),
+                                    next_round=nxt[:2] if nxt else None)
+        if nxt:
+            nd = nxt[1].parent
+            artifacts.write_json(nd / "generate.stats.json", gen)
+            artifacts.mark_done(nxt[1], nxt[2])
+        return metrics
+
+    return _stage(out, key, work, rd / "evaluate.stats.json")
 
 
 def round_prompts(prompts: list[dict[str, str]], per_round: int, r: int) -> list[dict[str, str]]:

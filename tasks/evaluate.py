@@ -10,7 +10,7 @@ from typing import Any
 
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import load_hook
-from selfalign.tasks.generate import build_job, run_vllm, sampling_run
+from selfalign.tasks.generate import build_job, generate_stats, k_samples_run, run_vllm, sampling_run
 
 
 def _rates(rows: list[dict[str, Any]], preferred, checker) -> dict[str, float]:
@@ -24,7 +24,11 @@ def _rates(rows: list[dict[str, Any]], preferred, checker) -> dict[str, float]:
     return out
 
 
-def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, seed: int, log=print) -> dict[str, Any]:
+def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, seed: int, log=print,
+                 next_round: tuple[list[dict[str, str]], Path] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Greedy and sampled answers on the eval prompts. With `next_round` = (prompts, output), the
+    same engine also draws the next round's K samples per prompt from this model (the next round's
+    generate stage then finds them done): one engine start per round instead of two."""
     t0 = time.time()
     e, g = cfg.evaluate, cfg.generate
     preferred = load_hook(e.preferred, "evaluate.preferred") if e.preferred else None
@@ -34,12 +38,23 @@ def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, 
     if e.samples:
         runs.append(sampling_run(out_dir / "eval_sampled.parquet", n=e.samples, temperature=g.temperature,
                                  top_p=g.top_p, max_tokens=max_tokens))
-    results = run_vllm(build_job(cfg, model, prompts, runs, seed), out_dir / "eval_job.json", g.kv_cache_gib, log)
+    n_eval = len(runs)
+    # vLLM takes one prompt list per job: eval prompts first, then the next round's.
+    job_prompts = list(prompts)
+    if next_round:
+        runs.append(k_samples_run(cfg, next_round[1]) | {"first": len(prompts)})
+        job_prompts += next_round[0]
+        for run in runs[:n_eval]:
+            run["count"] = len(prompts)
+    results = run_vllm(build_job(cfg, model, job_prompts, runs, seed), out_dir / "eval_job.json", g.kv_cache_gib, log)
     metrics: dict[str, Any] = {}
-    for name, rows in zip(("greedy", "sampled"), results):
+    for name, rows in zip(("greedy", "sampled"), results[:n_eval]):
         for k, v in _rates(rows, preferred, checker).items():
             metrics[f"eval/{k}" if name == "greedy" else f"eval/{k}_sampled"] = v
     metrics["eval/seconds"] = time.time() - t0
     shown = {k: round(v, 3) for k, v in metrics.items() if "rate" in k or "accuracy" in k}
     log(f"evaluate: {len(prompts)} prompts: {shown}")
-    return metrics
+    gen = None
+    if next_round:
+        gen = generate_stats(results[-1], len(next_round[0]), g.k, time.time() - t0, log)
+    return metrics, gen

@@ -78,20 +78,25 @@ def build_job(cfg, model: str, prompts: list[dict[str, str]], runs: list[dict[st
     }
 
 
+def generate_stats(rows: list[dict[str, Any]], n_prompts: int, k: int, seconds: float, log=print) -> dict[str, Any]:
+    n_tok = sum(r["n_tokens"] for r in rows)
+    log(f"generate: {n_prompts} prompts x {k} = {len(rows)} samples, {n_tok} tokens in {seconds:.1f}s")
+    return {"generate/samples": len(rows), "generate/tokens": n_tok, "generate/seconds": seconds,
+            "generate/truncated": sum(r["finish_reason"] == "length" for r in rows)}
+
+
+def k_samples_run(cfg, out_path: Path) -> dict[str, Any]:
+    g = cfg.generate
+    return sampling_run(out_path, n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
+
+
 def run_generate(cfg, model: str, prompts: list[dict[str, str]], out_path: Path, work_dir: Path, seed: int,
                  log=print) -> dict[str, Any]:
     """K samples per prompt at the configured temperature/top_p/max_tokens -> `out_path`."""
-    g = cfg.generate
     t0 = time.time()
-    run = sampling_run(out_path, n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
-    job = build_job(cfg, model, prompts, [run], seed)
-    rows = run_vllm(job, work_dir / "generate_job.json", g.kv_cache_gib, log)[0]
-    seconds = time.time() - t0
-    n_tok = sum(r["n_tokens"] for r in rows)
-    stats = {"generate/samples": len(rows), "generate/tokens": n_tok, "generate/seconds": seconds,
-             "generate/truncated": sum(r["finish_reason"] == "length" for r in rows)}
-    log(f"generate: {len(prompts)} prompts x {g.k} = {len(rows)} samples, {n_tok} tokens in {seconds:.1f}s")
-    return stats
+    job = build_job(cfg, model, prompts, [k_samples_run(cfg, out_path)], seed)
+    rows = run_vllm(job, work_dir / "generate_job.json", cfg.generate.kv_cache_gib, log)[0]
+    return generate_stats(rows, len(prompts), cfg.generate.k, time.time() - t0, log)
 
 
 def _generation_eos(model: str) -> set[int]:
@@ -122,15 +127,19 @@ def _worker(job: dict[str, Any]) -> None:
     llm = LLM(**kwargs)
     tok = llm.get_tokenizer()
     eos = {tok.eos_token_id} | _generation_eos(job["model"])
-    requests = [{"prompt_token_ids": p["ids"]} for p in job["prompts"]]
     for run in job["runs"]:
+        # A run may cover a slice of the job's prompts (evaluation and next-round sampling share
+        # one engine start).
+        first = run.get("first", 0)
+        prompts = job["prompts"][first:first + run.get("count", len(job["prompts"]))]
+        requests = [{"prompt_token_ids": p["ids"]} for p in prompts]
         # No per-request seed: the engine's seed makes the job reproducible, and a shared per-request
         # seed would give identical prompts identical samples.
         params = SamplingParams(n=run["n"], temperature=run["temperature"], top_p=run["top_p"],
                                 max_tokens=run["max_tokens"])
         outs = llm.generate(requests, params, use_tqdm=False)
         rows = []
-        for p, out in zip(job["prompts"], outs):
+        for p, out in zip(prompts, outs):
             for k, c in enumerate(out.outputs):
                 ids = list(c.token_ids)
                 # The end-of-turn token is part of the response (scored and trained); vLLM may or
