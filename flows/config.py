@@ -77,9 +77,14 @@ class PairsConfig:
 
 @dataclass
 class TrainConfig:
-    loss: str = "dpo"              # dpo (sigmoid DPO; other losses plug in here)
+    loss: str = "dpo"              # dpo | cdpo | ipo | hinge | simpo | alpha_dpo | TRL pair losses
+                                   # (robust, exo_pair, bco_pair, sppo_hard, nca_pair, apo_zero,
+                                   # apo_down, discopop, sigmoid_norm, aot); see kernels/losses.py
     beta: float = 0.1
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0   # cDPO / robust / exo_pair / aot / simpo / alpha_dpo
+    gamma_beta_ratio: float = 0.5  # simpo and alpha_dpo target margin gamma / beta
+    alpha: float = 0.2             # alpha_dpo: weight of the adaptive margin
+    alpha_mode: str = "stable"     # alpha_dpo normaliser: stable | official (zero-init EMA, bit-exact)
     lr: float = 5e-7               # DICE: 5e-7 constant
     weight_decay: float = 0.0
     epochs: float = 1.0            # passes over the round's pairs (ignored when max_steps > 0)
@@ -146,6 +151,7 @@ _CHOICES = {
     "score.reference": {"previous", "sft", "initial"},
     "pairs.length_unit": {"chars", "tokens"},
     "train.launcher": {"torchrun", "deepspeed"},
+    "train.alpha_mode": {"stable", "official"},
     "train.zero_stage": {0, 1, 2, 3},
 }
 _REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs"]
@@ -229,8 +235,14 @@ def validate(cfg: Config) -> None:
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {flat[key]!r} {why}")
-    if cfg.train.loss != "dpo":
-        raise ConfigError(f"train.loss: {cfg.train.loss!r} is not a known loss (known: dpo)")
+    from selfalign.kernels.losses import PAIR_LOSSES
+
+    losses = sorted(PAIR_LOSSES) + ["alpha_dpo"]
+    if cfg.train.loss not in losses:
+        hint = " (needs its extra models/rewards, not wired into training yet)" if cfg.train.loss in ("mrpo", "hpo") else ""
+        raise ConfigError(f"train.loss: {cfg.train.loss!r} is not a known loss{hint} (known: {', '.join(losses)})")
+    if cfg.train.loss == "cdpo" and cfg.train.label_smoothing == 0:
+        raise ConfigError("train.label_smoothing: 0.0 must be > 0 for train.loss=cdpo")
 
 
 def parse_override(arg: str) -> tuple[str, Any]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from selfalign.kernels.losses import dpo_loss
+from selfalign.kernels.losses import PAIR_LOSSES, AlphaDPOState, alpha_dpo_loss, simpo_loss
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
 from selfalign.tasks.score import collate, forward_logps, load_model, logps_of
@@ -30,6 +30,39 @@ from selfalign.tasks.score import collate, forward_logps, load_model, logps_of
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class Objective:
+    """The configured preference loss over one micro-batch's per-sequence sums and token counts
+    (losses that need averages derive them from the same sums: no second forward). Holds the
+    alpha-DPO running statistics between steps; the batch statistics are gathered across ranks."""
+
+    def __init__(self, spec: dict, world: int):
+        self.name, self.spec, self.world = spec["loss"], spec, world
+        self.state = AlphaDPOState() if self.name == "alpha_dpo" else None
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.detach().contiguous())
+        return torch.cat(parts)
+
+    def __call__(self, pc, pr, rc, rr, nc, nr):
+        s, name = self.spec, self.name
+        if name == "alpha_dpo":
+            losses, cr, rj, self.state = alpha_dpo_loss(
+                pc, pr, rc, rr, nc, nr, state=self.state, beta=s["beta"], gamma_beta_ratio=s["gamma_beta_ratio"],
+                alpha=s["alpha"], label_smoothing=s["label_smoothing"], mode=s["alpha_mode"],
+                gather=self._gather if self.world > 1 else None)
+            return losses, cr, rj
+        if name == "simpo":
+            return simpo_loss(pc, pr, nc, nr, beta=s["beta"], gamma_beta_ratio=s["gamma_beta_ratio"],
+                              label_smoothing=s["label_smoothing"])
+        fn = PAIR_LOSSES[name]
+        if name in ("ipo", "sigmoid_norm"):
+            return fn(pc, pr, rc, rr, nc, nr, beta=s["beta"])
+        if name in ("dpo", "cdpo", "robust", "aot") or (name == "exo_pair" and s["label_smoothing"] > 0):
+            return fn(pc, pr, rc, rr, beta=s["beta"], label_smoothing=s["label_smoothing"])
+        return fn(pc, pr, rc, rr, beta=s["beta"])
 
 
 def _ds_config(spec: dict, world: int) -> dict:
@@ -107,6 +140,7 @@ def main(spec_path: str) -> None:
     B, mb = spec["batch_size"], spec["micro_batch_size"]
     steps = spec["max_steps"] or max(1, math.ceil(spec["epochs"] * len(rows) / B))
     stream = _index_stream(len(rows), steps * B, spec["seed"])
+    objective = Objective(spec, world)
     metrics_f = open(spec["metrics"], "a") if rank == 0 else None
     device = engine.device
     t0 = time.time()
@@ -116,11 +150,12 @@ def main(spec_path: str) -> None:
         for m in range(0, len(step_idx), mb):
             batch = [rows[i] for i in step_idx[m:m + mb]]
             seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in batch] + [(r["prompt_ids"], r["rejected_ids"]) for r in batch]
-            logps, _ = forward_logps(engine, *collate(seqs, tok.pad_token_id, device))
+            logps, counts = forward_logps(engine, *collate(seqs, tok.pad_token_id, device))
             pc, pr = logps[:len(batch)], logps[len(batch):]
+            nc, nr = counts[:len(batch)].to(pc.dtype), counts[len(batch):].to(pc.dtype)
             rc = torch.tensor([r["ref_chosen_logp"] for r in batch], dtype=pc.dtype, device=device)
             rr = torch.tensor([r["ref_rejected_logp"] for r in batch], dtype=pc.dtype, device=device)
-            losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta=spec["beta"], label_smoothing=spec["label_smoothing"])
+            losses, cr, rj = objective(pc, pr, rc, rr, nc, nr)
             loss = losses.mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"train: non-finite loss {loss.item()} at step {step + 1}; "
