@@ -204,8 +204,13 @@ def _save(engine, spec: dict, tok, rank: int) -> None:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("spec")
+    ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it; LOCAL_RANK is used
     try:
-        main(sys.argv[1])
+        main(ap.parse_args().spec)
     except NonFiniteLoss as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(3)
