@@ -87,15 +87,20 @@ def _text(source: str, i: int, row: dict[str, Any], field: str, role: str) -> st
     return v
 
 
-def load_prompts(source: str) -> list[dict[str, str]]:
-    """Prompt rows {id, prompt}; ids default to the row number and must be unique."""
-    rows, seen = [], {}
+def _rows_with_ids(source: str):
+    """(row number, id, row) for every row; ids default to the row number and must be unique."""
+    seen: dict[str, int] = {}
     for i, row in enumerate(_read_rows(source), 1):
         pid = str(row.get("id", f"row{i}"))
         if pid in seen:
             raise DataError(f"{source}: row {i}: duplicate id {pid!r} (first at row {seen[pid]})")
         seen[pid] = i
-        rows.append({"id": pid, "prompt": _text(source, i, row, "prompt", "user")})
+        yield i, pid, row
+
+
+def load_prompts(source: str) -> list[dict[str, str]]:
+    """Prompt rows {id, prompt}."""
+    rows = [{"id": pid, "prompt": _text(source, i, row, "prompt", "user")} for i, pid, row in _rows_with_ids(source)]
     if not rows:
         raise DataError(f"{source}: no rows")
     return rows
@@ -103,12 +108,8 @@ def load_prompts(source: str) -> list[dict[str, str]]:
 
 def load_pairs(source: str) -> list[dict[str, str]]:
     """Preference rows {id, prompt, chosen, rejected} in TRL standard or conversational format."""
-    rows, seen = [], {}
-    for i, row in enumerate(_read_rows(source), 1):
-        pid = str(row.get("id", f"row{i}"))
-        if pid in seen:
-            raise DataError(f"{source}: row {i}: duplicate id {pid!r} (first at row {seen[pid]})")
-        seen[pid] = i
+    rows = []
+    for i, pid, row in _rows_with_ids(source):
         out = {"id": pid, "prompt": _text(source, i, row, "prompt", "user")}
         for f in ("chosen", "rejected"):
             out[f] = _text(source, i, row, f, "assistant")

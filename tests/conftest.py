@@ -43,3 +43,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def write_replay_pairs(path: Path, n: int = 8) -> Path:
+    """A pair table of `n` offline (replay) pairs, reference log-probs still to be computed."""
+    import math
+
+    from selfalign.tasks import artifacts
+
+    rows = [{"source": "offline", "prompt_id": f"o{i}", "prompt": f"What is {10 + i} + 20?",
+             "chosen": f"The sum of {10 + i} and 20 is {30 + i}. Happy to help!", "rejected": f"{30 + i}",
+             "chosen_ids": [], "rejected_ids": [], "ref_chosen_logp": math.nan, "ref_rejected_logp": math.nan}
+            for i in range(n)]
+    artifacts.write_table(path, rows)
+    return path
+
+
+@pytest.fixture
+def replay_pairs(tmp_path):
+    return lambda name="pairs": write_replay_pairs(tmp_path / f"{name}.parquet")

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from selfalign.flows.config import load_config
-from selfalign.tasks import artifacts
 
 pytestmark = pytest.mark.gpu
 
@@ -18,21 +17,12 @@ def _cfg(model, run_dir, **over):
     return load_config(None, base | over)
 
 
-def _pairs(path: Path):
-    rows = [{"source": "offline", "prompt_id": f"o{i}", "prompt": f"What is {10 + i} + 20?",
-             "chosen": f"The sum of {10 + i} and 20 is {30 + i}. Happy to help!", "rejected": f"{30 + i}",
-             "chosen_ids": [], "rejected_ids": [], "ref_chosen_logp": math.nan, "ref_rejected_logp": math.nan}
-            for i in range(8)]
-    artifacts.write_table(path, rows)
-    return path
-
-
 @pytest.mark.parametrize("zero_stage, dtype", [(2, "float32"), (3, "bfloat16")])
-def test_deepspeed_training_on_cuda(tiny_model, tmp_path, zero_stage, dtype):
+def test_deepspeed_training_on_cuda(tiny_model, tmp_path, replay_pairs, zero_stage, dtype):
     from selfalign.tasks.train import run_train
 
     cfg = _cfg(tiny_model, tmp_path, **{"train.zero_stage": zero_stage, "model.dtype": dtype})
-    steps = run_train(cfg, tiny_model, _pairs(tmp_path / "pairs.parquet"), tmp_path / "model", seed=0, log=print)
+    steps = run_train(cfg, tiny_model, replay_pairs(), tmp_path / "model", seed=0, log=print)
     assert len(steps) == 6
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-2 if dtype == "bfloat16" else 1e-4)
     assert steps[-1]["loss"] < steps[0]["loss"]

@@ -8,35 +8,25 @@ import torch
 from safetensors.torch import load_file
 
 from selfalign.flows.config import load_config
-from selfalign.tasks import artifacts
 from selfalign.tasks.train import run_train
 
 
-def _pairs(path):
-    rows = [{"source": "offline", "prompt_id": f"o{i}", "prompt": f"What is {10 + i} + 20?",
-             "chosen": f"The sum of {10 + i} and 20 is {30 + i}. Happy to help!", "rejected": f"{30 + i}",
-             "chosen_ids": [], "rejected_ids": [], "ref_chosen_logp": math.nan, "ref_rejected_logp": math.nan}
-            for i in range(8)]
-    artifacts.write_table(path, rows)
-    return path
-
-
-def _train(tiny_model, tmp_path, name, **over):
+def _train(tiny_model, tmp_path, replay_pairs, name, **over):
     cfg = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
                              "data.eval_prompts": "e", "data.offline_pairs": "o", "run.dir": str(tmp_path),
                              "train.lr": 1e-3, "train.max_steps": 3, "train.batch_size": 4,
                              "train.micro_batch_size": 2} | over)
     out = tmp_path / name / "model"
     out.parent.mkdir()
-    steps = run_train(cfg, tiny_model, _pairs(tmp_path / f"{name}.parquet"), out, seed=0, log=lambda m: None)
+    steps = run_train(cfg, tiny_model, replay_pairs(name), out, seed=0, log=lambda m: None)
     return steps, load_file(out / "model.safetensors")
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_same_model_as_one(tiny_model, tmp_path):
-    steps1, w1 = _train(tiny_model, tmp_path, "one")
-    steps2, w2 = _train(tiny_model, tmp_path, "two", **{"train.nproc": 2, "train.micro_batch_size": 2})
-    steps3, w3 = _train(tiny_model, tmp_path, "ds", **{"train.launcher": "deepspeed"})
+def test_two_processes_train_the_same_model_as_one(tiny_model, tmp_path, replay_pairs):
+    steps1, w1 = _train(tiny_model, tmp_path, replay_pairs, "one")
+    steps2, w2 = _train(tiny_model, tmp_path, replay_pairs, "two", **{"train.nproc": 2, "train.micro_batch_size": 2})
+    steps3, w3 = _train(tiny_model, tmp_path, replay_pairs, "ds", **{"train.launcher": "deepspeed"})
     # round start: policy == reference, so the first loss is ln 2 for every pair (ALGORITHMS.md 8.6)
     assert steps1[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert steps1[-1]["loss"] < steps1[0]["loss"]
