@@ -14,7 +14,7 @@ def test_demo_preset_resolves_paths_relative_to_the_preset():
     cfg = load_config(DEMO)
     assert cfg.model.policy == str((ROOT / "assets/demo/dpo").resolve())
     assert cfg.generate.k == 8 and cfg.run.rounds == 3
-    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.epochs, float)
+    assert cfg.train.lr == 2e-5 and isinstance(cfg.train.epochs, float)
     # defaults of keys the preset leaves out are the DICE ones
     assert cfg.train.zero_stage == 2 and cfg.score.reference == "previous"
 
