@@ -6,14 +6,15 @@ preference pairs) for the toy addition-with-style task in ``selfalign.tasks.toy`
 Deterministic for a given seed and machine (single-process CPU, torch's default CPU kernels), and
 CPU-only: about a few minutes on 2 cores. Steps:
   1. prompts: all 8100 operand pairs shuffled; 200 held-out eval prompts, a 3000-prompt training pool.
-  2. SFT from scratch on responses in a fixed mixture of styles, stopped once greedy accuracy on a
-     validation slice reaches a threshold (accuracy jumps late and fast on this kind of task, so a
-     threshold is both faster and more reproducible than a fixed long schedule).
+  2. SFT from scratch in two phases (mostly short styles to learn the addition cheaply, then the
+     target style mixture), each stopped once accuracy on held-out validation prompts reaches a
+     threshold (accuracy jumps late and fast on this kind of task, so a threshold is both faster and
+     more reproducible than a fixed long schedule).
   3. offline pairs from the SFT model's own samples (K per prompt, temperature 1): chosen = a checker-
      perfect answer (polite and correct), rejected = a non-preferred sample, picked so that chosen is
      on average ``--length-gap`` characters longer (the bias DICE's α sweep must remove).
-  4. π0 = DPO (sigmoid, summed log-probs, frozen SFT reference) on the offline pairs, stopped early
-     enough that π0 still leaves the preferred style headroom at temperature 1.
+  4. π0 = DPO (sigmoid, summed log-probs, frozen SFT reference), one epoch over the offline pairs:
+     short enough that π0 still leaves the preferred style headroom at temperature 1.
   5. metrics of SFT and π0 (greedy and sampled) and π0's implicit-reward accuracy on held-out pairs.
 """
 from __future__ import annotations
@@ -36,9 +37,12 @@ from selfalign.tasks import toy
 from selfalign.tasks.data import encode_prompt, encode_response
 
 # SFT style mixture: the preferred style is a minority so that the sampled polite rate starts low,
-# and rambling (the longest) is the plurality, so greedy decoding of the SFT model is not polite.
-SFT_STYLE_WEIGHTS = {"polite": 0.30, "bare": 0.15, "terse": 0.20, "rambling": 0.35}
-MAX_NEW_TOKENS = 64  # longest response (rambling, 54 chars) + EOS fits with margin
+# and greedy decoding of the SFT model is not polite: after the shared core it picks the likeliest
+# next token, EOS (plain, 0.45) over "." (curt + polite, 0.40).
+SFT_STYLE_WEIGHTS = {"polite": 0.25, "plain": 0.45, "curt": 0.15, "rambling": 0.15}
+ADDITION_PHASE_WEIGHTS = {"polite": 0.10, "plain": 0.50, "curt": 0.30, "rambling": 0.10}
+MAX_NEW_TOKENS = 48  # longest valid response (rambling, 43 chars) + EOS = 44 tokens
+SHORT_RESPONSE = 30  # response tokens: plain and curt are at most this, polite and rambling above
 
 
 def parse_args() -> argparse.Namespace:
@@ -49,17 +53,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-eval-prompts", type=int, default=200)
     p.add_argument("--n-offline-prompts", type=int, default=400, help="pool prompts sampled for offline pairs")
     p.add_argument("--k", type=int, default=8, help="SFT samples per prompt when building pairs")
-    p.add_argument("--length-gap", type=float, default=15.0, help="target mean len(chosen)-len(rejected), chars")
+    p.add_argument("--length-gap", type=float, default=12.0, help="target mean len(chosen)-len(rejected), chars")
     p.add_argument("--sft-lr", type=float, default=2e-3)
-    p.add_argument("--sft-batch", type=int, default=128)
-    p.add_argument("--sft-max-steps", type=int, default=3000)
-    p.add_argument("--sft-acc-threshold", type=float, default=0.8, help="stop SFT at this greedy val accuracy")
+    p.add_argument("--sft-max-steps", type=int, default=2000, help="cap per SFT phase")
+    p.add_argument("--sft-acc-threshold", type=float, default=0.8,
+                   help="end SFT's addition phase at this greedy validation accuracy")
+    p.add_argument("--sft-sampled-threshold", type=float, default=0.7,
+                   help="end SFT's styles phase at this sampled (T=1) validation accuracy")
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--dpo-lr", type=float, default=5e-5)
     p.add_argument("--dpo-batch", type=int, default=32)
-    p.add_argument("--dpo-max-steps", type=int, default=200)
-    p.add_argument("--dpo-acc-threshold", type=float, default=0.9,
-                   help="stop DPO once the implicit-reward accuracy on the training pairs reaches this")
+    p.add_argument("--dpo-epochs", type=int, default=1)
     return p.parse_args()
 
 
@@ -152,36 +156,67 @@ def evaluate(model, tok, prompts: list[str], *, n: int, temperature: float, gen)
 
 
 # -------------------------------------------------------------------------------------------- SFT
-def train_sft(model, tok, sft_pairs, val_prompts, args, log) -> dict:
+def sft_step(model, opt, tok, rng, ops, weights, batch, prompt_cache) -> float:
+    """One optimiser step on ``batch`` fresh (prompt, style) examples; returns the token-mean loss."""
+    seqs = []
+    for a, b in rng.choices(ops, k=batch):
+        if (a, b) not in prompt_cache:
+            prompt_cache[(a, b)] = encode_prompt(tok, toy.make_prompt(a, b))
+        style = toy.sample_style(rng, weights)
+        seqs.append((prompt_cache[(a, b)], encode_response(tok, toy.render(style, a, b))))
+    # Short (plain/curt) and long (polite/rambling) rows as two gradient-accumulated micro-batches:
+    # padding every row to the longest style wasted ~30% of the compute.
+    n_tokens = sum(len(r) for _, r in seqs)
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for part in ([s for s in seqs if len(s[1]) <= SHORT_RESPONSE], [s for s in seqs if len(s[1]) > SHORT_RESPONSE]):
+        if not part:
+            continue
+        ids, mask, labels = batch_tensors(part, tok.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               reduction="sum") / n_tokens
+        loss.backward()
+        total += loss.item()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return total
+
+
+def train_sft(model, tok, ops, val_prompts, args, log) -> dict:
+    """Two-phase curriculum, each phase stopped by a threshold on held-out validation prompts.
+    Phase "addition": mostly the short styles, where a row costs ~2.5x less compute and the answer
+    digits are a large share of the loss; the long styles stay at 10% each so the sum is also learned
+    after restated operands. Ends when greedy accuracy >= --sft-acc-threshold.
+    Phase "styles": the target mixture ``SFT_STYLE_WEIGHTS``, at least 300 steps so the style shares
+    settle, until sampled (T=1) accuracy >= --sft-sampled-threshold with <= 10% malformed samples."""
     rng = random.Random(args.seed + 1)
     gen = torch.Generator().manual_seed(args.seed + 2)
+    cache: dict[tuple[int, int], list[int]] = {}
+    history, step = [], 0
     opt = torch.optim.AdamW(model.parameters(), lr=args.sft_lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    prompt_cache: dict[tuple[int, int], list[int]] = {}
-    history = []
-    for step in range(1, args.sft_max_steps + 1):
-        model.train()
-        seqs = []
-        for a, b in rng.choices(sft_pairs, k=args.sft_batch):
-            if (a, b) not in prompt_cache:
-                prompt_cache[(a, b)] = encode_prompt(tok, toy.make_prompt(a, b))
-            style = toy.sample_style(rng, SFT_STYLE_WEIGHTS)
-            seqs.append((prompt_cache[(a, b)], encode_response(tok, toy.render(style, a, b))))
-        ids, mask, labels = batch_tensors(seqs, tok.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0:
-            acc = evaluate(model, tok, val_prompts, n=1, temperature=0.0, gen=gen)["accuracy"]
-            history.append({"step": step, "loss": round(loss.item(), 4), "val_greedy_accuracy": acc})
-            log(f"sft step {step} loss {loss.item():.4f} val greedy acc {acc:.3f}")
-            if acc >= args.sft_acc_threshold:
-                break
+    phases = [("addition", ADDITION_PHASE_WEIGHTS, 64, args.sft_lr), ("styles", SFT_STYLE_WEIGHTS, 32, args.sft_lr / 2)]
+    for phase, weights, batch, lr in phases:
+        phase_steps = 0
+        while phase_steps < args.sft_max_steps:
+            model.train()
+            for group in opt.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / 50)  # 50-step warm-up from scratch
+            loss = sft_step(model, opt, tok, rng, ops, weights, batch, cache)
+            step, phase_steps = step + 1, phase_steps + 1
+            if phase == "addition" and phase_steps % 50 == 0:
+                m = evaluate(model, tok, val_prompts, n=1, temperature=0.0, gen=gen)
+                history.append({"phase": phase, "step": step, "loss": round(loss, 4), "val_greedy_accuracy": m["accuracy"]})
+                log(f"sft {phase} step {step} loss {loss:.4f} val greedy acc {m['accuracy']:.3f}")
+                if m["accuracy"] >= args.sft_acc_threshold:
+                    break
+            elif phase == "styles" and phase_steps >= 300 and phase_steps % 100 == 0:
+                m = evaluate(model, tok, val_prompts, n=2, temperature=1.0, gen=gen)
+                history.append({"phase": phase, "step": step, "loss": round(loss, 4), "val_sampled_accuracy": m["accuracy"],
+                                "val_sampled_styles": m["styles"]})
+                log(f"sft {phase} step {step} loss {loss:.4f} val sampled acc {m['accuracy']:.3f} styles {m['styles']}")
+                if m["accuracy"] >= args.sft_sampled_threshold and m["styles"].get("invalid", 0) <= 0.1:
+                    break
     return {"steps": step, "history": history}
 
 
@@ -213,7 +248,8 @@ def pair_stats(pairs: list[dict]) -> dict:
         "mean_len_chosen": sum(len(p["chosen"]) for p in pairs) / n,
         "mean_len_rejected": sum(len(p["rejected"]) for p in pairs) / n,
         "mean_len_gap": sum(len(p["chosen"]) - len(p["rejected"]) for p in pairs) / n,
-        "rejected_styles": dict(sorted(Counter(toy.style_of(p["rejected"]) or "invalid" for p in pairs).items())),
+        "rejected_styles": dict(sorted(Counter(toy.style_of(p["rejected"]) if toy.is_valid(p["prompt"], p["rejected"])
+                                               else "invalid" for p in pairs).items())),
         "chosen_correct": sum(toy.is_correct(p["prompt"], p["chosen"]) for p in pairs) / n,
     }
 
@@ -239,33 +275,33 @@ def pair_logps(model, tok, enc) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -------------------------------------------------------------------------------------------- DPO
 def train_dpo(policy, ref, tok, pairs, args, log) -> dict:
+    """Plain DPO for --dpo-epochs passes over the offline pairs (shuffled, batch --dpo-batch).
+    Deliberately short: on this task every extra epoch lifts the polite share but also erodes operand
+    copying and sums (rejected answers share the chosen one's digits, and DPO keeps pushing their
+    log-probs down), so a long π0 would be both saturated and wrong."""
     enc = encode_pairs(tok, pairs)
     ref_c, ref_r = pair_logps(ref, tok, enc)  # frozen reference: computed once
     opt = torch.optim.AdamW(policy.parameters(), lr=args.dpo_lr, weight_decay=0.0)
     rng = random.Random(args.seed + 3)
-    order: list[int] = []
-    ema, history = None, []
-    for step in range(1, args.dpo_max_steps + 1):
-        policy.train()
-        if len(order) < args.dpo_batch:
-            order += rng.sample(range(len(enc)), len(enc))
-        idx, order = order[:args.dpo_batch], order[args.dpo_batch:]
-        # chosen and rejected in one forward pass: same padding, half the Python overhead
-        both = response_logps(policy, [enc[i][0] for i in idx] + [enc[i][1] for i in idx], tok.pad_token_id)
-        pc, pr = both[:len(idx)], both[len(idx):]
-        losses, cr, rr = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], beta=args.dpo_beta)
-        opt.zero_grad(set_to_none=True)
-        losses.mean().backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
-        acc = (cr > rr).float().mean().item()
-        ema = acc if ema is None else 0.8 * ema + 0.2 * acc
-        if step % 10 == 0:
-            history.append({"step": step, "loss": round(losses.mean().item(), 4), "reward_acc_ema": round(ema, 4),
+    history, step = [], 0
+    for epoch in range(args.dpo_epochs):
+        order = rng.sample(range(len(enc)), len(enc))
+        for start in range(0, len(order), args.dpo_batch):
+            policy.train()
+            idx = order[start:start + args.dpo_batch]
+            # chosen and rejected in one forward pass: same padding, half the Python overhead
+            both = response_logps(policy, [enc[i][0] for i in idx] + [enc[i][1] for i in idx], tok.pad_token_id)
+            pc, pr = both[:len(idx)], both[len(idx):]
+            losses, cr, rr = dpo_loss(pc, pr, ref_c[idx], ref_r[idx], beta=args.dpo_beta)
+            opt.zero_grad(set_to_none=True)
+            losses.mean().backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+            opt.step()
+            step += 1
+            history.append({"epoch": epoch, "step": step, "loss": round(losses.mean().item(), 4),
+                            "reward_acc": round((cr > rr).float().mean().item(), 4),
                             "margin": round((cr - rr).mean().item(), 4)})
-            log(f"dpo step {step} loss {losses.mean().item():.4f} reward acc ema {ema:.3f} margin {(cr - rr).mean().item():.3f}")
-        if step >= 10 and ema >= args.dpo_acc_threshold:
-            break
+        log(f"dpo epoch {epoch} step {step}: {history[-1]}")
     return {"steps": step, "history": history}
 
 
@@ -304,10 +340,11 @@ def main() -> None:
     rng.shuffle(operands)
     eval_ops = operands[:args.n_eval_prompts]
     pool_ops = operands[args.n_eval_prompts:args.n_eval_prompts + args.n_train_prompts]
-    sft_ops = operands[args.n_eval_prompts:]  # SFT may see every non-eval prompt, never eval ones
+    val_ops = operands[-128:]  # SFT's stopping rule only; disjoint from everything else
+    sft_ops = operands[args.n_eval_prompts:-128]  # SFT sees the pool and the rest, never eval/val
     eval_prompts = [toy.make_prompt(a, b) for a, b in eval_ops]
     pool_prompts = [toy.make_prompt(a, b) for a, b in pool_ops]
-    val_prompts = pool_prompts[-128:]  # SFT stopping rule only
+    val_prompts = [toy.make_prompt(a, b) for a, b in val_ops]
 
     tok = toy.build_tokenizer()
     sft = build_model(tok, args.seed)
@@ -323,6 +360,7 @@ def main() -> None:
     heldout = build_pairs(eval_prompts, held_samples, target_gap=args.length_gap, rng=rng, id_prefix="held")
     log(f"pairs: {len(offline)} offline, {len(heldout)} held-out")
 
+    t_pairs = time.time() - t0
     ref = copy.deepcopy(sft).eval().requires_grad_(False)
     dpo = copy.deepcopy(sft)
     dpo_info = train_dpo(dpo, ref, tok, offline, args, log)
@@ -348,14 +386,15 @@ def main() -> None:
     report = {
         "seed": args.seed,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "sft_style_weights": SFT_STYLE_WEIGHTS,
+        "sft_style_weights": {"addition_phase": ADDITION_PHASE_WEIGHTS, "styles_phase": SFT_STYLE_WEIGHTS},
         "params": sum(p.numel() for p in sft.parameters()),
         "sft": {**metrics["sft"], "train": sft_info},
         "dpo": {**metrics["dpo"], "train": dpo_info},
         "offline_pairs": pair_stats(offline),
         "heldout_pairs": pair_stats(heldout),
         "prompts": {"train": len(pool_prompts), "eval": len(eval_prompts)},
-        "seconds": {"sft": round(t_sft, 1), "dpo": round(t_dpo - t_sft, 1), "total": round(time.time() - t0, 1)},
+        "seconds": {"sft": round(t_sft, 1), "pairs": round(t_pairs - t_sft, 1), "dpo": round(t_dpo - t_pairs, 1),
+                    "total": round(time.time() - t0, 1)},
         "versions": {"torch": torch.__version__},
     }
     (args.out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")

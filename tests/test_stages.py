@@ -6,7 +6,7 @@ import pytest
 
 from selfalign.flows.config import load_config
 from selfalign.flows.pipeline import round_prompts, scoring_reference
-from selfalign.tasks import artifacts
+from selfalign.tasks import artifacts, toy
 from selfalign.tasks.pairs import run_pairs
 
 BASE = {"model.policy": "pi0", "model.reference": "sft", "data.prompts": "p", "data.eval_prompts": "e",
@@ -23,17 +23,19 @@ def sample(pid, prompt, k, response, score, finish="stop"):
 def test_pair_stage_filters_picks_and_mixes(tmp_path):
     cfg = load_config(None, BASE | {"pairs.gamma": 0.5})
     q1, q2, q3 = "What is 12 + 34?", "What is 50 + 25?", "What is 11 + 11?"
+    polite = lambda a, b: toy.render(toy.PREFERRED_STYLE, a, b, a + b)
+    plain, other = [lambda a, b, s=s: toy.render(s, a, b, a + b) for s in toy.STYLES if s != toy.PREFERRED_STYLE][:2]
     rows = [
-        sample("a", q1, 0, "The sum of 12 and 34 is 46. Happy to help!", 3.0),
-        sample("a", q1, 1, "46", -1.0),
-        sample("a", q1, 2, "12+34=46", 0.5),
-        sample("a", q1, 3, "thesum of 12 and 34 is 46 thanks", 9.0),  # malformed: the hook drops it
-        sample("b", q2, 0, "75", 1.0),
-        sample("b", q2, 1, "50+25=75", 0.0),
-        sample("b", q2, 2, "The sum of 50 and 25 is 75. Happy to help!", -2.0),  # the reward is wrong here
-        sample("b", q2, 3, "The sum of 50 and 25 is", 5.0, finish="length"),
-        sample("c", q3, 0, "22", 1.0),  # only two valid samples: prompt dropped
-        sample("c", q3, 1, "11+11=22", 0.0),
+        sample("a", q1, 0, polite(12, 34), 3.0),
+        sample("a", q1, 1, plain(12, 34), -1.0),
+        sample("a", q1, 2, other(12, 34), 0.5),
+        sample("a", q1, 3, polite(12, 34).replace(" ", "", 1) + "!!", 9.0),  # malformed: the hook drops it
+        sample("b", q2, 0, plain(50, 25), 1.0),
+        sample("b", q2, 1, other(50, 25), 0.0),
+        sample("b", q2, 2, polite(50, 25), -2.0),  # the reward is wrong here
+        sample("b", q2, 3, polite(50, 25)[:10], 5.0, finish="length"),
+        sample("c", q3, 0, plain(11, 11), 1.0),  # only two valid samples: prompt dropped
+        sample("c", q3, 1, other(11, 11), 0.0),
     ]
     scores = tmp_path / "scores.parquet"
     artifacts.write_table(scores, rows)
@@ -45,7 +47,7 @@ def test_pair_stage_filters_picks_and_mixes(tmp_path):
     assert stats["pairs/dropped_invalid"] == 1 and stats["pairs/dropped_truncated"] == 1
     assert stats["pairs/prompts"] == 3 and stats["pairs/prompts_kept"] == 2
     gen = {p["prompt_id"]: p for p in pairs if p["source"] == "generated"}
-    assert gen["a"]["chosen"].startswith("The sum") and gen["a"]["rejected"] == "46"
+    assert gen["a"]["chosen"] == polite(12, 34) and gen["a"]["rejected"] == plain(12, 34)
     # reference log-probs for training are the scoring policy's, carried over from the scores table
     assert gen["a"]["ref_chosen_logp"] == -10.0 and gen["a"]["ref_rejected_logp"] == -11.0
     # label precision: prompt a labels correctly, prompt b backwards -> 1 of 2 decisive pairs
