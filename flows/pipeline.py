@@ -211,7 +211,9 @@ def run_flow(config: dict) -> dict:
     cfg = from_dict(config)
     log = _log()
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name)
+    # With the default local store, artifacts live beside it in the run directory.
+    artifacts_at = None if cfg.tracking.uri else (cfg.run_dir / "mlartifacts").resolve().as_uri()
+    tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name, artifacts_at)
     tracker.log_params(cfg.flat())
     parent = getattr(tracker, "run_id", "")
     rows = []

@@ -41,14 +41,18 @@ class NullLogger:
 
 class MlflowLogger:
     def __init__(self, uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
-                 tags: dict[str, str] | None = None, run_id: str | None = None):
+                 tags: dict[str, str] | None = None, run_id: str | None = None,
+                 artifact_location: str | None = None):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        # Without an explicit location MLflow puts artifacts in ./mlruns of whatever the working
+        # directory happens to be.
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            experiment, artifact_location=artifact_location)
         self.experiment = experiment
         all_tags = dict(tags or {})
         if parent_run_id:
@@ -87,7 +91,7 @@ class MlflowLogger:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def make_logger(uri: str, experiment: str, run_name: str) -> MlflowLogger | NullLogger:
+def make_logger(uri: str, experiment: str, run_name: str, artifact_location: str | None = None) -> MlflowLogger | NullLogger:
     if uri == "none":
         return NullLogger()
-    return MlflowLogger(uri, experiment, run_name)
+    return MlflowLogger(uri, experiment, run_name, artifact_location=artifact_location)

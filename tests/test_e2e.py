@@ -58,6 +58,7 @@ def test_demo_round_end_to_end(tmp_path):
     history = client.get_metric_history(child.info.run_id, "loss")
     assert min(history, key=lambda h: h.step).value == pytest.approx(0.693147, abs=1e-4)
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "tables")}
+    assert (run / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
     assert {"tables/pairs.parquet", "tables/alpha_sweep.json"} <= artifacts
 
     # a rerun of the same command finds every stage up to date
