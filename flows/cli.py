@@ -1,43 +1,13 @@
-"""Command line: `selfalign run <preset.yaml> [--section.key=value ...]`."""
+"""Command line: `selfalign run <preset.yaml> [--section.key=value ...]`, `selfalign compare <run>`."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
 
+from selfalign.flows.compare import CompareError, compare, format_markdown, format_table, write_csv
 from selfalign.flows.config import ConfigError, load_config
-
-TABLE = [  # (header, metric key, format)
-    ("round", "round", "{:d}"),
-    ("preferred", "eval/preferred_rate", "{:.3f}"),
-    ("pref(sampled)", "eval/preferred_rate_sampled", "{:.3f}"),
-    ("accuracy", "eval/accuracy", "{:.3f}"),
-    ("label_prec", "eval/label_precision", "{:.3f}"),
-    ("pair_acc", "eval/pair_accuracy", "{:.3f}"),
-    ("alpha*", "alpha_star", "{:.3f}"),
-    ("pairs", "pairs/kept", "{:d}"),
-    ("len_chosen", "len/chosen_mean", "{:.1f}"),
-    ("len_rejected", "len/rejected_mean", "{:.1f}"),
-    ("seconds", "round/seconds", "{:.0f}"),
-]
-
-
-def format_table(rows: list[dict]) -> str:
-    cells = [[h for h, _, _ in TABLE]]
-    for row in rows:
-        line = []
-        for _, key, fmt in TABLE:
-            v = row.get(key)
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                line.append("-")
-            else:
-                line.append(fmt.format(int(v) if fmt == "{:d}" else v))
-        cells.append(line)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
-
 
 def prepare_environment(run_dir: Path) -> None:
     """Keep Prefect, MLflow and the engines quiet, local and inside the project's folders unless
@@ -81,6 +51,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    try:
+        parent, rows = compare(args.run, args.uri, args.experiment)
+    except CompareError as e:
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    info = parent.info
+    print(f"run {info.run_name} ({info.run_id}, {info.status})")
+    print(format_table(rows))
+    if args.csv:
+        write_csv(rows, Path(args.csv))
+        print(f"wrote {args.csv}")
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(rows), encoding="utf-8")
+        print(f"wrote {args.markdown}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfalign", description="Iterative self-alignment with DPO implicit rewards (DICE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("preset", help="preset YAML, e.g. deploy/presets/demo.yaml")
     p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key=value overrides")
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("compare", help="print a run's round table from MLflow")
+    p.add_argument("run", help="run name (the latest run of that name) or MLflow run id")
+    p.add_argument("--uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else runs/<run>/mlflow.db)")
+    p.add_argument("--experiment", help="only this MLflow experiment")
+    p.add_argument("--csv", help="also write every round metric to this CSV file")
+    p.add_argument("--markdown", help="also write the table to this Markdown file")
+    p.set_defaults(func=cmd_compare)
     args = parser.parse_args(argv)
     return args.func(args)
 
