@@ -41,6 +41,8 @@ class DataConfig:
     heldout_pairs: str = ""        # held-out offline pairs: implicit-reward accuracy and the guard
     prompts_per_round: int = 0     # prompts sampled per round (0 = all); rounds take fresh slices
     max_eval_prompts: int = 0      # cap on eval prompts (0 = all)
+    on_bad_row: str = "error"      # error: stop at the first bad row, naming file, row and field |
+                                   # skip: drop bad rows, counted per reason (MLflow data/skipped_*)
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Config:
 
 _CHOICES = {
     "model.dtype": {"float32", "bfloat16"},
+    "data.on_bad_row": {"error", "skip"},
     "score.reference": {"previous", "sft", "initial"},
     "pairs.length_unit": {"chars", "tokens"},
     "train.launcher": {"torchrun", "deepspeed"},

@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from selfalign.flows.config import Config, from_dict
 from selfalign.tasks import artifacts
-from selfalign.tasks.data import load_pairs, load_prompts
+from selfalign.tasks.data import load_data
 from selfalign.tasks.evaluate import run_evaluate
 from selfalign.tasks.generate import run_generate
 from selfalign.tasks.pairs import run_pairs
@@ -106,7 +106,7 @@ def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
     nxt = None
     if r < cfg.run.rounds:
         nd = artifacts.round_dir(cfg.run_dir, r + 1)
-        next_prompts = round_prompts(load_prompts(cfg.data.prompts), cfg.data.prompts_per_round, r + 1)
+        next_prompts = round_prompts(load_data(cfg).prompts, cfg.data.prompts_per_round, r + 1)
         next_key = generate_key(cfg, r + 1, model, next_prompts)
         if not artifacts.is_done(nd / "samples.parquet", next_key):
             nxt = (next_prompts, nd / "samples.parquet", next_key)
@@ -142,9 +142,9 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
     cfg = from_dict(config)
     log = _log()
     t0 = time.time()
-    prompts = round_prompts(load_prompts(cfg.data.prompts), cfg.data.prompts_per_round, r)
-    offline = load_pairs(cfg.data.offline_pairs)
-    heldout = load_pairs(cfg.data.heldout_pairs) if cfg.data.heldout_pairs else []
+    data = load_data(cfg)
+    prompts = round_prompts(data.prompts, cfg.data.prompts_per_round, r)
+    offline, heldout = data.offline_pairs, data.heldout_pairs
     tracker = _tracker(cfg, parent_run_id, f"round_{r}")
     tracker.log_params({"round": r, "policy": policy, "reference": reference})
     result: dict[str, Any] = {"round": r, "model": policy, "stopped": ""}
@@ -188,7 +188,7 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
 
 
 def load_prompts_eval(cfg: Config) -> list[dict[str, str]]:
-    rows = load_prompts(cfg.data.eval_prompts)
+    rows = load_data(cfg).eval_prompts
     return rows[: cfg.data.max_eval_prompts] if cfg.data.max_eval_prompts else rows
 
 
@@ -218,6 +218,12 @@ def run_flow(config: dict) -> dict:
     parent = getattr(tracker, "run_id", "")
     rows = []
     try:
+        # Every dataset is read and checked (rows, ids, lengths against the model's context) before
+        # the first engine starts; under data.on_bad_row=skip the dropped rows are counted here.
+        data = load_data(cfg)
+        tracker.log_metrics(data.metrics(), step=0)
+        if data.warning():
+            get_run_logger().warning(data.warning())
         t0 = time.time()
         base = evaluate_task(cfg, 0, cfg.model.policy, load_prompts_eval(cfg))
         base["round/seconds"] = time.time() - t0

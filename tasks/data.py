@@ -2,6 +2,10 @@
 template is applied, so generation, scoring and training see exactly the same token sequences."""
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -24,101 +28,310 @@ def encode_response(tokenizer: Any, response: str) -> list[int]:
 
 
 class DataError(ValueError):
-    """A dataset row is malformed; the message names the source, the row and the field."""
+    """A dataset is unusable; the message names the source and, for a bad row, the row and the field."""
 
 
-def _read_rows(source: str) -> list[dict[str, Any]]:
-    """Rows of a local JSONL/JSON/Parquet file, or of a `datasets` hub id (split `train`)."""
-    import json
-    from pathlib import Path
+class BadRow(DataError):
+    """One malformed row. `reason` is the category under which `data.on_bad_row: skip` counts it:
+    invalid_utf8, bad_json, not_object, missing_field, not_string, empty, bad_roles, bad_id,
+    identical, duplicate_id, too_long."""
 
+    def __init__(self, source: str, row: int, reason: str, message: str, field: str = ""):
+        where = f"row {row}, field {field!r}" if field else f"row {row}"
+        super().__init__(f"{source}: {where}: {message}")
+        self.reason, self.row, self.field = reason, row, field
+
+
+ON_BAD_ROW = ("error", "skip")
+_KINDS = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", dict: "an object",
+          list: "a list", bytes: "bytes"}
+
+
+def _kind(v: Any) -> str:
+    return _KINDS.get(type(v), type(v).__name__)
+
+
+def _read_rows(source: str) -> list[tuple[int, Any]]:
+    """(row number, value) of every row of a local JSONL/JSON/Parquet file, a local `datasets`
+    folder or a `datasets` hub id (split `train`). A value is the parsed row, or a BadRow when the
+    row could not even be parsed. JSONL rows are numbered by line, the others from 1."""
     path = Path(source)
+    if not source:
+        raise DataError("no dataset given (empty path)")
     if path.is_file():
         if path.suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-        rows = []
-        with open(path, "rb") as fh:
-            raw = fh.read()
-        if not raw.strip():
-            raise DataError(f"{source}: the file is empty")
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = raw[: e.start].count(b"\n") + 1
-            raise DataError(f"{source}: row {line}: invalid UTF-8 at byte {e.start}") from None
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            return json.loads(text)
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{source}: row {i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{source}: row {i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-        return rows
-    if path.suffix in {".jsonl", ".json", ".parquet"} or source.startswith((".", "/")):
+            return _read_parquet(source, path)
+        return _read_json(source, path.read_bytes(), path.suffix == ".json")
+    if path.is_dir():
+        return _read_datasets(source, path)
+    if path.suffix in {".jsonl", ".json", ".parquet"} or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: no such file")
+    return _read_datasets(source, None)
+
+
+def _read_json(source: str, raw: bytes, whole_document: bool) -> list[tuple[int, Any]]:
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte-order mark is not part of the data
+    if not raw.strip():
+        raise DataError(f"{source}: the file is empty" if not raw else f"{source}: the file has only blank lines")
+    if whole_document:  # a .json file is a list of objects, a single object, or JSON Lines
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError):
+            pass
+        else:
+            if isinstance(doc, dict):
+                return [(1, doc)]
+            if not isinstance(doc, list):
+                raise DataError(f"{source}: expected a list of JSON objects, got {_kind(doc)}")
+            return list(enumerate(doc, 1))
+    rows: list[tuple[int, Any]] = []
+    for i, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            rows.append((i, BadRow(source, i, "invalid_utf8", f"invalid UTF-8 at byte {e.start + 1} of the line")))
+            continue
+        try:
+            rows.append((i, json.loads(text)))
+        except json.JSONDecodeError as e:
+            rows.append((i, BadRow(source, i, "bad_json", f"not valid JSON ({e.msg} at column {e.colno})")))
+        except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits
+            rows.append((i, BadRow(source, i, "bad_json", f"not valid JSON ({type(e).__name__}: {e})")))
+    return rows
+
+
+def _read_parquet(source: str, path: Path) -> list[tuple[int, Any]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{source}: not a readable Parquet file ({e})") from None
+    if table.num_rows == 0:
+        raise DataError(f"{source}: the file is empty (no rows)")
+    return list(enumerate(table.to_pylist(), 1))
+
+
+def _read_datasets(source: str, folder: Path | None) -> list[tuple[int, Any]]:
+    """A folder written by `Dataset.save_to_disk`, a folder `load_dataset` can read, or a hub id."""
     import datasets
 
-    return list(datasets.load_dataset(source, split="train"))
+    try:
+        if folder is not None and ((folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()):
+            ds = datasets.load_from_disk(str(folder))
+        else:
+            ds = datasets.load_dataset(source, split="train")
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        what = "folder" if folder is not None else "not a local file; as a `datasets` hub id it"
+        raise DataError(f"{source}: {what} cannot be loaded ({type(e).__name__}: {e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{source}: the dataset has no 'train' split (splits: {', '.join(ds)})")
+        ds = ds["train"]
+    return list(enumerate(ds, 1))
 
 
-def _text(source: str, i: int, row: dict[str, Any], field: str, role: str) -> str:
-    """A field as plain text: a string (TRL standard format) or a list of chat messages whose last
-    message has the expected role (TRL conversational format)."""
-    if field not in row:
-        raise DataError(f"{source}: row {i}: missing field {field!r}")
-    v = row[field]
-    if isinstance(v, list):
-        if not v or not isinstance(v[-1], dict) or v[-1].get("role") != role:
-            raise DataError(f"{source}: row {i}: field {field!r} is a message list whose last message is not {role!r}")
-        if role == "user" and len(v) > 1:
-            raise DataError(f"{source}: row {i}: field {field!r}: multi-turn prompts are not supported yet")
-        v = v[-1].get("content")
+def _string(source: str, i: int, field: str, v: Any) -> str:
     if not isinstance(v, str):
-        raise DataError(f"{source}: row {i}: field {field!r} must be a string, got {type(v).__name__}")
+        raise BadRow(source, i, "not_string", f"must be a string, got {_kind(v)}", field)
     if not v.strip():
-        raise DataError(f"{source}: row {i}: field {field!r} is empty")
+        raise BadRow(source, i, "empty", "is empty or whitespace only", field)
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow(source, i, "invalid_utf8", "contains a lone surrogate, not encodable as UTF-8", field) from None
     return v
 
 
-def _rows_with_ids(source: str):
-    """(row number, id, row) for every row; ids default to the row number and must be unique."""
+def _text(source: str, i: int, row: dict[str, Any], field: str, role: str) -> str:
+    """A field as plain text: a string (TRL standard format) or a list of exactly one chat message
+    of the given role (TRL conversational format); multi-turn prompts are not supported."""
+    if field not in row:
+        raise BadRow(source, i, "missing_field", "missing", field)
+    v = row[field]
+    if not isinstance(v, list):
+        return _string(source, i, field, v)
+    if len(v) != 1:
+        n = f"{len(v)} messages" if v else "no messages"
+        raise BadRow(source, i, "bad_roles", f"has {n}; expected a single {role!r} message", field)
+    m = v[0]
+    if not isinstance(m, dict):
+        raise BadRow(source, i, "bad_roles", f"message 1 is {_kind(m)}, not an object with 'role' and 'content'", field)
+    if m.get("role") != role:
+        raise BadRow(source, i, "bad_roles", f"message 1 has role {m.get('role')!r}, expected {role!r}", field)
+    if "content" not in m:
+        raise BadRow(source, i, "missing_field", "missing", f"{field}[0].content")
+    return _string(source, i, f"{field}[0].content", m["content"])
+
+
+def _row_id(source: str, i: int, row: dict[str, Any]) -> str:
+    """The row's `id` (a string or an integer); rows without one are named by their row number."""
+    v = row.get("id")
+    if v is None:
+        return f"row{i}"
+    if isinstance(v, bool) or not isinstance(v, (str, int)):
+        raise BadRow(source, i, "bad_id", f"must be a string or an integer, got {_kind(v)}", "id")
+    if isinstance(v, str):
+        _string(source, i, "id", v)
+    return str(v)
+
+
+def _check_length(source: str, i: int, row: dict[str, str], tokenizer: Any, max_len: int) -> None:
+    """The prompt (with the chat template) must leave room to generate within the model's context;
+    a pair's prompt + response must fit in it whole, as scoring and training see it."""
+    n = len(encode_prompt(tokenizer, row["prompt"]))
+    if n >= max_len:
+        raise BadRow(source, i, "too_long", f"{n} tokens with the chat template; the model's context is {max_len}", "prompt")
+    for f in ("chosen", "rejected"):
+        if f in row:
+            m = n + len(encode_response(tokenizer, row[f]))
+            if m > max_len:
+                raise BadRow(source, i, "too_long", f"prompt + response is {m} tokens; the model's context is {max_len}", f)
+
+
+def _load(source: str, parse, on_bad_row: str, skipped: dict[str, int] | None, tokenizer: Any,
+          max_len: int) -> list[dict[str, str]]:
+    """Rows {id, **parse(i, row)}. A bad row raises its BadRow (on_bad_row=error) or is dropped and
+    counted by reason into `skipped` (on_bad_row=skip). Of rows sharing an id, the first good one is
+    kept. A source with no good row is an error either way."""
+    if on_bad_row not in ON_BAD_ROW:
+        raise ValueError(f"on_bad_row: {on_bad_row!r} is not one of {ON_BAD_ROW}")
+    rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}
-    for i, row in enumerate(_read_rows(source), 1):
-        pid = str(row.get("id", f"row{i}"))
-        if pid in seen:
-            raise DataError(f"{source}: row {i}: duplicate id {pid!r} (first at row {seen[pid]})")
-        seen[pid] = i
-        yield i, pid, row
-
-
-def load_prompts(source: str) -> list[dict[str, str]]:
-    """Prompt rows {id, prompt}."""
-    rows = [{"id": pid, "prompt": _text(source, i, row, "prompt", "user")} for i, pid, row in _rows_with_ids(source)]
+    counts: dict[str, int] = {}
+    for i, value in _read_rows(source):
+        try:
+            if isinstance(value, BadRow):
+                raise value
+            if not isinstance(value, dict):
+                raise BadRow(source, i, "not_object", f"expected a JSON object, got {_kind(value)}")
+            out = {"id": _row_id(source, i, value), **parse(i, value)}
+            if tokenizer is not None and max_len > 0:
+                _check_length(source, i, out, tokenizer, max_len)
+            if out["id"] in seen:
+                raise BadRow(source, i, "duplicate_id", f"duplicate id {out['id']!r} (first at row {seen[out['id']]})", "id")
+        except BadRow as e:
+            if on_bad_row == "error":
+                raise
+            counts[e.reason] = counts.get(e.reason, 0) + 1
+            continue
+        seen[out["id"]] = i
+        rows.append(out)
+    if skipped is not None:
+        skipped.update(counts)
     if not rows:
-        raise DataError(f"{source}: no rows")
+        why = ", ".join(f"{r}: {n}" for r, n in sorted(counts.items()))
+        raise DataError(f"{source}: no usable rows" + (f" (all {sum(counts.values())} are bad: {why})" if counts else ""))
     return rows
 
 
-def load_pairs(source: str) -> list[dict[str, str]]:
-    """Preference rows {id, prompt, chosen, rejected} in TRL standard or conversational format."""
-    rows = []
-    for i, pid, row in _rows_with_ids(source):
-        out = {"id": pid, "prompt": _text(source, i, row, "prompt", "user")}
+def load_prompts(source: str, *, on_bad_row: str = "error", skipped: dict[str, int] | None = None,
+                 tokenizer: Any = None, max_len: int = 0) -> list[dict[str, str]]:
+    """Prompt rows {id, prompt}. With a tokenizer and the model's context length `max_len`, prompts
+    that leave no room to generate are bad rows too."""
+    return _load(source, lambda i, row: {"prompt": _text(source, i, row, "prompt", "user")},
+                 on_bad_row, skipped, tokenizer, max_len)
+
+
+def load_pairs(source: str, *, on_bad_row: str = "error", skipped: dict[str, int] | None = None,
+               tokenizer: Any = None, max_len: int = 0) -> list[dict[str, str]]:
+    """Preference rows {id, prompt, chosen, rejected} in TRL standard or conversational format
+    (explicit prompt, or implicit: chosen/rejected conversations sharing the prompt turn)."""
+
+    def parse(i: int, row: dict[str, Any]) -> dict[str, str]:
+        c, r = row.get("chosen"), row.get("rejected")
+        if "prompt" not in row and isinstance(c, list) and isinstance(r, list) and len(c) > 1:
+            if c[:-1] != r[:-1]:
+                raise BadRow(source, i, "bad_roles", "implicit prompt: the turns before the last differ from 'chosen'", "rejected")
+            row = {"prompt": c[:-1], "chosen": c[-1:], "rejected": r[-1:]}
+        out = {"prompt": _text(source, i, row, "prompt", "user")}
         for f in ("chosen", "rejected"):
             out[f] = _text(source, i, row, f, "assistant")
         if out["chosen"] == out["rejected"]:
-            raise DataError(f"{source}: row {i}: chosen and rejected are identical")
-        rows.append(out)
-    if not rows:
-        raise DataError(f"{source}: no rows")
-    return rows
+            raise BadRow(source, i, "identical", "identical to 'chosen'", "rejected")
+        return out
+
+    return _load(source, parse, on_bad_row, skipped, tokenizer, max_len)
+
+
+def context_length(model: str, max_model_len: int = 0, trust_remote_code: bool = False) -> int:
+    """Tokens the model can attend to: `generate.max_model_len` when set, else the policy config's
+    `max_position_embeddings` (0 when the config names none: then lengths are not checked)."""
+    if max_model_len > 0:
+        return max_model_len
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
+    return int(getattr(conf, "max_position_embeddings", 0) or 0)
+
+
+DATASETS = {"prompts": load_prompts, "eval_prompts": load_prompts, "offline_pairs": load_pairs,
+            "heldout_pairs": load_pairs}
+
+
+@dataclass
+class Datasets:
+    """The run's four datasets (config keys data.<name>), validated against the policy's tokenizer
+    and context; `skipped[name]` counts, per reason, the rows dropped under data.on_bad_row=skip."""
+    prompts: list[dict[str, str]]
+    eval_prompts: list[dict[str, str]]
+    offline_pairs: list[dict[str, str]]
+    heldout_pairs: list[dict[str, str]]
+    skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, counts in self.skipped.items():
+            out[f"data/rows_{name}"] = len(getattr(self, name))
+            out[f"data/skipped_{name}"] = sum(counts.values())
+            out |= {f"data/skipped_{name}/{reason}": n for reason, n in counts.items()}
+        return out
+
+    def warning(self) -> str:
+        """One line naming what was skipped, or "" when nothing was."""
+        parts = [f"data.{name}: {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in sorted(c.items()))})"
+                 for name, c in self.skipped.items() if c]
+        return ("data.on_bad_row=skip dropped bad rows: " + "; ".join(parts)) if parts else ""
+
+
+_loaded: dict[str, Datasets] = {}
+
+
+def load_data(cfg: Any) -> Datasets:
+    """All datasets of the run, loaded and checked before any stage starts. The rounds and the
+    evaluation call this again; the result is reused while the config and the files are unchanged."""
+    d = cfg.data
+    sources = {name: getattr(d, name) for name in DATASETS}
+    stamps = {name: _stamp(s) for name, s in sources.items()}
+    key = json.dumps([cfg.section_hash("data"), cfg.model.policy, cfg.model.trust_remote_code,
+                      cfg.generate.max_model_len, stamps])
+    if key in _loaded:
+        return _loaded[key]
+    tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
+    max_len = context_length(cfg.model.policy, cfg.generate.max_model_len, cfg.model.trust_remote_code)
+    rows: dict[str, list[dict[str, str]]] = {}
+    skipped: dict[str, dict[str, int]] = {}
+    for name, source in sources.items():
+        if not source:  # only data.heldout_pairs is optional (the config requires the others)
+            rows[name] = []
+            continue
+        skipped[name] = {}
+        rows[name] = DATASETS[name](source, on_bad_row=d.on_bad_row, skipped=skipped[name],
+                                    tokenizer=tokenizer, max_len=max_len)
+    _loaded.clear()
+    _loaded[key] = Datasets(**rows, skipped=skipped)
+    return _loaded[key]
+
+
+def _stamp(source: str) -> str:
+    try:
+        st = os.stat(source)
+    except (OSError, ValueError):  # a hub id, or not there (the loader names it)
+        return source
+    return f"{source}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

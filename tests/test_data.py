@@ -1,49 +1,317 @@
+"""Dataset loading: TRL standard and conversational rows from JSONL, JSON, Parquet and `datasets`
+folders; every class of bad row named by file, row and field (or dropped and counted under
+data.on_bad_row=skip); lengths checked against the model's context before any stage starts."""
 import json
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from selfalign.tasks.data import DataError, load_hook, load_pairs, load_prompts
+from selfalign.tasks.data import (DataError, context_length, encode_prompt, load_data, load_hook, load_pairs,
+                                  load_prompts)
+from selfalign.tasks.toy import build_tokenizer
+
+P = {"id": "a", "prompt": "What is 1 + 2?"}
+Q = {"id": "a", "prompt": "What is 1 + 2?", "chosen": "1 plus 2 is 3. Happy to help!", "rejected": "3"}
+LOADERS = {"prompts": load_prompts, "pairs": load_pairs}
 
 
 def write(path, rows):
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    """Rows as JSONL (dicts are dumped, bytes written as they are) or as a Parquet table."""
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        path.write_bytes(b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows))
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
 def test_standard_and_conversational_formats(tmp_path):
-    std = write(tmp_path / "std.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
-    conv = write(tmp_path / "conv.jsonl", [{"id": "x", "prompt": [{"role": "user", "content": "q"}],
-                                           "chosen": [{"role": "assistant", "content": "a"}],
-                                           "rejected": [{"role": "assistant", "content": "b"}]}])
-    assert load_pairs(std) == [{"id": "row1", "prompt": "q", "chosen": "a", "rejected": "b"}]
-    assert load_pairs(conv) == [{"id": "x", "prompt": "q", "chosen": "a", "rejected": "b"}]
+    conv = {"id": "x", "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}
+    implicit = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+    want = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    for suffix in (".jsonl", ".parquet"):
+        assert load_pairs(write(tmp_path / f"std{suffix}", [{"prompt": "q", "chosen": "a", "rejected": "b"}])) == [{"id": "row1"} | want]
+        assert load_pairs(write(tmp_path / f"conv{suffix}", [conv])) == [{"id": "x"} | want]
+        assert load_pairs(write(tmp_path / f"implicit{suffix}", [implicit])) == [{"id": "row1"} | want]
+    assert load_prompts(write(tmp_path / "p.jsonl", [{"prompt": [{"role": "user", "content": "q"}]}])) == [{"id": "row1", "prompt": "q"}]
 
 
-@pytest.mark.parametrize("rows, needle", [
-    ([{"prompt": "q", "chosen": "a"}], "row 1: missing field 'rejected'"),
-    ([{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "  ", "chosen": "a", "rejected": "b"}], "row 2: field 'prompt' is empty"),
-    ([{"prompt": "q", "chosen": 3, "rejected": "b"}], "row 1: field 'chosen' must be a string, got int"),
-    ([{"prompt": "q", "chosen": "a", "rejected": "a"}], "row 1: chosen and rejected are identical"),
-    ([{"id": 1, "prompt": "q", "chosen": "a", "rejected": "b"}, {"id": 1, "prompt": "r", "chosen": "a", "rejected": "b"}], "row 2: duplicate id '1'"),
-])
-def test_bad_pair_rows_are_named(tmp_path, rows, needle):
-    path = write(tmp_path / "bad.jsonl", rows)
+def test_json_files_blank_lines_and_byte_order_mark(tmp_path):
+    arr = tmp_path / "rows.json"
+    arr.write_text(json.dumps([P, {"id": 7, "prompt": "r"}], indent=2))
+    assert load_prompts(str(arr)) == [P, {"id": "7", "prompt": "r"}]
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(P, indent=2))
+    assert load_prompts(str(one)) == [P]
+    lines = tmp_path / "lines.json"  # JSON Lines under a .json name
+    lines.write_text(json.dumps(P) + "\n" + json.dumps({"prompt": "r"}) + "\n")
+    assert [r["id"] for r in load_prompts(str(lines))] == ["a", "row2"]
+    # rows are numbered by line, blank lines included; default ids follow the same numbers
+    gaps = tmp_path / "gaps.jsonl"
+    gaps.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "q"}\n\n  \r\n{"prompt": "r"}\r\n{"prompt": ""}\n')
+    with pytest.raises(DataError, match="gaps.jsonl: row 5, field 'prompt'"):
+        load_prompts(str(gaps))
+    assert [r["id"] for r in load_prompts(str(gaps), on_bad_row="skip")] == ["row1", "row4"]
+    not_list = tmp_path / "scalar.json"
+    not_list.write_text("3")
+    with pytest.raises(DataError, match="expected a list of JSON objects, got a number"):
+        load_prompts(str(not_list))
+
+
+# (case, kind, bad row, field named in the error or None, reason, what the message says)
+# The bad row follows one good row, so it is row 2.
+CASES = [
+    ("missing prompt", "prompts", {"id": "b", "text": "q"}, "prompt", "missing_field", "missing"),
+    ("missing rejected", "pairs", {"id": "b", "prompt": "q", "chosen": "a"}, "rejected", "missing_field", "missing"),
+    ("empty prompt", "prompts", {"id": "b", "prompt": ""}, "prompt", "empty", "empty or whitespace"),
+    ("whitespace prompt", "prompts", {"id": "b", "prompt": " \t\n"}, "prompt", "empty", "empty or whitespace"),
+    ("whitespace pair prompt", "pairs", Q | {"id": "b", "prompt": "  "}, "prompt", "empty", "empty or whitespace"),
+    ("empty chosen", "pairs", Q | {"id": "b", "chosen": ""}, "chosen", "empty", "empty or whitespace"),
+    ("whitespace rejected", "pairs", Q | {"id": "b", "rejected": "\n "}, "rejected", "empty", "empty or whitespace"),
+    ("number prompt", "prompts", {"id": "b", "prompt": 3}, "prompt", "not_string", "must be a string, got a number"),
+    ("null prompt", "prompts", {"id": "b", "prompt": None}, "prompt", "not_string", "must be a string, got null"),
+    ("dict prompt", "prompts", {"id": "b", "prompt": {"text": "q"}}, "prompt", "not_string", "must be a string, got an object"),
+    ("number chosen", "pairs", Q | {"id": "b", "chosen": 3.5}, "chosen", "not_string", "must be a string, got a number"),
+    ("null rejected", "pairs", Q | {"id": "b", "rejected": None}, "rejected", "not_string", "must be a string, got null"),
+    ("dict chosen", "pairs", Q | {"id": "b", "chosen": {"text": "a"}}, "chosen", "not_string", "must be a string, got an object"),
+    ("bool prompt", "prompts", {"id": "b", "prompt": True}, "prompt", "not_string", "must be a string, got a boolean"),
+    ("chosen == rejected", "pairs", Q | {"id": "b", "rejected": Q["chosen"]}, "rejected", "identical", "identical to 'chosen'"),
+    ("duplicate prompt id", "prompts", P | {"prompt": "other"}, "id", "duplicate_id", "duplicate id 'a' (first at row 1)"),
+    ("duplicate pair id", "pairs", Q | {"prompt": "other"}, "id", "duplicate_id", "duplicate id 'a' (first at row 1)"),
+    ("id is an object", "prompts", {"id": {"x": 1}, "prompt": "q"}, "id", "bad_id", "must be a string or an integer"),
+    ("id is empty", "pairs", Q | {"id": " "}, "id", "empty", "empty or whitespace"),
+    ("prompt too long", "prompts", {"id": "b", "prompt": "x" * 100}, "prompt", "too_long", "the model's context is 64"),
+    ("pair prompt too long", "pairs", Q | {"id": "b", "prompt": "x" * 100}, "prompt", "too_long", "the model's context is 64"),
+    ("response too long", "pairs", Q | {"id": "b", "chosen": "y" * 60}, "chosen", "too_long", "prompt + response is"),
+    ("prompt from the assistant", "prompts", {"id": "b", "prompt": [{"role": "assistant", "content": "q"}]},
+     "prompt", "bad_roles", "message 1 has role 'assistant', expected 'user'"),
+    ("multi-turn prompt", "pairs", Q | {"id": "b", "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]},
+     "prompt", "bad_roles", "has 2 messages; expected a single 'user' message"),
+    ("chosen from the user", "pairs", Q | {"id": "b", "chosen": [{"role": "user", "content": "a"}]},
+     "chosen", "bad_roles", "message 1 has role 'user', expected 'assistant'"),
+    ("no messages", "pairs", Q | {"id": "b", "rejected": []}, "rejected", "bad_roles", "has no messages"),
+    ("message not an object", "prompts", {"id": "b", "prompt": ["q"]}, "prompt", "bad_roles", "message 1 is str"),
+    ("message without role", "prompts", {"id": "b", "prompt": [{"content": "q"}]}, "prompt", "bad_roles", "has role None"),
+    ("message without content", "prompts", {"id": "b", "prompt": [{"role": "user"}]}, "prompt[0].content", "missing_field", "missing"),
+    ("implicit prompts differ", "pairs", {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                                          "rejected": [{"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}]},
+     "rejected", "bad_roles", "implicit prompt"),
+    # rows that are not even a JSON object (JSONL only)
+    ("invalid UTF-8", "prompts", b'{"prompt": "caf\xe9"}', None, "invalid_utf8", "invalid UTF-8 at byte 16 of the line"),
+    ("invalid UTF-8 pair", "pairs", b'{"prompt": "q", "chosen": "\xff", "rejected": "b"}', None, "invalid_utf8", "invalid UTF-8"),
+    ("lone surrogate", "prompts", b'{"prompt": "\\ud800"}', "prompt", "invalid_utf8", "lone surrogate"),
+    ("malformed JSON", "prompts", b'{"prompt": "q"', None, "bad_json", "not valid JSON"),
+    ("malformed JSON pair", "pairs", b'{"prompt": "q", chosen: "a"}', None, "bad_json", "not valid JSON"),
+    ("huge integer", "prompts", b'{"prompt": ' + b"9" * 5000 + b"}", None, "bad_json", "not valid JSON"),
+    ("JSON list", "prompts", b'["q"]', None, "not_object", "expected a JSON object, got a list"),
+    ("JSON string", "pairs", b'"q"', None, "not_object", "expected a JSON object, got str"),
+    ("JSON number", "pairs", b"3", None, "not_object", "expected a JSON object, got a number"),
+]
+# Parquet has one type per column: a column of another type or one missing from the file makes the
+# first row bad; Arrow fills a struct's missing field with null.
+PARQUET_ALONE = {"missing prompt", "missing rejected", "number prompt", "dict prompt", "number chosen", "dict chosen",
+                 "bool prompt", "id is an object", "message not an object", "message without role", "implicit prompts differ"}
+PARQUET_AS = {"message without content": ("prompt[0].content", "not_string", "got null")}
+ROLES = {"prompt": "user", "chosen": "assistant", "rejected": "assistant"}
+
+
+def bad_file(tmp_path, case, kind, bad, suffix):
+    good = P if kind == "prompts" else Q
+    rows = [good, bad]
+    if suffix == ".parquet":
+        # a column holds either text or messages: the good row takes the bad row's shape
+        good = {k: [{"role": ROLES[k], "content": v}] if isinstance(bad.get(k), list) else v for k, v in good.items()}
+        rows = [bad] if case in PARQUET_ALONE else [good, bad]
+    return write(tmp_path / f"{kind}{suffix}", rows), len(rows)
+
+
+@pytest.mark.parametrize("suffix, case, kind, bad, field, reason, says",
+                         [pytest.param(sfx, *c, id=f"{sfx[1:]}: {c[0]}") for sfx in (".jsonl", ".parquet")
+                          for c in CASES if sfx == ".jsonl" or not isinstance(c[2], bytes)])
+def test_every_bad_row_is_named_or_skipped(tmp_path, tok, suffix, case, kind, bad, field, reason, says):
+    path, n = bad_file(tmp_path, case, kind, bad, suffix)
+    if suffix == ".parquet":
+        field, reason, says = PARQUET_AS.get(case, (field, reason, says))
+    load = LOADERS[kind]
     with pytest.raises(DataError) as e:
-        load_pairs(path)
-    assert needle in str(e.value) and "bad.jsonl" in str(e.value)
+        load(path, tokenizer=tok, max_len=64)
+    where = f"{path}: row {n}, field {field!r}: " if field else f"{path}: row {n}: "
+    assert str(e.value).startswith(where) and says in str(e.value), str(e.value)
+    assert e.value.reason == reason
+    skipped = {}
+    if n == 1:  # the only row is bad: skipping leaves nothing, which is an error too
+        with pytest.raises(DataError, match=f"no usable rows \\(all 1 are bad: {reason}: 1\\)"):
+            load(path, on_bad_row="skip", skipped=skipped, tokenizer=tok, max_len=64)
+    else:
+        rows = load(path, on_bad_row="skip", skipped=skipped, tokenizer=tok, max_len=64)
+        assert [r["id"] for r in rows] == ["a"] and skipped == {reason: 1}
 
 
-def test_bad_files(tmp_path):
+@pytest.mark.parametrize("kind", ["prompts", "pairs"])
+def test_bad_files(tmp_path, kind):
+    load = LOADERS[kind]
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(DataError, match="empty"):
-        load_prompts(str(empty))
-    bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b'{"prompt": "ok"}\n{"prompt": "\xff"}\n')
-    with pytest.raises(DataError, match="row 2: invalid UTF-8"):
-        load_prompts(str(bad))
-    with pytest.raises(DataError, match="no such file"):
-        load_prompts(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="empty.jsonl: the file is empty"):
+        load(str(empty))
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n  \n\t\r\n")
+    with pytest.raises(DataError, match="blank.jsonl: the file has only blank lines"):
+        load(str(blank), on_bad_row="skip")
+    no_rows = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), no_rows)
+    with pytest.raises(DataError, match="empty.parquet: the file is empty"):
+        load(str(no_rows))
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
+        load(str(broken))
+    for missing in ("missing.jsonl", "missing.parquet", "./nothing_here"):
+        with pytest.raises(DataError, match="no such file"):
+            load(str(tmp_path / missing) if not missing.startswith(".") else missing)
+    with pytest.raises(DataError, match="no dataset given"):
+        load("")
+
+
+def test_skip_counts_every_reason_and_keeps_the_first_of_duplicate_ids(tmp_path, tok):
+    rows = [P, b"{oops", {"id": "b", "prompt": ""}, {"id": "a", "prompt": "again"}, {"id": "c", "prompt": "x" * 100},
+            {"id": "d", "prompt": 4}, {"id": "e", "prompt": "fine"}, {"id": "b", "prompt": "now good"}]
+    path = write(tmp_path / "mixed.jsonl", rows)
+    skipped = {}
+    out = load_prompts(path, on_bad_row="skip", skipped=skipped, tokenizer=tok, max_len=64)
+    # "b" was bad at row 3, so its good row 8 is the first good one and is kept
+    assert out == [P, {"id": "e", "prompt": "fine"}, {"id": "b", "prompt": "now good"}]
+    assert skipped == {"bad_json": 1, "empty": 1, "duplicate_id": 1, "too_long": 1, "not_string": 1}
+    with pytest.raises(DataError, match="mixed.jsonl: row 2: not valid JSON"):
+        load_prompts(path)
+    with pytest.raises(ValueError, match="on_bad_row: 'drop'"):
+        load_prompts(path, on_bad_row="drop")
+
+
+def test_datasets_folders_and_hub_ids(tmp_path):
+    import datasets
+
+    rows = [P, {"id": "b", "prompt": "q"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert load_prompts(str(tmp_path / "saved")) == rows
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "dict"))
+    assert load_prompts(str(tmp_path / "dict")) == rows
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "no_train"))
+    with pytest.raises(DataError, match="no 'train' split"):
+        load_prompts(str(tmp_path / "no_train"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder / "train.jsonl", [P, {"id": "b", "prompt": " "}])
+    with pytest.raises(DataError, match="row 2, field 'prompt': is empty"):
+        load_prompts(str(folder))
+    with pytest.raises(DataError, match="empty_folder: folder cannot be loaded"):
+        (tmp_path / "empty_folder").mkdir()
+        load_prompts(str(tmp_path / "empty_folder"))
+    # no hub here (HF_HUB_OFFLINE): a hub id that cannot be fetched is named, not a traceback
+    with pytest.raises(DataError, match="^nobody/no-such-dataset: not a local file; as a `datasets` hub id it cannot be loaded"):
+        load_pairs("nobody/no-such-dataset")
+
+
+def test_context_length_and_load_data(tmp_path, tiny_model):
+    from selfalign.flows.config import load_config
+
+    assert context_length(tiny_model) == 128 and context_length(tiny_model, 40) == 40
+    long = "What is 1 + 2? " * 8
+    Q = {"id": "a", "prompt": "What is 1 + 2?", "chosen": "It is 3.", "rejected": "3"}  # fits in 40 tokens
+    files = {"prompts": write(tmp_path / "prompts.jsonl", [P, {"id": "b", "prompt": long}]),
+             "eval_prompts": write(tmp_path / "eval.parquet", [P]),
+             "offline_pairs": write(tmp_path / "offline.jsonl", [Q, Q | {"id": "b", "rejected": "4"}])}
+    base = {"model.policy": tiny_model, "model.reference": tiny_model} | {f"data.{k}": v for k, v in files.items()}
+    n = len(encode_prompt(load_tokenizer_of(tiny_model), long))
+    assert 40 < n < 128
+    data = load_data(load_config(None, base))
+    assert len(data.prompts) == 2 and data.heldout_pairs == [] and data.warning() == ""
+    assert load_data(load_config(None, base)) is data  # reused while config and files are unchanged
+    with pytest.raises(DataError, match=f"prompts.jsonl: row 2, field 'prompt': {n} tokens with the chat template; "
+                                        "the model's context is 40"):
+        load_data(load_config(None, base | {"generate.max_model_len": 40}))
+    identical = Q | {"id": "c", "chosen": "3"}
+    base["data.offline_pairs"] = write(tmp_path / "offline2.jsonl", [Q, Q | {"id": "b", "rejected": "4"}, identical])
+    data = load_data(load_config(None, base | {"generate.max_model_len": 40, "data.on_bad_row": "skip"}))
+    assert [p["id"] for p in data.prompts] == ["a"] and [p["id"] for p in data.offline_pairs] == ["a", "b"]
+    assert data.metrics() == {"data/rows_prompts": 1, "data/skipped_prompts": 1, "data/skipped_prompts/too_long": 1,
+                              "data/rows_eval_prompts": 1, "data/skipped_eval_prompts": 0,
+                              "data/rows_offline_pairs": 2, "data/skipped_offline_pairs": 1,
+                              "data/skipped_offline_pairs/identical": 1}
+    assert data.warning() == ("data.on_bad_row=skip dropped bad rows: data.prompts: 1 (too_long 1); "
+                              "data.offline_pairs: 1 (identical 1)")
+
+
+def load_tokenizer_of(path):
+    from selfalign.tasks.data import load_tokenizer
+
+    return load_tokenizer(path)
+
+
+class Recorder:
+    def __init__(self):
+        self.metrics, self.status = {}, None
+
+    def log_params(self, params):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics |= metrics
+
+    def log_artifact(self, path, artifact_path=None):
+        pass
+
+    def close(self, status="FINISHED"):
+        self.status = status
+
+
+class ExpensiveStage(Exception):
+    pass
+
+
+@pytest.mark.parametrize("policy", ["error", "skip"])
+def test_run_flow_checks_data_before_any_stage(tmp_path, tiny_model, monkeypatch, policy):
+    """A bad row stops the run before the first engine starts; skipped rows reach MLflow."""
+    from selfalign.flows import pipeline
+    from selfalign.flows.config import load_config
+
+    files = {"prompts": write(tmp_path / "prompts.jsonl", [P, {"id": "b", "prompt": ""}]),
+             "eval_prompts": write(tmp_path / "eval.jsonl", [P]),
+             "offline_pairs": write(tmp_path / "offline.jsonl", [Q])}
+    cfg = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "run.dir": str(tmp_path / "run"),
+                             "data.on_bad_row": policy} | {f"data.{k}": v for k, v in files.items()})
+    tracker, warnings = Recorder(), []
+    started = []
+
+    class Logger:
+        info = print
+        warning = warnings.append
+
+    def evaluate_task(*args, **kwargs):
+        started.append(args)
+        raise ExpensiveStage
+
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: Logger)
+    monkeypatch.setattr(pipeline, "make_logger", lambda *a, **k: tracker)
+    monkeypatch.setattr(pipeline, "evaluate_task", evaluate_task)
+    if policy == "error":
+        with pytest.raises(DataError, match="prompts.jsonl: row 2, field 'prompt': is empty"):
+            pipeline.run_flow.fn(cfg.to_dict())
+        assert not started
+    else:
+        with pytest.raises(ExpensiveStage):
+            pipeline.run_flow.fn(cfg.to_dict())
+        assert tracker.metrics["data/skipped_prompts"] == 1 and tracker.metrics["data/skipped_prompts/empty"] == 1
+        assert tracker.metrics["data/skipped_offline_pairs"] == 0
+        assert warnings == ["data.on_bad_row=skip dropped bad rows: data.prompts: 1 (empty 1)"]
+    assert tracker.status == "FAILED"
 
 
 def test_hooks():
