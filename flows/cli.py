@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 from selfalign.flows.compare import CompareError, compare, format_markdown, format_table, write_csv
-from selfalign.flows.config import ConfigError, load_config
+from selfalign.flows.config import load_config
+from selfalign.tasks.tracking import check_options
+
 
 def prepare_environment(run_dir: Path) -> None:
     """Keep Prefect, MLflow and the engines quiet, local and inside the project's folders unless
@@ -33,7 +35,8 @@ def prepare_environment(run_dir: Path) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.preset, args.overrides)
-    except ConfigError as e:
+        check_options(cfg.tracking.log_model)
+    except ValueError as e:  # ConfigError and the tracking section's choices
         print(f"config error: {e}", file=sys.stderr)
         return 2
     prepare_environment(cfg.run_dir)

@@ -21,13 +21,13 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from selfalign.flows.config import Config, from_dict
-from selfalign.tasks import artifacts
+from selfalign.tasks import artifacts, plots
 from selfalign.tasks.data import load_data
 from selfalign.tasks.evaluate import run_evaluate
 from selfalign.tasks.generate import run_generate
 from selfalign.tasks.pairs import run_pairs
 from selfalign.tasks.score import run_score
-from selfalign.tasks.tracking import MetricLogger, make_logger
+from selfalign.tasks.tracking import MetricLogger, check_options, make_logger
 from selfalign.tasks.train import run_train
 
 
@@ -179,6 +179,11 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         metrics["round/seconds"] = time.time() - t0
         tracker.log_metrics(metrics, step=r)
         artifacts.write_json(artifacts.round_dir(cfg.run_dir, r) / "metrics.json", metrics)
+        if cfg.tracking.plots:
+            for png in plots.round_plots(cfg.run_dir, r, cfg.pairs.length_unit):
+                tracker.log_artifact(png, "plots")
+        if cfg.tracking.log_model == "artifact" and not result["stopped"]:
+            tracker.log_artifacts(Path(result["model"]), "model")
         tracker.close("KILLED" if result["stopped"] else "FINISHED")
     except BaseException:
         tracker.close("FAILED")
@@ -210,6 +215,7 @@ def run_flow(config: dict) -> dict:
     """Multi-round DICE from pi_0 (`model.policy`, DPO-trained against `model.reference`)."""
     cfg = from_dict(config)
     log = _log()
+    check_options(cfg.tracking.log_model)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     # With the default local store, artifacts live beside it in the run directory.
     artifacts_at = None if cfg.tracking.uri else (cfg.run_dir / "mlartifacts").resolve().as_uri()
@@ -244,6 +250,8 @@ def run_flow(config: dict) -> dict:
                    "tracking_uri": tracking_uri(cfg), "run_dir": str(cfg.run_dir)}
         artifacts.write_json(cfg.run_dir / "summary.json", summary)
         tracker.log_artifact(cfg.run_dir / "summary.json")
+        if cfg.tracking.plots:
+            tracker.log_artifact(plots.rounds_plot(rows, cfg.run_dir / "rounds.png", f"{cfg.run.name}: evaluation over rounds"), "plots")
         tracker.close("FINISHED")
     except BaseException:
         tracker.close("FAILED")

@@ -13,12 +13,20 @@ from typing import Any, Protocol
 
 # Values that look like secrets never go to MLflow params.
 _SECRET_WORDS = ("key", "token", "secret", "password")
+LOG_MODEL = ("none", "artifact")  # tracking.log_model
+
+
+def check_options(log_model: str) -> None:
+    """The tracking section's choices, checked before a run starts (the message names the key)."""
+    if log_model not in LOG_MODEL:
+        raise ValueError(f"tracking.log_model: {log_model!r} is not one of {list(LOG_MODEL)}")
 
 
 class MetricLogger(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -30,6 +38,9 @@ class NullLogger:
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -80,6 +91,10 @@ class MlflowLogger:
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        """Every file under the folder `path`, under `artifact_path`."""
+        self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
