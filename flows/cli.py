@@ -1,4 +1,5 @@
-"""Command line: `selfalign run <preset.yaml> [--section.key=value ...]`, `selfalign compare <run>`."""
+"""Command line: `selfalign run <preset.yaml> [--section.key=value ...]`, `selfalign compare <run>`,
+`selfalign server`."""
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:"):
         print(f"compare rounds: mlflow ui --backend-store-uri {uri}")
+    if uri != "none":
+        print(f"round table from MLflow: selfalign compare {cfg.run.name} --uri {uri}")
     return 0
 
 
@@ -72,6 +75,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_server(args: argparse.Namespace) -> int:
+    from selfalign.flows.server import serve
+
+    home = Path(args.home or os.environ.get("SELFALIGN_HOME", Path.cwd() / ".selfalign")) / "server"
+    return serve(home, args.host, args.prefect_port, args.mlflow_port, args.mlflow_backend_uri,
+                 args.prefect_database_url, args.mlflow_workers, args.startup_timeout,
+                 out=lambda m: print(m, flush=True))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfalign", description="Iterative self-alignment with DPO implicit rewards (DICE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--csv", help="also write every round metric to this CSV file")
     p.add_argument("--markdown", help="also write the table to this Markdown file")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("server", help="start a Prefect server and an MLflow tracking server; Ctrl-C stops both")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--prefect-port", type=int, default=4200)
+    p.add_argument("--mlflow-port", type=int, default=5000)
+    p.add_argument("--home", help="stores and logs go to <home>/server (default: SELFALIGN_HOME, else ./.selfalign)")
+    p.add_argument("--mlflow-backend-uri", default="", help="MLflow store, e.g. postgresql://user:pw@host/db "
+                   "(default: SQLite under the home)")
+    p.add_argument("--prefect-database-url", default="", help="Prefect database, e.g. "
+                   "postgresql+asyncpg://user:pw@host/db (default: SQLite under the home)")
+    p.add_argument("--mlflow-workers", type=int, default=1)
+    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for both to be healthy")
+    p.set_defaults(func=cmd_server)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -115,7 +115,8 @@ class GuardConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str = ""                  # MLflow tracking URI; default sqlite:///<run_dir>/mlflow.db
+    uri: str = ""                  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else
+                                   # sqlite:///<run_dir>/mlflow.db
     experiment: str = "selfalign"
     plots: bool = True             # per-round PNG plots as MLflow artifacts (plots/) and in round_<r>/plots
     log_model: str = "none"        # none | artifact: each round's model folder as MLflow artifacts (model/)

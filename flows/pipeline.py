@@ -27,7 +27,7 @@ from selfalign.tasks.evaluate import run_evaluate
 from selfalign.tasks.generate import run_generate
 from selfalign.tasks.pairs import run_pairs
 from selfalign.tasks.score import run_score
-from selfalign.tasks.tracking import MetricLogger, check_options, make_logger
+from selfalign.tasks.tracking import MetricLogger, check_options, local_uri, make_logger, resolve_uri
 from selfalign.tasks.train import run_train
 
 
@@ -207,7 +207,7 @@ def _tracker(cfg: Config, parent_run_id: str, name: str) -> MetricLogger:
 
 
 def tracking_uri(cfg: Config) -> str:
-    return cfg.tracking.uri or f"sqlite:///{(cfg.run_dir / 'mlflow.db').resolve()}"
+    return resolve_uri(cfg.tracking.uri, cfg.run_dir)
 
 
 @flow(name="selfalign-run", flow_run_name="{config[run][name]}")
@@ -218,7 +218,8 @@ def run_flow(config: dict) -> dict:
     check_options(cfg.tracking.log_model)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     # With the default local store, artifacts live beside it in the run directory.
-    artifacts_at = None if cfg.tracking.uri else (cfg.run_dir / "mlartifacts").resolve().as_uri()
+    local = tracking_uri(cfg) == local_uri(cfg.run_dir)
+    artifacts_at = (cfg.run_dir / "mlartifacts").resolve().as_uri() if local else None
     tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name, artifacts_at)
     tracker.log_params(cfg.flat())
     parent = getattr(tracker, "run_id", "")

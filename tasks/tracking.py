@@ -106,6 +106,16 @@ class MlflowLogger:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def resolve_uri(configured: str, run_dir: Path) -> str:
+    """The tracking URI of a run: `tracking.uri`, else MLFLOW_TRACKING_URI (a tracking server the
+    user pointed the shell at), else the run's own SQLite store `<run_dir>/mlflow.db`."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or local_uri(run_dir)
+
+
+def local_uri(run_dir: Path) -> str:
+    return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
+
+
 def make_logger(uri: str, experiment: str, run_name: str, artifact_location: str | None = None) -> MlflowLogger | NullLogger:
     if uri == "none":
         return NullLogger()
