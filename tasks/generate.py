@@ -128,6 +128,7 @@ def _worker(job: dict[str, Any]) -> None:
     llm = LLM(**kwargs)
     tok = llm.get_tokenizer()
     eos = {tok.eos_token_id} | _generation_eos(job["model"])
+    special = set(tok.all_special_ids)
     for run in job["runs"]:
         # A run may cover a slice of the job's prompts (evaluation and next-round sampling share
         # one engine start).
@@ -147,10 +148,14 @@ def _worker(job: dict[str, Any]) -> None:
                 # may not include it in token_ids depending on the stop condition: normalise.
                 if c.finish_reason == "stop" and (not ids or ids[-1] not in eos):
                     ids.append(tok.eos_token_id)
+                # Control tokens inside the body (a chat-role marker, a pad) vanish from the decoded
+                # text, so a hook would judge text the ids do not match: count them for the pairs stage.
+                body = ids[:-1] if ids and ids[-1] in eos else ids
                 rows.append({
                     "prompt_id": p["id"], "prompt": p["prompt"], "k": k,
                     "response": c.text.strip(), "response_ids": ids,
                     "finish_reason": c.finish_reason or "", "n_tokens": len(ids),
+                    "special_tokens": sum(t in special for t in body),
                 })
         artifacts.write_table(Path(run["output"]), rows)
 

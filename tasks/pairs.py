@@ -28,13 +28,15 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
     valid_fn = load_hook(pc.validity, "pairs.validity") if pc.validity else None
     preferred_fn = load_hook(cfg.evaluate.preferred, "evaluate.preferred") if cfg.evaluate.preferred else None
 
-    dropped = {"truncated": 0, "degenerate": 0, "invalid": 0}
+    dropped = {"truncated": 0, "degenerate": 0, "special": 0, "invalid": 0}
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
         if s["finish_reason"] != "stop" or not math.isfinite(s["score"]):
             dropped["truncated"] += 1
         elif rules.is_degenerate(s["response"], min_chars=pc.min_chars, max_chars=pc.max_chars):
             dropped["degenerate"] += 1
+        elif s.get("special_tokens"):  # a control token inside the response: its text hides it
+            dropped["special"] += 1
         elif valid_fn is not None and not valid_fn(s["prompt"], s["response"]):
             dropped["invalid"] += 1
         else:
@@ -88,6 +90,7 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
         "pairs/kept": len(rows),
         "pairs/dropped_truncated": dropped["truncated"],
         "pairs/dropped_degenerate": dropped["degenerate"],
+        "pairs/dropped_special": dropped["special"],
         "pairs/dropped_invalid": dropped["invalid"],
         "len/gap_alpha0": gap0,
         "len/gap": _mean([g["chosen_len"] - g["rejected_len"] for g in generated]),

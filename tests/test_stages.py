@@ -17,7 +17,7 @@ BASE = {"model.policy": "pi0", "model.reference": "sft", "data.prompts": "p", "d
 def sample(pid, prompt, k, response, score, finish="stop"):
     return {"prompt_id": pid, "prompt": prompt, "k": k, "response": response, "response_ids": list(range(len(response) + 1)),
             "finish_reason": finish, "n_tokens": len(response) + 1, "policy_logp": -10.0 - k, "ref_logp": -10.0 - k - score,
-            "score": score if finish == "stop" else math.nan}
+            "score": score if finish == "stop" else math.nan, "special_tokens": 0}
 
 
 def test_pair_stage_filters_picks_and_mixes(tmp_path):
@@ -34,6 +34,8 @@ def test_pair_stage_filters_picks_and_mixes(tmp_path):
         sample("b", q2, 1, other(50, 25), 0.0),
         sample("b", q2, 2, polite(50, 25), -2.0),  # the reward is wrong here
         sample("b", q2, 3, polite(50, 25)[:10], 5.0, finish="length"),
+        # the text looks perfect but the ids carry a control token the decoder hid: dropped
+        sample("b", q2, 4, polite(50, 25), 7.0) | {"special_tokens": 1},
         sample("c", q3, 0, plain(11, 11), 1.0),  # only two valid samples: prompt dropped
         sample("c", q3, 1, other(11, 11), 0.0),
     ]
@@ -45,6 +47,7 @@ def test_pair_stage_filters_picks_and_mixes(tmp_path):
     stats = run_pairs(cfg, scores, offline, tmp_path / "pairs.parquet", tmp_path / "sweep.json", seed=0, log=lambda m: None)
     pairs = artifacts.read_table(tmp_path / "pairs.parquet")
     assert stats["pairs/dropped_invalid"] == 1 and stats["pairs/dropped_truncated"] == 1
+    assert stats["pairs/dropped_special"] == 1
     assert stats["pairs/prompts"] == 3 and stats["pairs/prompts_kept"] == 2
     gen = {p["prompt_id"]: p for p in pairs if p["source"] == "generated"}
     assert gen["a"]["chosen"] == polite(12, 34) and gen["a"]["rejected"] == plain(12, 34)
