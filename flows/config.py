@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import hashlib
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -164,6 +166,24 @@ _REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_promp
 # Values given relative to a preset file ("./x", "../x") are resolved against the preset's folder.
 _PATH_KEYS = {"model.policy", "model.reference", "data.prompts", "data.eval_prompts",
               "data.offline_pairs", "data.heldout_pairs", "run.dir"}
+_SOURCE_KEYS = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs",
+                "data.heldout_pairs"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", re.ASCII)
+
+
+def _check_source(key: str, value: str) -> None:
+    """A model or dataset is a local path or a hub id (`org/name`). A value that looks local
+    (/x, ./x, ../x, ~/x, a file name with a dataset suffix) must exist; models are folders."""
+    if not value:
+        return
+    path = Path(value)
+    if path.exists():
+        if key.startswith("model.") and not path.is_dir():
+            raise ConfigError(f"{key}: {value!r} is not a model folder")
+        return
+    local = value.startswith(("/", ".", "~")) or path.suffix in {".jsonl", ".json", ".parquet"}
+    if local or not _HUB_ID.fullmatch(value):
+        raise ConfigError(f"{key}: {value!r} does not exist (and is not a hub id)")
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -178,6 +198,8 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if typ is str:
         if not isinstance(value, str):
@@ -216,27 +238,51 @@ def validate(cfg: Config) -> None:
     for key in _REQUIRED:
         if not flat[key]:
             raise ConfigError(f"{key} is required (a local path or a hub id)")
+    for key in _SOURCE_KEYS:
+        _check_source(key, flat[key])
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {sorted(allowed)}")
     checks = [
+        ("run.name", bool(cfg.run.name.strip()), "must not be empty"),
         ("run.rounds", cfg.run.rounds >= 1, "must be >= 1"),
+        ("run.seed", cfg.run.seed >= 0, "must be >= 0"),
+        ("data.prompts_per_round", cfg.data.prompts_per_round >= 0, "must be >= 0 (0 = all)"),
+        ("data.max_eval_prompts", cfg.data.max_eval_prompts >= 0, "must be >= 0 (0 = all)"),
         ("generate.k", cfg.generate.k >= 2, "must be >= 2 (best-vs-worst needs two samples)"),
         ("generate.temperature", cfg.generate.temperature > 0, "must be > 0 for sampling"),
         ("generate.top_p", 0 < cfg.generate.top_p <= 1, "must be in (0, 1]"),
         ("generate.max_tokens", cfg.generate.max_tokens >= 1, "must be >= 1"),
+        ("generate.kv_cache_gib", cfg.generate.kv_cache_gib > 0, "must be > 0"),
+        ("generate.gpu_memory_utilization", 0 < cfg.generate.gpu_memory_utilization <= 1, "must be in (0, 1]"),
+        ("generate.tensor_parallel_size", cfg.generate.tensor_parallel_size >= 1, "must be >= 1"),
+        ("generate.max_model_len", cfg.generate.max_model_len >= 0, "must be >= 0 (0 = the model's own limit)"),
+        ("score.batch_tokens", cfg.score.batch_tokens >= 1, "must be >= 1"),
         ("pairs.min_valid", 2 <= cfg.pairs.min_valid <= cfg.generate.k, f"must be in [2, generate.k={cfg.generate.k}]"),
         ("pairs.gamma", 0 <= cfg.pairs.gamma <= 1, "must be in [0, 1]"),
         ("pairs.alpha_step", cfg.pairs.alpha_step > 0, "must be > 0"),
+        ("pairs.alpha_max", cfg.pairs.alpha_max >= 0, "must be >= 0"),
+        ("pairs.min_chars", cfg.pairs.min_chars >= 0, "must be >= 0"),
+        ("pairs.max_chars", cfg.pairs.max_chars > cfg.pairs.min_chars, f"must be > pairs.min_chars={cfg.pairs.min_chars}"),
         ("train.beta", cfg.train.beta > 0, "must be > 0"),
         ("train.lr", cfg.train.lr > 0, "must be > 0"),
+        ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
+        ("train.gamma_beta_ratio", cfg.train.gamma_beta_ratio >= 0, "must be >= 0"),
+        ("train.alpha", cfg.train.alpha >= 0, "must be >= 0"),
+        ("train.epochs", cfg.train.epochs > 0 or cfg.train.max_steps > 0, "must be > 0 (or set train.max_steps)"),
+        ("train.max_steps", cfg.train.max_steps >= 0, "must be >= 0 (0 = use train.epochs)"),
+        ("train.grad_clip", cfg.train.grad_clip >= 0, "must be >= 0"),
+        ("train.threads", cfg.train.threads >= 0, "must be >= 0 (0 = cores / nproc)"),
+        ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.label_smoothing", 0 <= cfg.train.label_smoothing < 0.5, "must be in [0, 0.5)"),
         ("train.micro_batch_size", cfg.train.micro_batch_size >= 1, "must be >= 1"),
         ("train.nproc", cfg.train.nproc >= 1, "must be >= 1"),
-        ("train.batch_size", cfg.train.batch_size % (cfg.train.micro_batch_size * cfg.train.nproc) == 0,
+        ("train.batch_size", cfg.train.micro_batch_size * cfg.train.nproc <= 0
+         or cfg.train.batch_size % (cfg.train.micro_batch_size * cfg.train.nproc) == 0,
          f"must be a multiple of micro_batch_size * nproc = {cfg.train.micro_batch_size * cfg.train.nproc}"),
         ("guard.min_pair_accuracy", 0 <= cfg.guard.min_pair_accuracy <= 1, "must be in [0, 1]"),
         ("evaluate.samples", cfg.evaluate.samples >= 0, "must be >= 0"),
+        ("evaluate.max_tokens", cfg.evaluate.max_tokens >= 0, "must be >= 0 (0 = generate.max_tokens)"),
     ]
     for key, ok, why in checks:
         if not ok:

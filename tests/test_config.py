@@ -25,22 +25,121 @@ def test_dotted_overrides_are_typed():
     assert parse_override("--train.lr=1e-5") == ("train.lr", 1e-5)
 
 
-@pytest.mark.parametrize("override, needle", [
-    ("--train.betta=0.1", "train.betta"),
-    ("--trian.beta=0.1", "trian"),
-    ("--train.beta=-1", "train.beta: -1"),
-    ("--pairs.gamma=1.5", "pairs.gamma: 1.5"),
-    ("--generate.k=1", "generate.k: 1"),
-    ("--generate.k=many", "generate.k: expected an integer, got 'many'"),
-    ("--score.reference=best", "score.reference: 'best'"),
+BAD_VALUES = [  # (override on the demo preset, what the error says: the key and the value)
+    ("--train.betta=0.1", "unknown config key train.betta"),
+    ("--trian.beta=0.1", "unknown config section 'trian'"),
+    # the issue's list: negative beta, gamma outside [0, 1], K < 2, missing model path, negative lr
+    ("--train.beta=-1", "train.beta: -1.0 must be > 0"),
+    ("--train.beta=0", "train.beta: 0.0 must be > 0"),
+    ("--pairs.gamma=1.5", "pairs.gamma: 1.5 must be in [0, 1]"),
+    ("--pairs.gamma=-0.1", "pairs.gamma: -0.1 must be in [0, 1]"),
+    ("--generate.k=1", "generate.k: 1 must be >= 2"),
+    ("--generate.k=0", "generate.k: 0 must be >= 2"),
+    ("--model.policy=./no_such_model", "model.policy: './no_such_model' does not exist"),
+    ("--model.reference=/no/such/model", "model.reference: '/no/such/model' does not exist"),
+    ("--model.policy=not a model", "model.policy: 'not a model' does not exist (and is not a hub id)"),
     ("--model.policy=", "model.policy is required"),
+    ("--train.lr=-1e-5", "train.lr: -1e-05 must be > 0"),
+    ("--train.lr=0", "train.lr: 0.0 must be > 0"),
+    # every other numeric key with a range
+    ("--run.name=", "run.name: '' must not be empty"),
+    ("--run.rounds=0", "run.rounds: 0 must be >= 1"),
+    ("--run.seed=-1", "run.seed: -1 must be >= 0"),
+    ("--data.prompts=missing.jsonl", "data.prompts: 'missing.jsonl' does not exist"),
+    ("--data.heldout_pairs=/no/such/pairs.parquet", "data.heldout_pairs: '/no/such/pairs.parquet' does not exist"),
+    ("--data.offline_pairs=", "data.offline_pairs is required"),
+    ("--data.on_bad_row=ignore", "data.on_bad_row: 'ignore' is not one of ['error', 'skip']"),
+    ("--data.prompts_per_round=-1", "data.prompts_per_round: -1 must be >= 0"),
+    ("--data.max_eval_prompts=-5", "data.max_eval_prompts: -5 must be >= 0"),
+    ("--model.dtype=float16", "model.dtype: 'float16' is not one of ['bfloat16', 'float32']"),
+    ("--model.trust_remote_code=maybe", "model.trust_remote_code: expected true/false, got 'maybe'"),
+    ("--generate.k=many", "generate.k: expected an integer, got 'many'"),
+    ("--generate.k=2.5", "generate.k: expected an integer, got 2.5"),
+    ("--generate.temperature=0", "generate.temperature: 0.0 must be > 0"),
+    ("--generate.top_p=0", "generate.top_p: 0.0 must be in (0, 1]"),
+    ("--generate.top_p=1.5", "generate.top_p: 1.5 must be in (0, 1]"),
+    ("--generate.max_tokens=0", "generate.max_tokens: 0 must be >= 1"),
+    ("--generate.kv_cache_gib=0", "generate.kv_cache_gib: 0.0 must be > 0"),
+    ("--generate.gpu_memory_utilization=1.2", "generate.gpu_memory_utilization: 1.2 must be in (0, 1]"),
+    ("--generate.tensor_parallel_size=0", "generate.tensor_parallel_size: 0 must be >= 1"),
+    ("--generate.max_model_len=-1", "generate.max_model_len: -1 must be >= 0"),
+    ("--score.reference=best", "score.reference: 'best'"),
+    ("--score.batch_tokens=0", "score.batch_tokens: 0 must be >= 1"),
+    ("--pairs.min_valid=1", "pairs.min_valid: 1 must be in [2, generate.k=8]"),
+    ("--pairs.min_valid=9", "pairs.min_valid: 9 must be in [2, generate.k=8]"),
+    ("--pairs.alpha_step=0", "pairs.alpha_step: 0.0 must be > 0"),
+    ("--pairs.alpha_max=-1", "pairs.alpha_max: -1.0 must be >= 0"),
+    ("--pairs.min_chars=-1", "pairs.min_chars: -1 must be >= 0"),
+    ("--pairs.max_chars=2", "pairs.max_chars: 2 must be > pairs.min_chars=4"),
+    ("--pairs.length_unit=words", "pairs.length_unit: 'words'"),
     ("--train.loss=magic", "train.loss: 'magic'"),
-    ("--train.batch_size=10", "train.batch_size"),
-])
+    ("--train.label_smoothing=0.5", "train.label_smoothing: 0.5 must be in [0, 0.5)"),
+    ("--train.weight_decay=-0.1", "train.weight_decay: -0.1 must be >= 0"),
+    ("--train.gamma_beta_ratio=-1", "train.gamma_beta_ratio: -1.0 must be >= 0"),
+    ("--train.alpha=-0.2", "train.alpha: -0.2 must be >= 0"),
+    ("--train.epochs=0", "train.epochs: 0.0 must be > 0 (or set train.max_steps)"),
+    ("--train.max_steps=-1", "train.max_steps: -1 must be >= 0"),
+    ("--train.grad_clip=-1", "train.grad_clip: -1.0 must be >= 0"),
+    ("--train.threads=-2", "train.threads: -2 must be >= 0"),
+    ("--train.batch_size=0", "train.batch_size: 0 must be >= 1"),
+    ("--train.batch_size=10", "train.batch_size: 10 must be a multiple of micro_batch_size * nproc = 16"),
+    ("--train.micro_batch_size=0", "train.micro_batch_size: 0 must be >= 1"),
+    ("--train.nproc=0", "train.nproc: 0 must be >= 1"),
+    ("--train.zero_stage=4", "train.zero_stage: 4 is not one of [0, 1, 2, 3]"),
+    ("--train.launcher=mpi", "train.launcher: 'mpi'"),
+    ("--guard.min_pair_accuracy=1.5", "guard.min_pair_accuracy: 1.5 must be in [0, 1]"),
+    ("--evaluate.samples=-1", "evaluate.samples: -1 must be >= 0"),
+    ("--evaluate.max_tokens=-1", "evaluate.max_tokens: -1 must be >= 0"),
+    # not a number at all: YAML's .nan / .inf, or an exponent past float range
+    ("--train.beta=.nan", "train.beta: expected a finite number, got nan"),
+    ("--train.lr=.inf", "train.lr: expected a finite number, got inf"),
+    ("--pairs.gamma=1e999", "pairs.gamma: expected a finite number, got inf"),
+]
+
+
+@pytest.mark.parametrize("override, needle", BAD_VALUES, ids=[o for o, _ in BAD_VALUES])
 def test_bad_values_name_key_and_value(override, needle):
     with pytest.raises(ConfigError) as e:
         load_config(DEMO, [override])
     assert needle in str(e.value)
+
+
+def test_model_and_data_sources(tmp_path):
+    """A local-looking source must exist (models as folders); anything else must look like a hub id,
+    which is accepted unchecked (no hub is reachable at load time)."""
+    cfg = load_config(DEMO, ["--model.policy=org/some-model_v1.5", "--data.prompts=org/prompts"])
+    assert cfg.model.policy == "org/some-model_v1.5" and cfg.data.prompts == "org/prompts"
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="model.policy: '.*weights.bin' is not a model folder"):
+        load_config(DEMO, [f"--model.policy={tmp_path / 'weights.bin'}"])
+    for value in ("org/name/extra", "~/models/x", "-bad"):
+        with pytest.raises(ConfigError, match=f"model.reference: '{value}' does not exist"):
+            load_config(DEMO, [f"--model.reference={value}"])
+    # paths in a preset are relative to it, and named resolved
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model: {policy: ./pi0, reference: ./sft}\n"
+                      "data: {prompts: ./p.jsonl, eval_prompts: ./e.jsonl, offline_pairs: ./o.jsonl}\n")
+    with pytest.raises(ConfigError, match=f"model.policy: '{tmp_path / 'pi0'}' does not exist"):
+        load_config(preset)
+    for name in ("pi0", "sft"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(ConfigError, match=f"data.prompts: '{tmp_path / 'p.jsonl'}' does not exist"):
+        load_config(preset)
+    for name in ("p.jsonl", "e.jsonl", "o.jsonl"):
+        (tmp_path / name).write_text("")
+    assert load_config(preset).data.on_bad_row == "error"
+    assert load_config(preset, ["--data.on_bad_row=skip"]).data.on_bad_row == "skip"
+
+
+def test_bad_values_in_a_preset_are_named(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text(DEMO.read_text().replace("model:\n", "model:\n  dtype: 16\n")
+                      .replace("../../", str(ROOT) + "/").replace("beta: 0.1", "beta: -0.5"))
+    with pytest.raises(ConfigError, match="model.dtype: expected a string, got 16"):
+        load_config(preset)
+    preset.write_text(preset.read_text().replace("  dtype: 16\n", ""))
+    with pytest.raises(ConfigError, match="train.beta: -0.5 must be > 0"):
+        load_config(preset)
 
 
 def test_missing_preset_and_malformed_override():
