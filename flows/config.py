@@ -308,6 +308,8 @@ def parse_override(arg: str) -> tuple[str, Any]:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    except RecursionError:
+        raise ConfigError(f"override {key}: the value is nested too deeply") from None
     # A value like "1e-5" is a string to YAML 1.1; treat numeric-looking strings as numbers.
     if isinstance(value, str):
         try:
@@ -328,6 +330,8 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | dict[st
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"preset {str(path)!r} is not valid YAML: {e}") from None
+        except RecursionError:
+            raise ConfigError(f"preset {str(path)!r} is nested too deeply") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"preset {str(path)!r} must be a mapping of sections")
         base = path.resolve().parent

@@ -350,7 +350,7 @@ def load_hook(spec: str, key: str):
     import importlib
 
     mod, sep, fn = spec.partition(":")
-    if not sep or not mod or not fn:
+    if not sep or not all(part.isidentifier() for part in mod.split(".")) or not fn.isidentifier():
         raise ValueError(f"{key}: {spec!r} must look like package.module:function")
     try:
         obj = getattr(importlib.import_module(mod), fn)
