@@ -319,5 +319,6 @@ def test_hooks():
     assert callable(fn)
     with pytest.raises(ValueError, match="pairs.validity"):
         load_hook("selfalign.tasks.toy:nope", "pairs.validity")
-    with pytest.raises(ValueError, match="package.module:function"):
-        load_hook("just_a_name", "pairs.validity")
+    for spec in ("just_a_name", ".relative:fn", "a..b:fn", "mod:two words", "mod:"):
+        with pytest.raises(ValueError, match="package.module:function"):
+            load_hook(spec, "pairs.validity")
