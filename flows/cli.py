@@ -1,5 +1,5 @@
 """Command line: `selfalign run <preset.yaml> [--section.key=value ...]`, `selfalign compare <run>`,
-`selfalign server`."""
+`selfalign server`, `selfalign deploy <preset>`."""
 from __future__ import annotations
 
 import argparse
@@ -84,6 +84,28 @@ def cmd_server(args: argparse.Namespace) -> int:
                  out=lambda m: print(m, flush=True))
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from selfalign.flows.deploy import DeployError, deploy, schedules
+
+    try:
+        cfg = load_config(args.preset, args.overrides)
+        check_options(cfg.tracking.log_model)
+        schedules(args.cron, args.timezone)
+        bad = [kv for kv in args.env if "=" not in kv]
+        if bad:
+            raise ValueError(f"--env {bad[0]!r} must look like KEY=VALUE")
+        env = dict(kv.split("=", 1) for kv in args.env)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        deploy(cfg, args.name or cfg.run.name, args.pool, args.cron, args.timezone, env)
+    except DeployError as e:
+        print(f"deploy: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="selfalign", description="Iterative self-alignment with DPO implicit rewards (DICE).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -110,7 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlflow-workers", type=int, default=1)
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for both to be healthy")
     p.set_defaults(func=cmd_server)
-    args = parser.parse_args(argv)
+    p = sub.add_parser("deploy", help="register the run flow as a Prefect deployment on a process work pool",
+                       usage="selfalign deploy PRESET [--section.key=value ...] [--cron CRON] [--name NAME] ...")
+    p.add_argument("preset", help="preset YAML; --section.key=value overrides may follow")
+    p.add_argument("--name", help="deployment name (default: run.name)")
+    p.add_argument("--pool", default="selfalign", help="process work pool, created if missing (default: selfalign)")
+    p.add_argument("--cron", help='schedule, e.g. "0 3 * * *" (default: none, runs on demand)')
+    p.add_argument("--timezone", help="time zone of the cron schedule, e.g. Europe/Paris (default: UTC)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the flow run's process (repeatable)")
+    p.set_defaults(func=cmd_deploy)
+    # `deploy` takes its config overrides anywhere on the line; the other commands take none loose.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "deploy":
+        args.overrides = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 
