@@ -27,6 +27,9 @@ def prepare_environment(run_dir: Path) -> None:
         "VLLM_HOST_IP": "127.0.0.1",
         "TOKENIZERS_PARALLELISM": "false",
     }
+    if os.environ.get("CI", "").lower() in ("true", "1"):
+        # CI logs get the stage summaries, not progress bars (model loading, vLLM progress lines).
+        defaults["TQDM_DISABLE"] = "1"
     for k, v in defaults.items():
         os.environ.setdefault(k, v)
     # Prefect creates only the last level of its home; make the whole path.

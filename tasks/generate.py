@@ -17,6 +17,45 @@ from selfalign.tasks import artifacts
 from selfalign.tasks.data import encode_prompt, load_tokenizer
 
 
+PROGRESS = "selfalign-progress: "  # worker lines that start so go to the stage's log
+
+
+def quiet() -> bool:
+    """No progress lines in CI (CI=true, as GitHub Actions, GitLab and most runners set)."""
+    return os.environ.get("CI", "").lower() in ("true", "1")
+
+
+def progress_bar(label: str, every: float = 0.2):
+    """A `use_tqdm` callable for vLLM's generate: instead of a terminal bar, one line per `every`
+    of the way (finished sequences), which the parent passes to the Prefect task log."""
+    from tqdm import tqdm
+
+    class Lines(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.pop("dynamic_ncols", None)
+            self._sink = open(os.devnull, "w")  # no bar; tqdm still keeps count and time
+            super().__init__(*args, file=self._sink, **kwargs)
+            self._next = every
+
+        def update(self, n=1):
+            super().update(n)
+            if self.total and self.n / self.total >= self._next - 1e-9:
+                rate = self.n / max(self.format_dict["elapsed"], 1e-9)
+                print(f"{PROGRESS}vLLM {label}: {self.n}/{self.total} sequences, {rate:.0f}/s", flush=True)
+                while self._next <= self.n / self.total + 1e-9:
+                    self._next += every
+
+        def close(self):
+            super().close()
+            self._sink.close()
+
+    def make(*args, **kwargs):
+        # vLLM also wraps the loop that adds requests (an iterable, no total): no lines for that.
+        return tqdm(*args, disable=True, **kwargs) if args else Lines(**kwargs)
+
+    return make
+
+
 def engine_env(kv_cache_gib: float) -> dict[str, str]:
     """Environment for the vLLM worker: offline, loopback only, caches in a per-machine folder
     (vLLM caches model inspection there: ~20 s saved on every later engine start)."""
@@ -43,13 +82,18 @@ def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print
     """Run one vLLM job in a subprocess; returns the sample rows of each of its runs."""
     artifacts.write_json(job_path, job)
     t0 = time.time()
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "selfalign.tasks.generate", str(job_path)],
-        env=engine_env(kv_cache_gib), capture_output=True, text=True,
+        env=engine_env(kv_cache_gib), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-        raise RuntimeError(f"vLLM worker failed (exit {proc.returncode}) for {job['model']}:\n{tail}")
+    tail: list[str] = []
+    for line in proc.stdout:
+        tail = (tail + [line.rstrip()])[-40:]
+        if line.startswith(PROGRESS):
+            log(line[len(PROGRESS):].rstrip())
+    rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"vLLM worker failed (exit {rc}) for {job['model']}:\n" + "\n".join(tail))
     out = [artifacts.read_table(Path(r["output"])) for r in job["runs"]]
     log(f"vLLM: {sum(map(len, out))} samples in {time.time() - t0:.1f}s from {job['model']}")
     return out
@@ -139,7 +183,7 @@ def _worker(job: dict[str, Any]) -> None:
         # seed would give identical prompts identical samples.
         params = SamplingParams(n=run["n"], temperature=run["temperature"], top_p=run["top_p"],
                                 max_tokens=run["max_tokens"])
-        outs = llm.generate(requests, params, use_tqdm=False)
+        outs = llm.generate(requests, params, use_tqdm=False if quiet() else progress_bar(Path(run["output"]).stem))
         rows = []
         for p, out in zip(prompts, outs):
             for k, c in enumerate(out.outputs):

@@ -1,0 +1,62 @@
+"""Progress of the long stages: vLLM's progress as a few log lines, passed from the worker process
+to the stage's log; none in CI."""
+import subprocess
+import sys
+
+import pytest
+
+from selfalign.tasks import artifacts, generate
+
+
+def test_progress_lines_every_fifth(capsys):
+    bar = generate.progress_bar("samples")(total=10, desc="Processed prompts", dynamic_ncols=True, postfix="")
+    for _ in range(10):
+        bar.update(1)
+    bar.close()
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(", ")[0] for line in lines] == [
+        f"{generate.PROGRESS}vLLM samples: {n}/10 sequences" for n in (2, 4, 6, 8, 10)]
+    # the loop that adds requests is wrapped too (an iterable, no total): it passes through silently
+    assert list(generate.progress_bar("x")(range(3), desc="Adding requests")) == [0, 1, 2]
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("value, quiet", [("true", True), ("1", True), ("false", False), (None, False)])
+def test_quiet_in_ci(monkeypatch, value, quiet):
+    if value is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", value)
+    assert generate.quiet() is quiet
+
+
+FAKE_WORKER = """
+import json, sys
+from pathlib import Path
+from selfalign.tasks import artifacts
+job = json.loads(Path(sys.argv[-1]).read_text())
+print("INFO engine noise", flush=True)
+print("{p}vLLM samples: 1/2 sequences, 5/s", flush=True)
+artifacts.write_table(Path(job["runs"][0]["output"]), [{{"k": 0}}, {{"k": 1}}])
+print("more noise", file=sys.stderr, flush=True)
+sys.exit(int(job.get("fail", 0)))
+"""
+
+
+@pytest.fixture
+def fake_worker(monkeypatch, tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(FAKE_WORKER.format(p=generate.PROGRESS))
+    real = subprocess.Popen
+    monkeypatch.setattr(generate.subprocess, "Popen", lambda cmd, **kw: real([sys.executable, str(script), cmd[-1]], **kw))
+
+
+def test_run_vllm_passes_progress_on_and_keeps_the_tail(fake_worker, tmp_path):
+    logged = []
+    job = {"model": "m", "runs": [{"output": str(tmp_path / "s.parquet")}]}
+    rows = generate.run_vllm(job, tmp_path / "job.json", 1.0, logged.append)
+    assert rows == [[{"k": 0}, {"k": 1}]]
+    assert logged[0] == "vLLM samples: 1/2 sequences, 5/s" and logged[1].startswith("vLLM: 2 samples in")
+    with pytest.raises(RuntimeError, match="(?s)exit 3.*engine noise.*more noise"):
+        generate.run_vllm(job | {"fail": 3}, tmp_path / "job.json", 1.0, logged.append)
+    assert artifacts.read_table(tmp_path / "s.parquet") == [{"k": 0}, {"k": 1}]
