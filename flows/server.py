@@ -91,6 +91,10 @@ def services(home: Path, host: str, prefect_port: int, mlflow_port: int, mlflow_
         "PREFECT_LOCAL_STORAGE_PATH": str(home / "prefect" / "storage"),
         "PREFECT_MEMO_STORE_PATH": str(home / "prefect" / "memo_store.toml"),
     }
+    if not (penv.get("PREFECT_UI_API_URL") or penv.get("PREFECT_SERVER_UI_API_URL")):
+        # The UI calls the API at this URL; left to Prefect it is built from the port setting, not
+        # from --port, and points at 4200 whatever port the server listens on.
+        penv["PREFECT_SERVER_UI_API_URL"] = f"http://{host}:{prefect_port}/api"
     if prefect_database_url:
         penv["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = prefect_database_url
     (home / "prefect").mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,9 @@ def test_server_starts_records_and_stops(server, tmp_path):
         assert json.load(r) is True
     with urllib.request.urlopen(f"http://127.0.0.1:{mport}/health", timeout=10) as r:
         assert r.status == 200
+    # the Prefect UI talks to this server's API, not to the default port
+    with urllib.request.urlopen(f"http://127.0.0.1:{pport}/ui-settings", timeout=10) as r:
+        assert json.load(r)["api_url"] == f"http://127.0.0.1:{pport}/api"
 
     # a flow run against the Prefect server
     env = client_env(tmp_path, pport)
@@ -160,6 +163,7 @@ def test_server_layout_and_printed_urls_hide_passwords(tmp_path):
     assert prefect.env["PREFECT_HOME"] == str(tmp_path.resolve() / "prefect")
     assert prefect.env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] == "postgresql+asyncpg://me:pw@db/prefect"
     assert "PREFECT_API_URL" not in prefect.env and prefect.health == "http://127.0.0.1:4201/api/health"
+    assert prefect.env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:4201/api"
     assert mlflow.cmd[mlflow.cmd.index("--backend-store-uri") + 1] == "postgresql://me:secret@db:5432/mlflow"
     assert mlflow.health == "http://127.0.0.1:5001/health"
     assert _safe("postgresql://me:secret@db:5432/mlflow") == "postgresql://me:***@db:5432/mlflow"
