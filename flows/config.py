@@ -81,14 +81,37 @@ class PairsConfig:
 
 @dataclass
 class TrainConfig:
-    loss: str = "dpo"              # dpo | cdpo | ipo | hinge | simpo | alpha_dpo | TRL pair losses
-                                   # (robust, exo_pair, bco_pair, sppo_hard, nca_pair, apo_zero,
+    loss: str = "dpo"              # dpo | cdpo | ipo | hinge | simpo | alpha_dpo | mrpo | hpo | TRL pair
+                                   # losses (robust, exo_pair, bco_pair, sppo_hard, nca_pair, apo_zero,
                                    # apo_down, discopop, sigmoid_norm, aot); see kernels/losses.py
     beta: float = 0.1
     label_smoothing: float = 0.0   # cDPO / robust / exo_pair / aot / simpo / alpha_dpo
     gamma_beta_ratio: float = 0.5  # simpo and alpha_dpo target margin gamma / beta
     alpha: float = 0.2             # alpha_dpo: weight of the adaptive margin
     alpha_mode: str = "stable"     # alpha_dpo normaliser: stable | official (zero-init EMA, bit-exact)
+    # MRPO: the primary reference is the round's own (pi_{r-1}); these are the additional ones, scored
+    # once per round by the score stage (replay pairs: by the training worker).
+    mrpo_references: str = ""      # comma-separated models (paths or hub ids), at least one for mrpo
+    mrpo_tokenizers: str = ""      # comma-separated tokenizers, one per reference ("" = the model's own);
+                                   # a reference whose tokenizer differs from the policy's scores the
+                                   # same text re-tokenised with its own tokenizer and chat template
+    mrpo_eta: float = 0.1          # CTRO clip budget; < 0: fixed relative band |eta| on both sides
+    mrpo_alpha: float = -1.0       # ARWC weight: < 0 adaptive per pair (official), else fixed in [0, 1]
+    mrpo_convention: str = "code"  # code (official: alpha weighs the primary) | swapped
+    mrpo_naive: bool = False       # Multi-DPO baseline: weighted sum of one DPO loss per reference
+    # HPO (reconstructed; the paper's constants are unknown): DPO (or KTO) + lambda * advantage-weighted
+    # NLL on auxiliary rewards, with a value head V(x) trained by expectile regression.
+    hpo_rewards: str = ""          # comma-separated hooks package.module:function(prompt, response) -> float
+    hpo_reward_weights: str = ""   # comma-separated weights c_k of r_aux = sum_k c_k R_k ("" = all 1)
+    hpo_preference: str = "dpo"    # dpo | kto (TRL 0.8 kto_pair)
+    hpo_lambda: float = 1.0        # weight of the advantage-weighted NLL term
+    hpo_eta: float = 1.0           # temperature: w = min(exp((r_aux - V(x)) / eta), hpo_w_max)
+    hpo_w_max: float = 20.0        # weight clip
+    hpo_tau: float = 0.7           # expectile of the value head's regression
+    hpo_nll: str = "mean"          # mean (token average) | sum: log pi(y|x) in the NLL term
+    hpo_on_rejected: bool = True   # the NLL term on rejected responses too (else chosen only)
+    hpo_value_lr: float = 1e-3     # learning rate of the value head (a linear layer on the prompt's
+                                   # last hidden state, detached from the policy)
     lr: float = 5e-7               # DICE: 5e-7 constant
     weight_decay: float = 0.0
     epochs: float = 1.0            # passes over the round's pairs (ignored when max_steps > 0)
@@ -100,6 +123,18 @@ class TrainConfig:
     nproc: int = 1                 # training processes on this node
     launcher: str = "torchrun"     # torchrun | deepspeed
     threads: int = 0               # torch threads per process (0 = cores / nproc)
+
+    def mrpo_reference_list(self) -> list[tuple[str, str]]:
+        """(model, tokenizer or "") of each additional MRPO reference, in order."""
+        models = [m.strip() for m in self.mrpo_references.split(",") if m.strip()]
+        toks = [t.strip() for t in self.mrpo_tokenizers.split(",")] if self.mrpo_tokenizers.strip() else []
+        return [(m, toks[i] if i < len(toks) else "") for i, m in enumerate(models)]
+
+    def hpo_reward_list(self) -> list[tuple[str, float]]:
+        """(hook, weight) of each HPO auxiliary reward; weights default to 1."""
+        hooks = [h.strip() for h in self.hpo_rewards.split(",") if h.strip()]
+        weights = [float(w) for w in self.hpo_reward_weights.split(",")] if self.hpo_reward_weights.strip() else []
+        return [(h, weights[i] if i < len(weights) else 1.0) for i, h in enumerate(hooks)]
 
 
 @dataclass
@@ -289,12 +324,59 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {flat[key]!r} {why}")
     from selfalign.kernels.losses import PAIR_LOSSES
 
-    losses = sorted(PAIR_LOSSES) + ["alpha_dpo"]
-    if cfg.train.loss not in losses:
-        hint = " (needs its extra models/rewards, not wired into training yet)" if cfg.train.loss in ("mrpo", "hpo") else ""
-        raise ConfigError(f"train.loss: {cfg.train.loss!r} is not a known loss{hint} (known: {', '.join(losses)})")
-    if cfg.train.loss == "cdpo" and cfg.train.label_smoothing == 0:
+    t = cfg.train
+    losses = sorted(PAIR_LOSSES) + ["alpha_dpo", "mrpo", "hpo"]
+    if t.loss not in losses:
+        raise ConfigError(f"train.loss: {t.loss!r} is not a known loss (known: {', '.join(losses)})")
+    if t.loss == "cdpo" and t.label_smoothing == 0:
         raise ConfigError("train.label_smoothing: 0.0 must be > 0 for train.loss=cdpo")
+    _validate_mrpo_hpo(t)
+
+
+def _validate_mrpo_hpo(t: TrainConfig) -> None:
+    """Keys of the MRPO and HPO losses: checked only when that loss is selected."""
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"train.{key}: {getattr(t, key)!r} {why}")
+
+    if t.loss == "mrpo":
+        if not t.mrpo_reference_list():
+            raise bad("mrpo_references", "must list at least one additional reference model for train.loss=mrpo "
+                                         "(comma-separated paths or hub ids)")
+        if t.mrpo_tokenizers.strip() and len(t.mrpo_tokenizers.split(",")) != len(t.mrpo_reference_list()):
+            raise bad("mrpo_tokenizers", f"must give one entry (possibly empty) per reference in "
+                                         f"train.mrpo_references ({len(t.mrpo_reference_list())})")
+        if t.mrpo_convention not in ("code", "swapped"):
+            raise bad("mrpo_convention", "is not one of ['code', 'swapped']")
+        if t.mrpo_alpha > 1:
+            raise bad("mrpo_alpha", "must be < 0 (adaptive) or in [0, 1]")
+    if t.loss == "hpo":
+        from selfalign.tasks.data import load_hook
+
+        if not t.hpo_rewards.strip():
+            raise bad("hpo_rewards", "must name at least one auxiliary reward package.module:function for "
+                                     "train.loss=hpo (comma-separated)")
+        n = len([h for h in t.hpo_rewards.split(",") if h.strip()])
+        if t.hpo_reward_weights.strip():
+            try:
+                weights = [float(w) for w in t.hpo_reward_weights.split(",")]
+            except ValueError:
+                raise bad("hpo_reward_weights", "must be comma-separated numbers") from None
+            if len(weights) != n:
+                raise bad("hpo_reward_weights", f"must give one weight per reward in train.hpo_rewards ({n})")
+        for hook, _ in t.hpo_reward_list():
+            try:
+                load_hook(hook, "train.hpo_rewards")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        for key, ok, why in [("hpo_preference", t.hpo_preference in ("dpo", "kto"), "is not one of ['dpo', 'kto']"),
+                             ("hpo_nll", t.hpo_nll in ("mean", "sum"), "is not one of ['mean', 'sum']"),
+                             ("hpo_eta", t.hpo_eta > 0, "must be > 0"),
+                             ("hpo_w_max", t.hpo_w_max > 0, "must be > 0"),
+                             ("hpo_lambda", t.hpo_lambda >= 0, "must be >= 0"),
+                             ("hpo_tau", 0 < t.hpo_tau < 1, "must be in (0, 1)"),
+                             ("hpo_value_lr", t.hpo_value_lr > 0, "must be > 0")]:
+            if not ok:
+                raise bad(key, why)
 
 
 def parse_override(arg: str) -> tuple[str, Any]:

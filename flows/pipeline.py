@@ -26,7 +26,7 @@ from selfalign.tasks.data import load_data
 from selfalign.tasks.evaluate import run_evaluate
 from selfalign.tasks.generate import run_generate
 from selfalign.tasks.pairs import run_pairs
-from selfalign.tasks.score import run_score
+from selfalign.tasks.score import extra_references, run_score
 from selfalign.tasks.tracking import MetricLogger, check_options, local_uri, make_logger, resolve_uri
 from selfalign.tasks.train import run_train
 
@@ -61,6 +61,13 @@ def generate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
     return out, stats
 
 
+def _mrpo_key(cfg: Config) -> dict[str, Any]:
+    """MRPO's additional references, as stage inputs (score scores them, train fills replay pairs);
+    absent for other losses, so their stage keys stay as they were."""
+    refs = extra_references(cfg)
+    return {"mrpo_references": [[artifacts.input_token(m), t] for m, t in refs]} if refs else {}
+
+
 @task(name="score", cache_policy=NO_CACHE)
 def score_task(cfg: Config, r: int, samples: Path, policy: str, reference: str,
                heldout: list[dict[str, str]]) -> tuple[Path, dict]:
@@ -68,6 +75,7 @@ def score_task(cfg: Config, r: int, samples: Path, policy: str, reference: str,
     out = rd / "scores.parquet"
     key = {"config": cfg.section_hash("model", "score", "data"), "samples": artifacts.input_token(samples),
            "policy": artifacts.input_token(policy), "reference": artifacts.input_token(reference)}
+    key |= _mrpo_key(cfg)
     stats = _stage(out, key, lambda: run_score(cfg, samples, policy, reference, heldout, out, _log()),
                    rd / "score.stats.json")
     return out, stats
@@ -89,7 +97,7 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path) -> tuple[Path, list
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "model"
     key = {"config": cfg.section_hash("model", "train"), "model": artifacts.input_token(model),
-           "pairs": artifacts.input_token(pairs), "seed": cfg.run.seed + r}
+           "pairs": artifacts.input_token(pairs), "seed": cfg.run.seed + r} | _mrpo_key(cfg)
     steps_path = rd / "train.steps.json"
     _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log())}, steps_path)
     return out, artifacts.read_json(steps_path)["steps"]

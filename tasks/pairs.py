@@ -60,6 +60,9 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
             # The training reference is the start-of-round policy, which is the scoring policy:
             # its log-probs are already here, so training needs no reference forward for these.
             "ref_chosen_logp": cw["policy_logp"], "ref_rejected_logp": cl["policy_logp"],
+            # MRPO's additional references, scored by the score stage (empty for other losses)
+            "mrpo_ref_chosen_logps": list(cw.get("mrpo_ref_logps") or []),
+            "mrpo_ref_rejected_logps": list(cl.get("mrpo_ref_logps") or []),
             "chosen_score": cw["score"] - alpha * cw["length"], "rejected_score": cl["score"] - alpha * cl["length"],
             "chosen_len": cw["length"], "rejected_len": cl["length"],
         })
@@ -74,6 +77,7 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
             "source": "offline", "prompt_id": o["id"], "prompt": o["prompt"],
             "chosen": o["chosen"], "rejected": o["rejected"], "chosen_ids": [], "rejected_ids": [],
             "ref_chosen_logp": math.nan, "ref_rejected_logp": math.nan,
+            "mrpo_ref_chosen_logps": [], "mrpo_ref_rejected_logps": [],
             "chosen_score": math.nan, "rejected_score": math.nan,
             "chosen_len": unit(o["chosen"]), "rejected_len": unit(o["rejected"]),
         })

@@ -5,18 +5,21 @@ and no length normalisation (ALGORITHMS.md §2.4). The same pass scores the held
 the round knows how well this reward ranks pairs a human labelled (the guard reads it)."""
 from __future__ import annotations
 
+import logging
 import math
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from selfalign.kernels.logps import sequence_logps, token_logps
+from selfalign.kernels.logps import linear_token_logps, sequence_logps, token_logps
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
 
 Seq = tuple[Sequence[int], Sequence[int]]  # (prompt ids, response ids)
+log_paths = logging.getLogger("selfalign.tasks.score")
 
 
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None):
@@ -60,26 +63,119 @@ def collate(seqs: Sequence[Seq], pad_id: int, device) -> tuple[torch.Tensor, tor
     return ids.to(device), attn.to(device), labels.to(device)
 
 
-def forward_logps(model, ids, attn, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs and response token counts of a collated batch."""
-    logits = model(input_ids=ids, attention_mask=attn).logits
-    return sequence_logps(token_logps(logits, labels), labels)
+# Config attributes of architectures whose logits are not plain lm_head(last hidden state).
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_fused_ok: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def fused_head_ok(model) -> bool:
+    """Whether the causal LM's logits are exactly ``lm_head(decoder(x).last_hidden_state)``, so the
+    fused LM-head kernel can replace them. False for models that post-process logits (soft-capping,
+    logit scaling) or whose output layer is not a linear layer. Checked once per model object against
+    the model's own logits on a short input, and the path taken is logged."""
+    if model in _fused_ok:
+        return _fused_ok[model]
+    head = model.get_output_embeddings()
+    cfg = model.config
+    why = ""
+    if not isinstance(head, torch.nn.Linear):
+        why = f"output layer is {type(head).__name__}, not Linear"
+    elif any(getattr(cfg, k, None) not in (None, 0, 1, 0.0, 1.0) for k in _LOGIT_POSTPROCESSING):
+        why = "the model post-processes its logits"
+    else:
+        device = next(model.parameters()).device
+        ids = (torch.arange(8, device=device) * 7 % head.weight.shape[0]).unsqueeze(0)
+        want = model(input_ids=ids, use_cache=False).logits.float()
+        got = head(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state).float()
+        tol = 1e-4 if head.weight.dtype == torch.float32 else 5e-2
+        if not torch.allclose(got, want, rtol=tol, atol=tol):
+            why = f"lm_head(decoder(x)) differs from the model's logits by {(got - want).abs().max().item():.3g}"
+    _fused_ok[model] = not why
+    log_paths.info("log-probs of %s: %s", type(model).__name__,
+                   "fused LM head (no full logits)" if not why else f"full logits ({why})")
+    return not why
+
+
+def response_token_logps(model, ids, attn, labels, fused: bool, hidden: bool = False):
+    """Per-token log-probs of the labels (0 on masked positions) and, if `hidden`, the final hidden
+    states (B, T, H). fused=True: the base model's final hidden states go through the fused LM-head
+    kernel with the output layer's weight (tied to the input embedding or not, it is the same
+    Parameter), so no (tokens x vocab) logits are ever held; fused=False: the model's own logits,
+    through the chunked log-softmax. Both give the same numbers (see tests/test_score.py)."""
+    if fused:
+        h = model.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        head = model.get_output_embeddings()
+        return linear_token_logps(h, head.weight, labels, bias=head.bias), (h if hidden else None)
+    out = model(input_ids=ids, attention_mask=attn, use_cache=False, output_hidden_states=hidden)
+    return token_logps(out.logits, labels), (out.hidden_states[-1] if hidden else None)
+
+
+def forward_logps(model, ids, attn, labels, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs and response token counts of a collated batch of a Hugging Face
+    causal LM. fused=None: the fused LM head wherever ``fused_head_ok(model)``."""
+    if fused is None:
+        fused = fused_head_ok(model)
+    tok_lp, _ = response_token_logps(model, ids, attn, labels, fused)
+    return sequence_logps(tok_lp, labels)
 
 
 @torch.inference_mode()
 def logps_of(model, seqs: Sequence[Seq], pad_id: int, batch_tokens: int = 16384,
-             progress: Callable[[int, int], None] | None = None) -> list[float]:
+             progress: Callable[[int, int], None] | None = None, fused: bool | None = None) -> list[float]:
     """Summed response log-prob of every (prompt, response) under `model`, in input order."""
     device = next(model.parameters()).device
+    fused = fused_head_ok(model) if fused is None else fused
     out = [math.nan] * len(seqs)
     done = 0
     for batch in token_budget_batches([len(p) + len(r) for p, r in seqs], batch_tokens):
-        sums, _ = forward_logps(model, *collate([seqs[i] for i in batch], pad_id, device))
+        sums, _ = forward_logps(model, *collate([seqs[i] for i in batch], pad_id, device), fused=fused)
         for i, v in zip(batch, sums.float().tolist()):
             out[i] = v
         done += len(batch)
         if progress:
             progress(done, len(seqs))
+    return out
+
+
+def same_tokenizer(a, b) -> bool:
+    """True when two tokenizers give the same ids for every text and chat (same class, serialised
+    fast tokenizer, chat template and EOS). Anything else counts as different, which only costs a
+    re-tokenisation of the text."""
+    if type(a) is not type(b) or a.chat_template != b.chat_template or a.eos_token_id != b.eos_token_id:
+        return False
+    return bool(a.is_fast and b.is_fast and a.backend_tokenizer.to_str() == b.backend_tokenizer.to_str())
+
+
+# (prompt text, response text, the policy's prompt ids, the policy's response ids)
+Item = tuple[str, str, Sequence[int], Sequence[int]]
+
+
+def reference_logps(model_path: str, tokenizer_path: str, policy_tok, items: Sequence[Item], *,
+                    dtype: str = "float32", trust_remote_code: bool = False, batch_tokens: int = 16384,
+                    device: str | None = None, progress: Callable[[int, int], None] | None = None) -> list[float]:
+    """Summed response log-probs of `items` under an additional (MRPO) reference model.
+
+    A reference with the policy's tokenizer scores the policy's own ids (for generated samples: the
+    exact ids the policy sampled). A reference with another tokenizer (`tokenizer_path`, or the one
+    saved with the model) scores the same *text*, re-tokenised with its own tokenizer and chat
+    template: token ids of one vocabulary are never fed to another. Sums over different
+    tokenisations of one text are comparable, since both are log-probs of that text."""
+    tok = load_tokenizer(tokenizer_path or model_path, trust_remote_code)
+    if same_tokenizer(tok, policy_tok):
+        seqs: list[Seq] = [(pids, rids) for _, _, pids, rids in items]
+    else:
+        prompts: dict[str, list[int]] = {}
+        seqs = []
+        for prompt, response, _, _ in items:
+            if prompt not in prompts:
+                prompts[prompt] = encode_prompt(tok, prompt)
+            seqs.append((prompts[prompt], encode_response(tok, response)))
+    model = load_model(model_path, dtype, trust_remote_code, device)
+    out = logps_of(model, seqs, tok.pad_token_id, batch_tokens, progress)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return out
 
 
@@ -90,10 +186,16 @@ def pair_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[floa
     return sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(chosen_scores)
 
 
+def extra_references(cfg) -> list[tuple[str, str]]:
+    """(model, tokenizer or "") of each additional MRPO reference; none unless train.loss=mrpo."""
+    return cfg.train.mrpo_reference_list() if cfg.train.loss == "mrpo" else []
+
+
 def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: list[dict[str, str]],
               out_path: Path, log=print) -> dict[str, Any]:
     """Adds `policy_logp`, `ref_logp`, `score` to every finished sample (NaN for truncated ones,
-    which the pair stage drops anyway) and scores the held-out pairs with the same reward."""
+    which the pair stage drops anyway) and scores the held-out pairs with the same reward. With
+    train.loss=mrpo also `mrpo_ref_logps`: one summed log-prob per additional reference."""
     t0 = time.time()
     samples = artifacts.read_table(samples_path)
     tok = load_tokenizer(policy, cfg.model.trust_remote_code)
@@ -121,12 +223,27 @@ def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: lis
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    # MRPO: the additional references' log-probs of every finished sample, computed once here; the
+    # pair stage carries those of the chosen and rejected responses into the pair table.
+    extra = extra_references(cfg)
+    items = [(samples[i]["prompt"], samples[i]["response"], *seqs[j]) for j, i in enumerate(live)]
+    extra_logps = []
+    for k, (path, tok_path) in enumerate(extra, 1):
+        log(f"score[mrpo ref {k}]: {path}")
+        extra_logps.append(reference_logps(path, tok_path, tok, items, dtype=cfg.model.dtype,
+                                           trust_remote_code=cfg.model.trust_remote_code,
+                                           batch_tokens=cfg.score.batch_tokens))
+
     for s in samples:
         s["policy_logp"] = s["ref_logp"] = s["score"] = math.nan
+        if extra:
+            s["mrpo_ref_logps"] = [math.nan] * len(extra)
     for j, i in enumerate(live):
         s = samples[i]
         s["policy_logp"], s["ref_logp"] = result["policy"][j], result["ref"][j]
         s["score"] = s["policy_logp"] - s["ref_logp"]
+        if extra:
+            s["mrpo_ref_logps"] = [vals[j] for vals in extra_logps]
     artifacts.write_table(out_path, samples)
 
     n = len(live)

@@ -2,11 +2,16 @@
 `deepspeed` launcher. It owns its loop (HF Trainer/accelerate mis-detect ranks on CPU gloo runs):
 
     policy <- pi_{r-1};  reference = pi_{r-1} (frozen, never loaded: its log-probs come with the pairs)
-    for each step: loss = mean_over_pairs DPO(S_policy(y_w), S_policy(y_l), S_ref(y_w), S_ref(y_l))
+    for each step: loss = mean_over_pairs L(S_policy(y_w), S_policy(y_l), S_ref(y_w), S_ref(y_l), ...)
 
+S_policy comes from the model's final hidden states through the fused LM-head kernel
+(`kernels/logps.py::linear_token_logps`): full (tokens x vocab) logits never exist in training
+(models that post-process their logits, see `score.fused_head_ok`, keep the logits path).
 Reference log-probs of generated pairs were computed by the score stage; only replay pairs need
-them, and they are computed here before the first update, when the policy still equals the reference.
-Rank 0 writes one JSON line of TRL-named metrics per optimiser step.
+them, and they are computed here before the first update, when the policy still equals the reference
+(MRPO's additional references likewise, each with its own model and tokenizer). HPO's auxiliary
+rewards are evaluated here on every pair's chosen and rejected response, and its value head is
+trained alongside the policy. Rank 0 writes one JSON line of TRL-named metrics per optimiser step.
 
 Usage: python -m selfalign.tasks.train_worker <spec.json>   (under torchrun / deepspeed)"""
 from __future__ import annotations
@@ -18,14 +23,18 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from selfalign.kernels.losses import PAIR_LOSSES, AlphaDPOState, alpha_dpo_loss, simpo_loss
+from selfalign.kernels.logps import sequence_logps
+from selfalign.kernels.losses import (PAIR_LOSSES, AlphaDPOState, alpha_dpo_loss, expectile_loss, hpo_loss,
+                                      mrpo_loss, simpo_loss)
 from selfalign.tasks import artifacts
-from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-from selfalign.tasks.score import collate, forward_logps, load_model, logps_of
+from selfalign.tasks.data import encode_prompt, encode_response, load_hook, load_tokenizer
+from selfalign.tasks.score import (collate, fused_head_ok, load_model, logps_of, reference_logps,
+                                   response_token_logps)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -35,7 +44,9 @@ class NonFiniteLoss(RuntimeError):
 class Objective:
     """The configured preference loss over one micro-batch's per-sequence sums and token counts
     (losses that need averages derive them from the same sums: no second forward). Holds the
-    alpha-DPO running statistics between steps; the batch statistics are gathered across ranks."""
+    alpha-DPO running statistics between steps; the batch statistics are gathered across ranks.
+    mrpo: `rc`, `rr` are (K, B), row 0 the primary reference. hpo: also the pairs' auxiliary
+    rewards `aux_c`, `aux_r` and the value head's V(x) `values` (B,)."""
 
     def __init__(self, spec: dict, world: int):
         self.name, self.spec, self.world = spec["loss"], spec, world
@@ -46,8 +57,15 @@ class Objective:
         dist.all_gather(parts, x.detach().contiguous())
         return torch.cat(parts)
 
-    def __call__(self, pc, pr, rc, rr, nc, nr):
+    def __call__(self, pc, pr, rc, rr, nc, nr, aux_c=None, aux_r=None, values=None):
         s, name = self.spec, self.name
+        if name == "mrpo":
+            return mrpo_loss(pc, pr, rc, rr, beta=s["beta"], eta=s["mrpo_eta"], alpha=s["mrpo_alpha"],
+                             naive=s["mrpo_naive"], convention=s["mrpo_convention"])
+        if name == "hpo":
+            return hpo_loss(pc, pr, rc, rr, nc, nr, aux_c, aux_r, values, beta=s["beta"],
+                            preference=s["hpo_preference"], eta=s["hpo_eta"], lam=s["hpo_lambda"],
+                            w_max=s["hpo_w_max"], nll=s["hpo_nll"], aux_on_rejected=s["hpo_on_rejected"])
         if name == "alpha_dpo":
             losses, cr, rj, self.state = alpha_dpo_loss(
                 pc, pr, rc, rr, nc, nr, state=self.state, beta=s["beta"], gamma_beta_ratio=s["gamma_beta_ratio"],
@@ -63,6 +81,51 @@ class Objective:
         if name in ("dpo", "cdpo", "robust", "aot") or (name == "exo_pair" and s["label_smoothing"] > 0):
             return fn(pc, pr, rc, rr, beta=s["beta"], label_smoothing=s["label_smoothing"])
         return fn(pc, pr, rc, rr, beta=s["beta"])
+
+    def value_loss(self, values, aux_c, aux_r) -> torch.Tensor:
+        """HPO's value head: expectile regression of V(x) on the auxiliary rewards of both responses."""
+        tau = self.spec["hpo_tau"]
+        return 0.5 * (expectile_loss(values, aux_c, tau).mean() + expectile_loss(values, aux_r, tau).mean())
+
+
+class Policy(torch.nn.Module):
+    """What DeepSpeed trains: the causal LM, mapping a collated batch to per-sequence summed log-probs
+    and token counts, plus (HPO) a value head V(x): a linear layer, zero-initialised, on the final
+    hidden state of the prompt's last token, detached so that only the head learns from its loss.
+
+    fused=True: the base model's final hidden states go through the fused LM-head kernel (never full
+    logits); tied input/output embeddings are one Parameter, so its gradient gets both uses. Under
+    ZeRO-3 the head weight is partitioned and DeepSpeed gathers a module's parameters around that
+    module's own forward, which the fused path bypasses: the weight is registered as an external
+    parameter of this module, so it is gathered for this module's forward and backward (DeepSpeed
+    0.19 would also discover it on first access; the explicit registration does not rely on that).
+    tests/test_train.py checks that ZeRO-3 with a partitioned head trains the same model as ZeRO-2.
+    fused=False: the model's own logits (for models that post-process their logits)."""
+
+    def __init__(self, lm, fused: bool, value_head: bool = False, zero3: bool = False):
+        super().__init__()
+        self.lm, self.fused = lm, fused
+        head = lm.get_output_embeddings()
+        self.value = None
+        if value_head:
+            w = head.weight
+            self.value = torch.nn.Linear(w.shape[1], 1, dtype=w.dtype, device=w.device)
+            torch.nn.init.zeros_(self.value.weight)
+            torch.nn.init.zeros_(self.value.bias)
+        if zero3 and fused:
+            import deepspeed
+
+            for p in (head.weight, head.bias):
+                if p is not None:
+                    deepspeed.zero.register_external_parameter(self, p)
+
+    def forward(self, ids, attn, labels, value_at=None):
+        tok_lp, hidden = response_token_logps(self.lm, ids, attn, labels, self.fused, hidden=self.value is not None)
+        sums, counts = sequence_logps(tok_lp, labels)
+        if self.value is None:
+            return sums, counts
+        h = hidden[torch.arange(len(value_at), device=hidden.device), value_at].detach()
+        return sums, counts, self.value(h.to(self.value.weight.dtype)).squeeze(-1).float()
 
 
 def _ds_config(spec: dict, world: int) -> dict:
@@ -80,23 +143,73 @@ def _ds_config(spec: dict, world: int) -> dict:
     }
 
 
-def _fill_reference_logps(model, rows: list[dict], pad_id: int, rank: int, world: int, batch_tokens: int) -> None:
-    """Reference log-probs for rows that lack them (replay pairs), computed with the untouched
-    start-of-round weights; ranks split the work and exchange the results."""
-    missing = [i for i, r in enumerate(rows) if not math.isfinite(r["ref_chosen_logp"])]
-    mine = missing[rank::world]
-    seqs = [s for i in mine for s in ((rows[i]["prompt_ids"], rows[i]["chosen_ids"]), (rows[i]["prompt_ids"], rows[i]["rejected_ids"]))]
-    model.eval()
-    vals = logps_of(model, seqs, pad_id, batch_tokens) if seqs else []
-    model.train()
-    local = {i: (vals[2 * j], vals[2 * j + 1]) for j, i in enumerate(mine)}
+def _shared(todo: list[int], compute, rank: int, world: int) -> dict[int, Any]:
+    """Ranks split `todo` (row indices), each runs `compute(its indices) -> values`, and all ranks
+    get every result."""
+    mine = todo[rank::world]
+    local = dict(zip(mine, compute(mine))) if mine else {}
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, local)
         for part in gathered:
             local.update(part)
-    for i, (c, r) in local.items():
+    return local
+
+
+def _fill_reference_logps(model, rows: list[dict], pad_id: int, rank: int, world: int, batch_tokens: int) -> None:
+    """Reference log-probs for rows that lack them (replay pairs), computed with the untouched
+    start-of-round weights; ranks split the work and exchange the results."""
+    def compute(idx):
+        seqs = [s for i in idx for s in ((rows[i]["prompt_ids"], rows[i]["chosen_ids"]),
+                                          (rows[i]["prompt_ids"], rows[i]["rejected_ids"]))]
+        model.eval()
+        vals = logps_of(model, seqs, pad_id, batch_tokens)
+        model.train()
+        return [(vals[2 * j], vals[2 * j + 1]) for j in range(len(idx))]
+
+    missing = [i for i, r in enumerate(rows) if not math.isfinite(r["ref_chosen_logp"])]
+    for i, (c, r) in _shared(missing, compute, rank, world).items():
         rows[i]["ref_chosen_logp"], rows[i]["ref_rejected_logp"] = c, r
+
+
+def _fill_mrpo_reference_logps(rows: list[dict], spec: dict, tok, rank: int, world: int, device: str) -> None:
+    """MRPO's additional references for rows that lack them (replay pairs; generated pairs carry the
+    score stage's): `mrpo_ref_chosen_logps` / `mrpo_ref_rejected_logps`, one value per reference.
+    Each reference scores with its own tokenizer and chat template when it differs from the policy's."""
+    refs = spec["mrpo_references"]
+
+    def complete(r: dict) -> bool:
+        vals = (r.get("mrpo_ref_chosen_logps") or []) + (r.get("mrpo_ref_rejected_logps") or [])
+        return len(vals) == 2 * len(refs) and all(math.isfinite(v) for v in vals)
+
+    def compute(idx):
+        items = [it for i in idx for it in ((rows[i]["prompt"], rows[i]["chosen"], rows[i]["prompt_ids"], rows[i]["chosen_ids"]),
+                                            (rows[i]["prompt"], rows[i]["rejected"], rows[i]["prompt_ids"], rows[i]["rejected_ids"]))]
+        per_ref = [reference_logps(path, tok_path, tok, items, dtype=spec["dtype"],
+                                   trust_remote_code=spec["trust_remote_code"],
+                                   batch_tokens=spec["batch_tokens"], device=device) for path, tok_path in refs]
+        return [([v[2 * j] for v in per_ref], [v[2 * j + 1] for v in per_ref]) for j in range(len(idx))]
+
+    missing = [i for i, r in enumerate(rows) if not complete(r)]
+    for i, (c, r) in _shared(missing, compute, rank, world).items():
+        rows[i]["mrpo_ref_chosen_logps"], rows[i]["mrpo_ref_rejected_logps"] = c, r
+
+
+def _fill_aux_rewards(rows: list[dict], spec: dict, rank: int, world: int) -> None:
+    """HPO: r_aux = sum_k c_k R_k(prompt, response) of every pair's chosen and rejected response,
+    from the user hooks named in train.hpo_rewards (`aux_chosen`, `aux_rejected`)."""
+    hooks = [(load_hook(h, "train.hpo_rewards"), w) for h, w in spec["hpo_rewards"]]
+
+    def r_aux(prompt: str, response: str) -> float:
+        return sum(w * float(fn(prompt, response)) for fn, w in hooks)
+
+    def compute(idx):
+        return [(r_aux(rows[i]["prompt"], rows[i]["chosen"]), r_aux(rows[i]["prompt"], rows[i]["rejected"])) for i in idx]
+
+    for i, (c, r) in _shared(list(range(len(rows))), compute, rank, world).items():
+        if not (math.isfinite(c) and math.isfinite(r)):
+            raise ValueError(f"train.hpo_rewards: non-finite auxiliary reward ({c}, {r}) for pair {rows[i]['prompt_id']!r}")
+        rows[i]["aux_chosen"], rows[i]["aux_rejected"] = c, r
 
 
 def _index_stream(n: int, total: int, seed: int) -> list[int]:
@@ -122,8 +235,8 @@ def main(spec_path: str) -> None:
     torch.manual_seed(spec["seed"])
 
     tok = load_tokenizer(spec["model"], spec["trust_remote_code"])
-    model = load_model(spec["model"], spec["dtype"], spec["trust_remote_code"],
-                       device=f"cuda:{local_rank}" if on_gpu else "cpu")
+    device_name = f"cuda:{local_rank}" if on_gpu else "cpu"
+    model = load_model(spec["model"], spec["dtype"], spec["trust_remote_code"], device=device_name)
     rows = artifacts.read_table(Path(spec["pairs"]))
     prompt_cache: dict[str, list[int]] = {}
     for r in rows:
@@ -134,36 +247,68 @@ def main(spec_path: str) -> None:
     if not rows:
         raise SystemExit("train: the round has no pairs")
     _fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"])
+    loss_name = spec["loss"]
+    if loss_name == "mrpo":
+        _fill_mrpo_reference_logps(rows, spec, tok, rank, world, device_name)
+    if loss_name == "hpo":
+        _fill_aux_rewards(rows, spec, rank, world)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(spec, world))
+    fused = fused_head_ok(model)
+    policy = Policy(model, fused, value_head=loss_name == "hpo", zero3=spec["zero_stage"] == 3)
+    groups = [{"params": list(model.parameters())}]
+    if policy.value is not None:
+        groups.append({"params": list(policy.value.parameters()), "lr": spec["hpo_value_lr"], "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=spec["lr"], weight_decay=spec["weight_decay"])
+    engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=_ds_config(spec, world))
     B, mb = spec["batch_size"], spec["micro_batch_size"]
     steps = spec["max_steps"] or max(1, math.ceil(spec["epochs"] * len(rows) / B))
     stream = _index_stream(len(rows), steps * B, spec["seed"])
     objective = Objective(spec, world)
     metrics_f = open(spec["metrics"], "a") if rank == 0 else None
     device = engine.device
+    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+             "logps/chosen", "logps/rejected"]
+    if loss_name == "hpo":
+        names += ["value_loss", "aux/chosen", "aux/rejected", "value/mean"]
     t0 = time.time()
     for step in range(steps):
         step_idx = stream[step * B:(step + 1) * B][rank::world]
-        acc = torch.zeros(7, dtype=torch.float64)
+        acc = torch.zeros(len(names), dtype=torch.float64)
         for m in range(0, len(step_idx), mb):
             batch = [rows[i] for i in step_idx[m:m + mb]]
             seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in batch] + [(r["prompt_ids"], r["rejected_ids"]) for r in batch]
-            logps, counts = forward_logps(engine, *collate(seqs, tok.pad_token_id, device))
+            inputs = collate(seqs, tok.pad_token_id, device)
+            col = lambda key: torch.tensor([r[key] for r in batch], dtype=torch.float32, device=device)
+            if loss_name == "hpo":
+                # V(x) from the chosen sequences' last prompt position (the prompt is shared)
+                value_at = torch.tensor([len(r["prompt_ids"]) - 1 for r in batch], device=device)
+                logps, counts, values = engine(*inputs, value_at)
+            else:
+                logps, counts = engine(*inputs)
             pc, pr = logps[:len(batch)], logps[len(batch):]
             nc, nr = counts[:len(batch)].to(pc.dtype), counts[len(batch):].to(pc.dtype)
-            rc = torch.tensor([r["ref_chosen_logp"] for r in batch], dtype=pc.dtype, device=device)
-            rr = torch.tensor([r["ref_rejected_logp"] for r in batch], dtype=pc.dtype, device=device)
-            losses, cr, rj = objective(pc, pr, rc, rr, nc, nr)
+            rc, rr = col("ref_chosen_logp").to(pc.dtype), col("ref_rejected_logp").to(pc.dtype)
+            extra: list[float] = []
+            if loss_name == "mrpo":
+                # (K, B): row 0 the primary reference (pi_{r-1}), then the additional ones
+                rc = torch.cat([rc[None], col("mrpo_ref_chosen_logps").T.to(pc.dtype)])
+                rr = torch.cat([rr[None], col("mrpo_ref_rejected_logps").T.to(pc.dtype)])
+            if loss_name == "hpo":
+                aux_c, aux_r = col("aux_chosen"), col("aux_rejected")
+                losses, cr, rj = objective(pc, pr, rc, rr, nc, nr, aux_c, aux_r, values)
+                v_loss = objective.value_loss(values, aux_c, aux_r)
+                extra = [v_loss.item(), aux_c.mean().item(), aux_r.mean().item(), values.mean().item()]
+            else:
+                losses, cr, rj = objective(pc, pr, rc, rr, nc, nr)
+                v_loss = 0.0
             loss = losses.mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"train: non-finite loss {loss.item()} at step {step + 1}; "
                                     "the round's model is not written")
-            engine.backward(loss)
+            engine.backward(loss + v_loss)
             engine.step()
             acc += torch.tensor([loss.item(), cr.mean().item(), rj.mean().item(), (cr - rj).mean().item(),
-                                 (cr > rj).float().mean().item(), pc.mean().item(), pr.mean().item()],
+                                 (cr > rj).float().mean().item(), pc.mean().item(), pr.mean().item(), *extra],
                                 dtype=torch.float64)
         acc /= max(1, math.ceil(len(step_idx) / mb))
         if world > 1:
@@ -173,8 +318,6 @@ def main(spec_path: str) -> None:
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             raise NonFiniteLoss(f"train: non-finite gradient norm at step {step + 1}")
         if metrics_f:
-            names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                     "logps/chosen", "logps/rejected"]
             rec = {"step": step + 1, **dict(zip(names, acc.tolist())),
                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                    "seconds": time.time() - t0}
@@ -194,12 +337,12 @@ def _save(engine, spec: dict, tok, rank: int) -> None:
     import deepspeed
 
     out = Path(spec["output"])
-    params = list(engine.module.parameters())
+    lm = engine.module.lm  # the Hugging Face model inside Policy; HPO's value head is not saved
     # ZeRO-3 shards the weights: gather them for the save (a no-op context for stages 0-2).
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if spec["zero_stage"] == 3 else nullcontext()
+    ctx = deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None) if spec["zero_stage"] == 3 else nullcontext()
     with ctx:
         if rank == 0:
-            engine.module.save_pretrained(out, safe_serialization=True)
+            lm.save_pretrained(out, safe_serialization=True)
             tok.save_pretrained(out)
 
 

@@ -16,12 +16,26 @@ RC = torch.tensor([-105.0, -70, -148, -45], dtype=torch.float64)
 RR = torch.tensor([-130.0, -60, -150, -85], dtype=torch.float64)
 NC = torch.tensor([50.0, 40, 80, 25], dtype=torch.float64)
 NR = torch.tensor([60.0, 30, 70, 45], dtype=torch.float64)
-SPEC = {"beta": 0.1, "label_smoothing": 0.0, "gamma_beta_ratio": 0.5, "alpha": 0.2, "alpha_mode": "stable"}
+RC1 = torch.tensor([-98.0, -75, -160, -44], dtype=torch.float64)  # MRPO's additional reference
+RR1 = torch.tensor([-140.0, -63, -155, -95], dtype=torch.float64)
+SPEC = {"beta": 0.1, "label_smoothing": 0.0, "gamma_beta_ratio": 0.5, "alpha": 0.2, "alpha_mode": "stable",
+        "mrpo_eta": 0.1, "mrpo_alpha": -1.0, "mrpo_convention": "code", "mrpo_naive": False,
+        "hpo_preference": "dpo", "hpo_lambda": 1.0, "hpo_eta": 1.0, "hpo_w_max": 20.0, "hpo_tau": 0.7,
+        "hpo_nll": "mean", "hpo_on_rejected": True}
 
 
-@pytest.mark.parametrize("name", sorted(PAIR_LOSSES) + ["alpha_dpo"])
+def _args(name):
+    if name == "mrpo":
+        return (PC, PR, torch.stack([RC, RC1]), torch.stack([RR, RR1]), NC, NR)
+    if name == "hpo":
+        aux_c, aux_r, values = torch.full_like(PC, 0.8), torch.full_like(PC, -0.4), torch.full_like(PC, 0.1)
+        return (PC, PR, RC, RR, NC, NR, aux_c, aux_r, values)
+    return (PC, PR, RC, RR, NC, NR)
+
+
+@pytest.mark.parametrize("name", sorted(PAIR_LOSSES) + ["alpha_dpo", "mrpo", "hpo"])
 def test_every_loss_name_dispatches(name):
-    losses, c, r = Objective(SPEC | {"loss": name}, world=1)(PC, PR, RC, RR, NC, NR)
+    losses, c, r = Objective(SPEC | {"loss": name}, world=1)(*_args(name))
     assert losses.shape == (4,) and torch.isfinite(losses).all()
     assert not c.requires_grad and not r.requires_grad
 
@@ -47,3 +61,22 @@ def test_alpha_dpo_state_carries_across_steps():
     fresh = Objective(SPEC | {"loss": "alpha_dpo", "beta": 2.5, "gamma_beta_ratio": 0.6}, world=1)
     assert fresh(PC, PR, RC, RR, NC, NR)[0].mean().item() == pytest.approx(1.053214, abs=1e-6)
     assert math.isfinite(float(first.std))
+
+
+def test_mrpo_golden_values_through_the_dispatch():
+    # ALGORITHMS.md 8.5: rows (primary = S_ref, additional = S_ref1)
+    mean = lambda **kw: Objective(SPEC | {"loss": "mrpo"} | kw, world=1)(*_args("mrpo"))[0].mean().item()
+    assert mean() == pytest.approx(0.452039, abs=1e-6)
+    assert mean(mrpo_naive=True) == pytest.approx(0.467082, abs=1e-6)
+    assert mean(mrpo_eta=-0.1, mrpo_alpha=0.5) == pytest.approx(0.485053, abs=1e-6)
+    assert mean(mrpo_convention="swapped") == pytest.approx(0.466399, abs=1e-6)
+
+
+def test_hpo_golden_values_through_the_dispatch():
+    # ALGORITHMS.md 8.7, pair 1: L_total 3.009361 with token-mean NLL (2.0, 2.25); value loss 0.209
+    obj = Objective(SPEC | {"loss": "hpo"}, world=1)
+    args = [a[:1] for a in _args("hpo")]
+    losses, c, r = obj(*args)
+    assert losses.item() == pytest.approx(3.009361, abs=1e-6)
+    assert obj.value_loss(args[-1], args[-3], args[-2]).item() == pytest.approx(0.209, abs=1e-6)
+    assert obj.__class__(SPEC | {"loss": "hpo", "hpo_lambda": 0.0}, world=1)(*args)[0].item() == pytest.approx(0.313262, abs=1e-6)

@@ -51,3 +51,47 @@ def test_token_budget_batches_cover_everything_once_and_respect_budget():
 def test_pair_accuracy():
     assert pair_accuracy([1.0, 2.0, -1.0], [0.0, 3.0, -2.0]) == pytest.approx(2 / 3)
     assert math.isnan(pair_accuracy([], []))
+
+
+# ----------------------------------------------------------------- fused LM head and MRPO references
+def _llama(vocab: int, tie: bool, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_head_equals_the_logits_path_values_and_gradients(tie, monkeypatch):
+    from selfalign.tasks import score
+    from selfalign.tasks.score import forward_logps, fused_head_ok
+
+    model = _llama(61, tie)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
+    assert fused_head_ok(model)
+    seqs = [([1, 2, 3], [4, 5, 6, 7]), ([8, 9], [10, 11, 12, 13, 14, 60]), ([3] * 5, [2])]
+    batch = collate(seqs, 0, "cpu")
+    weights = torch.tensor([1.0, -2.0, 0.5])
+    got = {}
+    for fused in (True, False):
+        model.zero_grad()
+        if fused:  # the fused path must not compute full logits at all
+            monkeypatch.setattr(score, "token_logps", lambda *a, **k: pytest.fail("full logits in the fused path"))
+        sums, counts = forward_logps(model, *batch, fused=fused)
+        monkeypatch.undo()
+        (sums * weights).sum().backward()
+        got[fused] = sums.detach(), counts, {n: p.grad.clone() for n, p in model.named_parameters()}
+    torch.testing.assert_close(got[True][0], got[False][0], atol=1e-5, rtol=1e-5)
+    assert got[True][1].tolist() == [4, 6, 1]
+    for name, g in got[False][2].items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(got[True][2][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_head_is_refused_when_the_model_post_processes_logits():
+    from selfalign.tasks.score import fused_head_ok
+
+    model = _llama(61, False)
+    model.config.final_logit_softcapping = 30.0
+    assert not fused_head_ok(model)
