@@ -11,7 +11,8 @@ Reference log-probs of generated pairs were computed by the score stage; only re
 them, and they are computed here before the first update, when the policy still equals the reference
 (MRPO's additional references likewise, each with its own model and tokenizer). HPO's auxiliary
 rewards are evaluated here on every pair's chosen and rejected response, and its value head is
-trained alongside the policy. Rank 0 writes one JSON line of TRL-named metrics per optimiser step.
+trained alongside the policy (outside the DeepSpeed engine, so that its loss never enters the
+policy's gradient clipping). Rank 0 writes one JSON line of TRL-named metrics per optimiser step.
 
 Usage: python -m selfalign.tasks.train_worker <spec.json>   (under torchrun / deepspeed)"""
 from __future__ import annotations
@@ -90,8 +91,8 @@ class Objective:
 
 class Policy(torch.nn.Module):
     """What DeepSpeed trains: the causal LM, mapping a collated batch to per-sequence summed log-probs
-    and token counts, plus (HPO) a value head V(x): a linear layer, zero-initialised, on the final
-    hidden state of the prompt's last token, detached so that only the head learns from its loss.
+    and token counts, plus (HPO, `value_at` given) the detached final hidden states at the positions
+    `value_at` of the first rows: the features of the value head V(x) (see `value_head`).
 
     fused=True: the base model's final hidden states go through the fused LM-head kernel (never full
     logits); tied input/output embeddings are one Parameter, so its gradient gets both uses. Under
@@ -102,16 +103,10 @@ class Policy(torch.nn.Module):
     tests/test_train.py checks that ZeRO-3 with a partitioned head trains the same model as ZeRO-2.
     fused=False: the model's own logits (for models that post-process their logits)."""
 
-    def __init__(self, lm, fused: bool, value_head: bool = False, zero3: bool = False):
+    def __init__(self, lm, fused: bool, zero3: bool = False):
         super().__init__()
         self.lm, self.fused = lm, fused
         head = lm.get_output_embeddings()
-        self.value = None
-        if value_head:
-            w = head.weight
-            self.value = torch.nn.Linear(w.shape[1], 1, dtype=w.dtype, device=w.device)
-            torch.nn.init.zeros_(self.value.weight)
-            torch.nn.init.zeros_(self.value.bias)
         if zero3 and fused:
             import deepspeed
 
@@ -120,12 +115,23 @@ class Policy(torch.nn.Module):
                     deepspeed.zero.register_external_parameter(self, p)
 
     def forward(self, ids, attn, labels, value_at=None):
-        tok_lp, hidden = response_token_logps(self.lm, ids, attn, labels, self.fused, hidden=self.value is not None)
+        tok_lp, hidden = response_token_logps(self.lm, ids, attn, labels, self.fused, hidden=value_at is not None)
         sums, counts = sequence_logps(tok_lp, labels)
-        if self.value is None:
+        if value_at is None:
             return sums, counts
-        h = hidden[torch.arange(len(value_at), device=hidden.device), value_at].detach()
-        return sums, counts, self.value(h.to(self.value.weight.dtype)).squeeze(-1).float()
+        return sums, counts, hidden[torch.arange(len(value_at), device=hidden.device), value_at].detach()
+
+
+def value_head(hidden_size: int, device) -> torch.nn.Linear:
+    """HPO's value network V(x): a float32 linear layer on the final hidden state of the prompt's
+    last token (detached: the policy's features are read, not trained, by its loss), zero-initialised
+    so that the first advantages are the auxiliary rewards themselves. It has its own optimizer,
+    outside the DeepSpeed engine: a fresh head's large early gradients must not take over the global
+    gradient-norm clipping of the policy."""
+    head = torch.nn.Linear(hidden_size, 1, dtype=torch.float32, device=device)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    return head
 
 
 def _ds_config(spec: dict, world: int) -> dict:
@@ -254,12 +260,14 @@ def main(spec_path: str) -> None:
         _fill_aux_rewards(rows, spec, rank, world)
 
     fused = fused_head_ok(model)
-    policy = Policy(model, fused, value_head=loss_name == "hpo", zero3=spec["zero_stage"] == 3)
-    groups = [{"params": list(model.parameters())}]
-    if policy.value is not None:
-        groups.append({"params": list(policy.value.parameters()), "lr": spec["hpo_value_lr"], "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=spec["lr"], weight_decay=spec["weight_decay"])
+    hidden_size = model.get_output_embeddings().weight.shape[1]
+    policy = Policy(model, fused, zero3=spec["zero_stage"] == 3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=_ds_config(spec, world))
+    vhead = vopt = None
+    if loss_name == "hpo":
+        vhead = value_head(hidden_size, engine.device)
+        vopt = torch.optim.AdamW(vhead.parameters(), lr=spec["hpo_value_lr"], weight_decay=0.0)
     B, mb = spec["batch_size"], spec["micro_batch_size"]
     steps = spec["max_steps"] or max(1, math.ceil(spec["epochs"] * len(rows) / B))
     stream = _index_stream(len(rows), steps * B, spec["seed"])
@@ -273,6 +281,7 @@ def main(spec_path: str) -> None:
     t0 = time.time()
     for step in range(steps):
         step_idx = stream[step * B:(step + 1) * B][rank::world]
+        n_micro = max(1, math.ceil(len(step_idx) / mb))
         acc = torch.zeros(len(names), dtype=torch.float64)
         for m in range(0, len(step_idx), mb):
             batch = [rows[i] for i in step_idx[m:m + mb]]
@@ -282,7 +291,8 @@ def main(spec_path: str) -> None:
             if loss_name == "hpo":
                 # V(x) from the chosen sequences' last prompt position (the prompt is shared)
                 value_at = torch.tensor([len(r["prompt_ids"]) - 1 for r in batch], device=device)
-                logps, counts, values = engine(*inputs, value_at)
+                logps, counts, feats = engine(*inputs, value_at)
+                values = vhead(feats.float()).squeeze(-1)
             else:
                 logps, counts = engine(*inputs)
             pc, pr = logps[:len(batch)], logps[len(batch):]
@@ -295,22 +305,29 @@ def main(spec_path: str) -> None:
                 rr = torch.cat([rr[None], col("mrpo_ref_rejected_logps").T.to(pc.dtype)])
             if loss_name == "hpo":
                 aux_c, aux_r = col("aux_chosen"), col("aux_rejected")
-                losses, cr, rj = objective(pc, pr, rc, rr, nc, nr, aux_c, aux_r, values)
+                losses, cr, rj = objective(pc, pr, rc, rr, nc, nr, aux_c, aux_r, values.detach())
                 v_loss = objective.value_loss(values, aux_c, aux_r)
+                (v_loss / n_micro).backward()  # the head's own graph: features are detached
                 extra = [v_loss.item(), aux_c.mean().item(), aux_r.mean().item(), values.mean().item()]
             else:
                 losses, cr, rj = objective(pc, pr, rc, rr, nc, nr)
-                v_loss = 0.0
             loss = losses.mean()
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"train: non-finite loss {loss.item()} at step {step + 1}; "
                                     "the round's model is not written")
-            engine.backward(loss + v_loss)
+            engine.backward(loss)
             engine.step()
             acc += torch.tensor([loss.item(), cr.mean().item(), rj.mean().item(), (cr - rj).mean().item(),
                                  (cr > rj).float().mean().item(), pc.mean().item(), pr.mean().item(), *extra],
                                 dtype=torch.float64)
-        acc /= max(1, math.ceil(len(step_idx) / mb))
+        acc /= n_micro
+        if vopt is not None:
+            if world > 1:
+                for p in vhead.parameters():
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            vopt.step()
+            vopt.zero_grad()
         if world > 1:
             dist.all_reduce(acc)
             acc /= world
@@ -337,7 +354,7 @@ def _save(engine, spec: dict, tok, rank: int) -> None:
     import deepspeed
 
     out = Path(spec["output"])
-    lm = engine.module.lm  # the Hugging Face model inside Policy; HPO's value head is not saved
+    lm = engine.module.lm  # the Hugging Face model inside Policy
     # ZeRO-3 shards the weights: gather them for the save (a no-op context for stages 0-2).
     ctx = deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None) if spec["zero_stage"] == 3 else nullcontext()
     with ctx:

@@ -156,28 +156,30 @@ def test_worker_evaluates_weighted_aux_rewards_on_chosen_and_rejected(tiny_model
 
 
 def test_value_head_reads_the_prompts_last_hidden_state_and_trains_alone(tiny_model):
-    from selfalign.tasks.train_worker import Objective, Policy
+    from selfalign.tasks.train_worker import Objective, Policy, value_head
 
     tok = load_tokenizer(tiny_model)
     lm = load_model(tiny_model, device="cpu")
     rows = _pair_rows(tok, 2)
-    policy = Policy(lm, fused=True, value_head=True)
+    policy = Policy(lm, fused=True)
     seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in rows] + [(r["prompt_ids"], r["rejected_ids"]) for r in rows]
     ids, attn, labels = collate(seqs, tok.pad_token_id, "cpu")
     at = torch.tensor([len(r["prompt_ids"]) - 1 for r in rows])
-    sums, counts, values = policy(ids, attn, labels, at)
-    assert values.tolist() == [0.0, 0.0]  # zero-initialised head
-    obj = Objective({"loss": "hpo", "hpo_tau": 0.7}, world=1)
-    obj.value_loss(values, torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.25])).backward()
-    assert all(p.grad is None for p in lm.parameters())  # the policy's features are detached
-    assert policy.value.weight.grad.abs().sum() > 0
-    # the feature is the final hidden state at the prompt's last token
+    sums, counts, feats = policy(ids, attn, labels, at)
+    # the features are the final hidden states at the prompt's last token, detached from the policy
     with torch.no_grad():
-        policy.value.weight.normal_()
         h = lm.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
-        want = policy.value(h[torch.arange(2), at]).squeeze(-1)
-        torch.testing.assert_close(policy(ids, attn, labels, at)[2], want)
+    torch.testing.assert_close(feats, h[torch.arange(2), at])
+    assert not feats.requires_grad
+    head = value_head(feats.shape[1], "cpu")
+    values = head(feats).squeeze(-1)
+    assert values.tolist() == [0.0, 0.0]  # zero-initialised: the first advantages are the rewards
+    Objective({"loss": "hpo", "hpo_tau": 0.7}, world=1).value_loss(values, torch.tensor([1.0, 0.5]),
+                                                                  torch.tensor([0.0, 0.25])).backward()
+    assert head.weight.grad.abs().sum() > 0 and all(p.grad is None for p in lm.parameters())
+    # the same sums as the logits path, with or without features
     torch.testing.assert_close(sums, Policy(lm, fused=False)(ids, attn, labels)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(policy(ids, attn, labels)[0], sums)
 
 
 # ----------------------------------------------------------------------------------------- config
