@@ -86,8 +86,11 @@ def fused_head_ok(model) -> bool:
     else:
         device = next(model.parameters()).device
         ids = (torch.arange(8, device=device) * 7 % head.weight.shape[0]).unsqueeze(0)
+        training = model.training
+        model.eval()  # dropout would make two passes differ
         want = model(input_ids=ids, use_cache=False).logits.float()
         got = head(model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state).float()
+        model.train(training)
         tol = 1e-4 if head.weight.dtype == torch.float32 else 5e-2
         if not torch.allclose(got, want, rtol=tol, atol=tol):
             why = f"lm_head(decoder(x)) differs from the model's logits by {(got - want).abs().max().item():.3g}"

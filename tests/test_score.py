@@ -95,3 +95,14 @@ def test_fused_head_is_refused_when_the_model_post_processes_logits():
     model = _llama(61, False)
     model.config.final_logit_softcapping = 30.0
     assert not fused_head_ok(model)
+
+
+def test_fused_head_check_ignores_dropout_and_keeps_the_mode():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from selfalign.tasks.score import fused_head_ok
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.5, embd_pdrop=0.5))
+    model.train()
+    assert fused_head_ok(model) and model.training
