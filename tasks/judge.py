@@ -148,7 +148,8 @@ def win_rate(items: Sequence[tuple[str, str, str]], ask: Callable[[str, str, str
     for i, (prompt, new, old) in enumerate(items):
         if (i, 0) not in replies:
             records.append({"prompt": prompt, "new": new, "old": old, "score": 0.5, "identical": True,
-                            "reply_new_first": "", "reply_new_second": ""})
+                            "reply_new_first": "", "reply_new_second": "", "verdict_new_first": None,
+                            "verdict_new_second": None})
             continue
         r0, r1 = replies[(i, 0)], replies[(i, 1)]
         v0, v1 = parse_verdict(r0), parse_verdict(r1)
