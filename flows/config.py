@@ -64,7 +64,8 @@ class GenerateConfig:
 class ScoreConfig:
     reference: str = "previous"    # previous: ref_{r-1} as in DICE | sft: always model.reference |
                                    # initial: pi_0 from round 2 on (the SFT model in round 1)
-    batch_tokens: int = 16384      # padded tokens per scoring batch
+    batch_tokens: int = 16384      # tokens per scoring forward (padded ones too, unless packing)
+    packing: bool = True           # padding-free rows: sequences back to back, attention kept inside each
 
 
 @dataclass
@@ -123,6 +124,7 @@ class TrainConfig:
     nproc: int = 1                 # training processes on this node
     launcher: str = "torchrun"     # torchrun | deepspeed
     threads: int = 0               # torch threads per process (0 = cores / nproc)
+    packing: bool = True           # a micro-batch's chosen and rejected sequences in one padding-free row
 
     def mrpo_reference_list(self) -> list[tuple[str, str]]:
         """(model, tokenizer or "") of each additional MRPO reference, in order."""

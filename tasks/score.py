@@ -9,12 +9,14 @@ import logging
 import math
 import time
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from selfalign.kernels.logps import linear_token_logps, sequence_logps, token_logps
+from selfalign.kernels.packing import Packed, pack, pack_rows, packed_sequence_logps, varlen_attention
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
 
@@ -123,16 +125,121 @@ def forward_logps(model, ids, attn, labels, fused: bool | None = None) -> tuple[
     return sequence_logps(tok_lp, labels)
 
 
+# Attention over a packed row (kernels/packing.py), by the model's attention implementation:
+#   varlen  sdpa/eager models: our per-sequence causal SDPA, registered with transformers'
+#           AttentionInterface and switched on for the packed forward only (work ~ sum of l^2);
+#   flash   flash_attention_2/3 models: their own varlen kernels, given the cu_seqlens;
+#   mask    otherwise: transformers builds the block-diagonal causal mask from the restarting
+#           position ids (no attention mask passed; O(T^2) per row).
+_VARLEN = "selfalign_varlen"
+_packing_path: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+@contextmanager
+def packed_attention(model, packed: Packed, path: str):
+    """The extra forward keyword arguments for `packed` under attention `path` (see above)."""
+    if path == "flash":
+        yield packed.flash_kwargs()
+        return
+    if path != "varlen":
+        yield {}
+        return
+    from transformers import AttentionInterface
+
+    if _VARLEN not in AttentionInterface._global_mapping:
+        AttentionInterface.register(_VARLEN, varlen_attention)
+    cfg = model.config
+    impl = cfg._attn_implementation
+    cfg._attn_implementation = _VARLEN  # no mask is built for it: the packing is the mask
+    try:
+        yield {"packed": packed}
+    finally:
+        cfg._attn_implementation = impl
+
+
+def packed_logps(model, packed: Packed, fused: bool, path: str, hidden: bool = False):
+    """Summed response log-probs and response token counts of every sequence of a packed row (in
+    packing order), and, if `hidden`, the final hidden states (1, T, H). The LM head runs on the
+    response positions only (the fused kernel on their hidden states; the logits path slices them)."""
+    base = model.get_decoder() if fused else model
+    with packed_attention(model, packed, path) as kw:
+        out = base(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                   output_hidden_states=hidden and not fused, **kw)
+    sel = packed.labels[0] != -100
+    labels, seq_ids = packed.labels[0, sel], packed.seq_ids[sel]
+    if fused:
+        h = out.last_hidden_state
+        head = model.get_output_embeddings()
+        tok_lp = linear_token_logps(h[0, sel], head.weight, labels, bias=head.bias)
+    else:
+        h = out.hidden_states[-1] if hidden else None
+        tok_lp = token_logps(out.logits[0, sel], labels)
+    sums, counts = packed_sequence_logps(tok_lp, labels, seq_ids, packed.n)
+    return sums, counts, (h if hidden else None)
+
+
+@torch.no_grad()
+def packing_path(model) -> str:
+    """The attention path for packed rows (see `packed_attention`), or "" when packing would change
+    the model's numbers (then callers pad). Checked once per model object: a packed row of two short
+    sequences must give each one's hidden states alone, to 1e-4 (float32) / 5e-2 (16-bit); the path
+    taken is logged."""
+    if model in _packing_path:
+        return _packing_path[model]
+    impl = model.config._attn_implementation or "eager"
+    first = "flash" if impl.startswith("flash_attention") else "varlen" if impl in ("sdpa", "eager") else "mask"
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    seqs = [([(7 * i + 3) % vocab for i in range(3)], [(5 * i + 1) % vocab for i in range(4)]),
+            ([(11 * i + 2) % vocab for i in range(2)], [(3 * i + 4) % vocab for i in range(7)])]
+    packed = pack(seqs, device)
+    training = model.training
+    model.eval()
+    decoder = model.get_decoder()
+    want = [decoder(input_ids=torch.tensor([list(p) + list(r)], device=device), use_cache=False).last_hidden_state[0]
+            for p, r in seqs]
+    want = torch.cat(want).float()
+    tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    chosen, why = "", []
+    for path in dict.fromkeys((first, "mask")):
+        try:
+            with packed_attention(model, packed, path) as kw:
+                got = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                              **kw).last_hidden_state[0].float()
+        except (TypeError, ValueError, RuntimeError) as e:  # a forward without position ids or kwargs
+            why.append(f"{path}: {type(e).__name__}: {e}")
+            continue
+        err = (got - want).abs().max().item()
+        if err <= tol * (1 + want.abs().max().item()):
+            chosen = path
+            break
+        why.append(f"{path}: differs by {err:.3g}")
+    model.train(training)
+    _packing_path[model] = chosen
+    log_paths.info("packed sequences in %s (%s attention): %s", type(model).__name__, impl,
+                   f"{chosen} path" if chosen else f"padding instead ({'; '.join(why)})")
+    return chosen
+
+
 @torch.inference_mode()
 def logps_of(model, seqs: Sequence[Seq], pad_id: int, batch_tokens: int = 16384,
-             progress: Callable[[int, int], None] | None = None, fused: bool | None = None) -> list[float]:
-    """Summed response log-prob of every (prompt, response) under `model`, in input order."""
+             progress: Callable[[int, int], None] | None = None, fused: bool | None = None,
+             packing: bool = False) -> list[float]:
+    """Summed response log-prob of every (prompt, response) under `model`, in input order.
+    packing=False: padded batches of at most `batch_tokens` (longest x count), sorted by length;
+    packing=True: rows of at most `batch_tokens` real tokens, no padding (where `packing_path`
+    allows it for this model)."""
     device = next(model.parameters()).device
     fused = fused_head_ok(model) if fused is None else fused
+    path = packing_path(model) if packing else ""
+    lengths = [len(p) + len(r) for p, r in seqs]
     out = [math.nan] * len(seqs)
     done = 0
-    for batch in token_budget_batches([len(p) + len(r) for p, r in seqs], batch_tokens):
-        sums, _ = forward_logps(model, *collate([seqs[i] for i in batch], pad_id, device), fused=fused)
+    for batch in pack_rows(lengths, batch_tokens) if path else token_budget_batches(lengths, batch_tokens):
+        if path:
+            sums, _, _ = packed_logps(model, pack([seqs[i] for i in batch], device), fused, path)
+        else:
+            sums, _ = forward_logps(model, *collate([seqs[i] for i in batch], pad_id, device), fused=fused)
         for i, v in zip(batch, sums.float().tolist()):
             out[i] = v
         done += len(batch)
@@ -156,7 +263,8 @@ Item = tuple[str, str, Sequence[int], Sequence[int]]
 
 def reference_logps(model_path: str, tokenizer_path: str, policy_tok, items: Sequence[Item], *,
                     dtype: str = "float32", trust_remote_code: bool = False, batch_tokens: int = 16384,
-                    device: str | None = None, progress: Callable[[int, int], None] | None = None) -> list[float]:
+                    device: str | None = None, progress: Callable[[int, int], None] | None = None,
+                    packing: bool = False) -> list[float]:
     """Summed response log-probs of `items` under an additional (MRPO) reference model.
 
     A reference with the policy's tokenizer scores the policy's own ids (for generated samples: the
@@ -175,7 +283,7 @@ def reference_logps(model_path: str, tokenizer_path: str, policy_tok, items: Seq
                 prompts[prompt] = encode_prompt(tok, prompt)
             seqs.append((prompts[prompt], encode_response(tok, response)))
     model = load_model(model_path, dtype, trust_remote_code, device)
-    out = logps_of(model, seqs, tok.pad_token_id, batch_tokens, progress)
+    out = logps_of(model, seqs, tok.pad_token_id, batch_tokens, progress, packing=packing)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -221,7 +329,8 @@ def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: lis
         def progress(done, total, name=name):
             if done == total or done // every != (done - 1) // every:
                 log(f"score[{name}]: {done}/{total} sequences")
-        result[name] = logps_of(model, seqs, tok.pad_token_id, cfg.score.batch_tokens, progress)
+        result[name] = logps_of(model, seqs, tok.pad_token_id, cfg.score.batch_tokens, progress,
+                                packing=cfg.score.packing)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -235,7 +344,7 @@ def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: lis
         log(f"score[mrpo ref {k}]: {path}")
         extra_logps.append(reference_logps(path, tok_path, tok, items, dtype=cfg.model.dtype,
                                            trust_remote_code=cfg.model.trust_remote_code,
-                                           batch_tokens=cfg.score.batch_tokens))
+                                           batch_tokens=cfg.score.batch_tokens, packing=cfg.score.packing))
 
     for s in samples:
         s["policy_logp"] = s["ref_logp"] = s["score"] = math.nan

@@ -61,6 +61,7 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         "weight_decay": t.weight_decay, "epochs": t.epochs, "max_steps": t.max_steps,
         "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size, "grad_clip": t.grad_clip,
         "zero_stage": t.zero_stage, "threads": t.threads, "batch_tokens": cfg.score.batch_tokens,
+        "packing": t.packing,
         "mrpo_references": t.mrpo_reference_list(), "mrpo_eta": t.mrpo_eta, "mrpo_alpha": t.mrpo_alpha,
         "mrpo_convention": t.mrpo_convention, "mrpo_naive": t.mrpo_naive,
         "hpo_rewards": t.hpo_reward_list(), "hpo_preference": t.hpo_preference, "hpo_lambda": t.hpo_lambda,

@@ -32,10 +32,11 @@ import torch.distributed as dist
 from selfalign.kernels.logps import sequence_logps
 from selfalign.kernels.losses import (PAIR_LOSSES, AlphaDPOState, alpha_dpo_loss, expectile_loss, hpo_loss,
                                       mrpo_loss, simpo_loss)
+from selfalign.kernels.packing import pack
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import encode_prompt, encode_response, load_hook, load_tokenizer
-from selfalign.tasks.score import (collate, fused_head_ok, load_model, logps_of, reference_logps,
-                                   response_token_logps)
+from selfalign.tasks.score import (collate, fused_head_ok, load_model, logps_of, packed_logps, packing_path,
+                                   reference_logps, response_token_logps)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -103,9 +104,9 @@ class Policy(torch.nn.Module):
     tests/test_train.py checks that ZeRO-3 with a partitioned head trains the same model as ZeRO-2.
     fused=False: the model's own logits (for models that post-process their logits)."""
 
-    def __init__(self, lm, fused: bool, zero3: bool = False):
+    def __init__(self, lm, fused: bool, zero3: bool = False, packing: str = ""):
         super().__init__()
-        self.lm, self.fused = lm, fused
+        self.lm, self.fused, self.packing = lm, fused, packing
         head = lm.get_output_embeddings()
         if zero3 and fused:
             import deepspeed
@@ -114,7 +115,10 @@ class Policy(torch.nn.Module):
                 if p is not None:
                     deepspeed.zero.register_external_parameter(self, p)
 
-    def forward(self, ids, attn, labels, value_at=None):
+    def forward(self, ids=None, attn=None, labels=None, value_at=None, packed=None):
+        if packed is not None:  # one padding-free row (`packing` is its attention path); value_at: row positions
+            sums, counts, hidden = packed_logps(self.lm, packed, self.fused, self.packing, hidden=value_at is not None)
+            return (sums, counts) if value_at is None else (sums, counts, hidden[0, value_at].detach())
         tok_lp, hidden = response_token_logps(self.lm, ids, attn, labels, self.fused, hidden=value_at is not None)
         sums, counts = sequence_logps(tok_lp, labels)
         if value_at is None:
@@ -162,14 +166,15 @@ def _shared(todo: list[int], compute, rank: int, world: int) -> dict[int, Any]:
     return local
 
 
-def _fill_reference_logps(model, rows: list[dict], pad_id: int, rank: int, world: int, batch_tokens: int) -> None:
+def _fill_reference_logps(model, rows: list[dict], pad_id: int, rank: int, world: int, batch_tokens: int,
+                          packing: bool = False) -> None:
     """Reference log-probs for rows that lack them (replay pairs), computed with the untouched
     start-of-round weights; ranks split the work and exchange the results."""
     def compute(idx):
         seqs = [s for i in idx for s in ((rows[i]["prompt_ids"], rows[i]["chosen_ids"]),
                                           (rows[i]["prompt_ids"], rows[i]["rejected_ids"]))]
         model.eval()
-        vals = logps_of(model, seqs, pad_id, batch_tokens)
+        vals = logps_of(model, seqs, pad_id, batch_tokens, packing=packing)
         model.train()
         return [(vals[2 * j], vals[2 * j + 1]) for j in range(len(idx))]
 
@@ -193,7 +198,9 @@ def _fill_mrpo_reference_logps(rows: list[dict], spec: dict, tok, rank: int, wor
                                             (rows[i]["prompt"], rows[i]["rejected"], rows[i]["prompt_ids"], rows[i]["rejected_ids"]))]
         per_ref = [reference_logps(path, tok_path, tok, items, dtype=spec["dtype"],
                                    trust_remote_code=spec["trust_remote_code"],
-                                   batch_tokens=spec["batch_tokens"], device=device) for path, tok_path in refs]
+                                   batch_tokens=spec["batch_tokens"], device=device,
+                                   packing=spec.get("packing", False))
+                   for path, tok_path in refs]
         return [([v[2 * j] for v in per_ref], [v[2 * j + 1] for v in per_ref]) for j in range(len(idx))]
 
     missing = [i for i, r in enumerate(rows) if not complete(r)]
@@ -252,7 +259,7 @@ def main(spec_path: str) -> None:
             r["rejected_ids"] = encode_response(tok, r["rejected"])
     if not rows:
         raise SystemExit("train: the round has no pairs")
-    _fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"])
+    _fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"], spec["packing"])
     loss_name = spec["loss"]
     if loss_name == "mrpo":
         _fill_mrpo_reference_logps(rows, spec, tok, rank, world, device_name)
@@ -261,7 +268,8 @@ def main(spec_path: str) -> None:
 
     fused = fused_head_ok(model)
     hidden_size = model.get_output_embeddings().weight.shape[1]
-    policy = Policy(model, fused, zero3=spec["zero_stage"] == 3)
+    path = packing_path(model) if spec["packing"] else ""
+    policy = Policy(model, fused, zero3=spec["zero_stage"] == 3, packing=path)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=_ds_config(spec, world))
     vhead = vopt = None
@@ -286,15 +294,21 @@ def main(spec_path: str) -> None:
         for m in range(0, len(step_idx), mb):
             batch = [rows[i] for i in step_idx[m:m + mb]]
             seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in batch] + [(r["prompt_ids"], r["rejected_ids"]) for r in batch]
-            inputs = collate(seqs, tok.pad_token_id, device)
+            if path:  # the micro-batch's chosen and rejected sequences in one padding-free row
+                packed = pack(seqs, device)
+                inputs, kw = (), {"packed": packed}
+                prompt_end = packed.cu_seqlens[:len(batch)].long()
+            else:
+                inputs, kw = collate(seqs, tok.pad_token_id, device), {}
+                prompt_end = torch.zeros(len(batch), dtype=torch.long, device=device)
             col = lambda key: torch.tensor([r[key] for r in batch], dtype=torch.float32, device=device)
             if loss_name == "hpo":
                 # V(x) from the chosen sequences' last prompt position (the prompt is shared)
-                value_at = torch.tensor([len(r["prompt_ids"]) - 1 for r in batch], device=device)
-                logps, counts, feats = engine(*inputs, value_at)
+                value_at = prompt_end + torch.tensor([len(r["prompt_ids"]) - 1 for r in batch], device=device)
+                logps, counts, feats = engine(*inputs, value_at=value_at, **kw)
                 values = vhead(feats.float()).squeeze(-1)
             else:
-                logps, counts = engine(*inputs)
+                logps, counts = engine(*inputs, **kw)
             pc, pr = logps[:len(batch)], logps[len(batch):]
             nc, nr = counts[:len(batch)].to(pc.dtype), counts[len(batch):].to(pc.dtype)
             rc, rr = col("ref_chosen_logp").to(pc.dtype), col("ref_rejected_logp").to(pc.dtype)
