@@ -9,10 +9,13 @@ CPU-only: about a few minutes on 2 cores. Steps:
   2. SFT from scratch in two phases (mostly short styles to learn the addition cheaply, then the
      target style mixture), each stopped once accuracy on held-out validation prompts reaches a
      threshold (accuracy jumps late and fast on this kind of task, so a threshold is both faster and
-     more reproducible than a fixed long schedule).
+     more reproducible than a fixed long schedule). The thresholds are high on purpose (greedy 0.99,
+     sampled 0.97): an SFT model stopped at 0.8 / 0.7 got one sampled sum in six wrong, and DICE's
+     implicit reward, which favours rare samples, turned those into an arithmetic collapse.
   3. offline pairs from the SFT model's own samples (K per prompt, temperature 1): chosen = a checker-
-     perfect answer (polite and correct), rejected = a non-preferred sample, picked so that chosen is
-     on average ``--length-gap`` characters longer (the bias DICE's α sweep must remove).
+     perfect answer (polite and correct), rejected = a correct answer in another style (same numbers,
+     so the pair differs only in style), picked so that chosen is on average ``--length-gap``
+     characters longer (the bias DICE's α sweep must remove).
   4. π0 = DPO (sigmoid, summed log-probs, frozen SFT reference), one epoch over the offline pairs:
      short enough that π0 still leaves the preferred style headroom at temperature 1.
   5. metrics of SFT and π0 (greedy and sampled) and π0's implicit-reward accuracy on held-out pairs.
@@ -22,19 +25,25 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+# Before torch loads OpenMP: with the default (spinning) wait policy, 2 threads on 2 cores shared
+# with another busy process (a vLLM engine, a test run) slowed SFT 12-38x here; passive waiting kept
+# it to 2-3x. The thread count, and so every result, is unchanged (rebuilt assets are byte-identical).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from selfalign.kernels.logps import sequence_logps, token_logps
-from selfalign.kernels.losses import dpo_loss
-from selfalign.tasks import toy
-from selfalign.tasks.data import encode_prompt, encode_response
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from selfalign.kernels.logps import sequence_logps, token_logps  # noqa: E402
+from selfalign.kernels.losses import dpo_loss  # noqa: E402
+from selfalign.tasks import toy  # noqa: E402
+from selfalign.tasks.data import encode_prompt, encode_response  # noqa: E402
 
 # SFT style mixture: the preferred style is a minority so that the sampled polite rate starts low,
 # and greedy decoding of the SFT model is not polite: after the shared core it picks the likeliest
@@ -55,10 +64,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--k", type=int, default=8, help="SFT samples per prompt when building pairs")
     p.add_argument("--length-gap", type=float, default=12.0, help="target mean len(chosen)-len(rejected), chars")
     p.add_argument("--sft-lr", type=float, default=2e-3)
-    p.add_argument("--sft-max-steps", type=int, default=2000, help="cap per SFT phase")
-    p.add_argument("--sft-acc-threshold", type=float, default=0.8,
+    p.add_argument("--sft-max-steps", type=int, default=4000, help="cap per SFT phase")
+    p.add_argument("--sft-acc-threshold", type=float, default=0.99,
                    help="end SFT's addition phase at this greedy validation accuracy")
-    p.add_argument("--sft-sampled-threshold", type=float, default=0.7,
+    p.add_argument("--sft-sampled-threshold", type=float, default=0.97,
                    help="end SFT's styles phase at this sampled (T=1) validation accuracy")
     p.add_argument("--dpo-beta", type=float, default=0.1)
     p.add_argument("--dpo-lr", type=float, default=5e-5)
@@ -222,15 +231,20 @@ def train_sft(model, tok, ops, val_prompts, args, log) -> dict:
 
 # ------------------------------------------------------------------------------------------ pairs
 def build_pairs(prompts, samples, *, target_gap: float, rng: random.Random, id_prefix: str) -> list[dict]:
-    """One pair per prompt where the SFT samples contain both a checker-perfect answer (chosen) and a
-    finished non-preferred answer (rejected; malformed ones included: they are rightly dispreferred).
-    The rejected one is the candidate that brings the running mean length gap closest to
+    """One pair per prompt where the SFT samples contain a checker-perfect answer (chosen: polite and
+    correct) and a valid, correct answer in another style (rejected). Both state the same numbers, so
+    a pair differs only in its ending: every style shares the core "a plus b is n", whose summed
+    log-probs then cancel exactly in DPO's margin. Wrong or malformed rejected answers are left out on
+    purpose: with them, π0 learned a global digit shift away from the SFT model's typical errors, and
+    its implicit reward came to prefer sums off by one or ten (which DICE rounds then amplify).
+    The rejected answer is the candidate that brings the running mean length gap closest to
     ``target_gap``: a deliberate, controlled length bias."""
     pairs, gap_sum = [], 0.0
     for prompt, group in zip(prompts, samples):
         texts = sorted({t for t, finished in group if finished})
         chosen = [t for t in texts if toy.checker_reward(prompt, t) == 1.0]
-        rejected = [t for t in texts if not toy.is_preferred(prompt, t)]
+        rejected = [t for t in texts if toy.is_valid(prompt, t) and toy.is_correct(prompt, t)
+                    and not toy.is_preferred(prompt, t)]
         if not chosen or not rejected:
             continue
         c = rng.choice(chosen)

@@ -15,12 +15,14 @@ Styles (``STYLES``, exact full-string grammars; n = the stated result, no leadin
   rambling "47 plus 38 is 85 i guess?? um not sure lol"        42-43 chars
 Every style opens with the same core sentence "a plus b is n" and differs only in what follows. This
 is deliberate and measured. DPO's margin is a difference of summed log-probs, so tokens that chosen
-and rejected share *with the same preceding context* cancel exactly: with a shared prefix, a pair of
-two correct answers teaches only the ending, never the digits. Earlier versions put the numbers in
-different contexts per style ("85" / "47+38=85" / "The sum of 47 and 38 is 85. ...", then
-"Sure! 47 + 38 = 85. ..."); DPO on polite-vs-other pairs then pushed the rejected answers' digits
-down, π0's implicit reward came to prefer sums off by +1/+10 (88-98% of prompts) and DICE rounds
-amplified that into collapsing arithmetic while the polite rate rose.
+and rejected share *with the same preceding context* cancel exactly: a pair of two correct answers in
+different styles (the demo's offline pairs are built that way) teaches only the ending, never the
+digits. Earlier versions put the numbers in different contexts per style ("85" / "47+38=85" /
+"The sum of 47 and 38 is 85. ...", then "Sure! 47 + 38 = 85. ..."): DPO on polite-vs-other pairs
+pushed the rejected answers' digits down, π0's implicit reward preferred sums off by +1 or +10 on
+88-98% of prompts, and DICE rounds amplified that into collapsing arithmetic while the polite rate
+rose. Rejected answers with wrong sums do the same through a global digit shift, which is why the
+demo's offline pairs only pair correct answers (scripts/build_demo.py).
 The rambling style is deliberately the longest, so a reward that learned "longer is better" from the
 length-biased offline pairs favours it: DICE's length debiasing has a visible job. The longest valid
 response is 43 characters = 44 tokens with EOS, so max_tokens 48 suffices for generation.

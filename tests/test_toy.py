@@ -176,7 +176,9 @@ def test_demo_assets_exist_and_are_consistent():
     assert {r["prompt"] for r in heldout} <= eval_set
     for row in offline + heldout:
         assert set(row) == {"id", "prompt", "chosen", "rejected"}
-        assert toy.is_preferred(row["prompt"], row["chosen"])
+        assert toy.checker_reward(row["prompt"], row["chosen"]) == 1.0  # polite and correct
+        # a correct answer in another style: the pair differs only in its ending
+        assert toy.is_valid(row["prompt"], row["rejected"]) and toy.is_correct(row["prompt"], row["rejected"])
         assert not toy.is_preferred(row["prompt"], row["rejected"])
     report = json.loads((DEMO / "build_report.json").read_text())
     assert report["dpo"]["heldout_pair_accuracy"] >= 0.8
