@@ -189,3 +189,21 @@ def judge_rounds(judge: Judge, new_rows: Sequence[dict[str, Any]], old_rows: Seq
     if not items:
         raise JudgeError("judge: the two rounds have no evaluation prompt in common")
     return win_rate(items, judge.ask, judge.concurrency)
+
+
+def judge_round(judge: Judge, run_dir, r: int, log=print) -> dict[str, Any]:
+    """The evaluate stage's judge: round r's greedy evaluation answers against round r-1's
+    (`round_<r>/eval_greedy.parquet`). Writes the per-prompt records to `round_<r>/judge.parquet`
+    and returns the metrics."""
+    from pathlib import Path
+
+    from selfalign.tasks import artifacts
+
+    new_dir, old_dir = artifacts.round_dir(Path(run_dir), r), artifacts.round_dir(Path(run_dir), r - 1)
+    out = judge_rounds(judge, artifacts.read_table(new_dir / "eval_greedy.parquet"),
+                       artifacts.read_table(old_dir / "eval_greedy.parquet"))
+    artifacts.write_table(new_dir / "judge.parquet", out["records"])
+    m = out["metrics"]
+    log(f"judge: round {r} vs round {r - 1} on {m['judge/prompts']} prompts ({judge.model}): win rate "
+        f"{m['judge/win_rate']:.3f}, consistency {m['judge/consistency']:.3f}, invalid {m['judge/invalid']}")
+    return m

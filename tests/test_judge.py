@@ -242,3 +242,19 @@ def test_judge_against_local_vllm_server(judge_model, tmp_path):
             proc.kill()
             proc.wait()
         log.close()
+
+
+def test_judge_round_reads_the_eval_tables(stub, tmp_path):
+    from selfalign.tasks import artifacts
+    from selfalign.tasks.judge import judge_round
+
+    s = stub(prefers_good)
+    rows = lambda texts: [{"prompt_id": f"e{i}", "prompt": f"q{i}", "k": 0, "response": t} for i, t in enumerate(texts)]
+    artifacts.write_table(artifacts.round_dir(tmp_path, 0) / "eval_greedy.parquet", rows(["old", "good old", "same"]))
+    artifacts.write_table(artifacts.round_dir(tmp_path, 1) / "eval_greedy.parquet", rows(["good new", "new", "same"]))
+    lines = []
+    m = judge_round(Judge(url=s.url, model="m"), tmp_path, 1, lines.append)
+    assert m["judge/win_rate"] == pytest.approx((1.0 + 0.0 + 0.5) / 3) and m["judge/identical"] == 1
+    table = artifacts.read_table(tmp_path / "round_1" / "judge.parquet")
+    assert [r["score"] for r in table] == [1.0, 0.0, 0.5] and table[2]["verdict_new_first"] is None
+    assert "win rate 0.500" in lines[0]
