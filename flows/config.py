@@ -86,6 +86,8 @@ class TrainConfig:
                                    # losses (robust, exo_pair, bco_pair, sppo_hard, nca_pair, apo_zero,
                                    # apo_down, discopop, sigmoid_norm, aot); see kernels/losses.py
     beta: float = 0.1
+    rpo_alpha: float = 0.0         # weight of an NLL term on the chosen responses (token mean over the
+                                   # batch), added to any loss: TRL's rpo_alpha, iterative RPO
     label_smoothing: float = 0.0   # cDPO / robust / exo_pair / aot / simpo / alpha_dpo
     gamma_beta_ratio: float = 0.5  # simpo and alpha_dpo target margin gamma / beta
     alpha: float = 0.2             # alpha_dpo: weight of the adaptive margin
@@ -302,6 +304,7 @@ def validate(cfg: Config) -> None:
         ("pairs.min_chars", cfg.pairs.min_chars >= 0, "must be >= 0"),
         ("pairs.max_chars", cfg.pairs.max_chars > cfg.pairs.min_chars, f"must be > pairs.min_chars={cfg.pairs.min_chars}"),
         ("train.beta", cfg.train.beta > 0, "must be > 0"),
+        ("train.rpo_alpha", cfg.train.rpo_alpha >= 0, "must be >= 0"),
         ("train.lr", cfg.train.lr > 0, "must be > 0"),
         ("train.weight_decay", cfg.train.weight_decay >= 0, "must be >= 0"),
         ("train.gamma_beta_ratio", cfg.train.gamma_beta_ratio >= 0, "must be >= 0"),

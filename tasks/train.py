@@ -56,7 +56,7 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     spec = {
         "model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
         "seed": seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
-        "loss": t.loss, "beta": t.beta, "label_smoothing": t.label_smoothing, "lr": t.lr,
+        "loss": t.loss, "beta": t.beta, "rpo_alpha": t.rpo_alpha, "label_smoothing": t.label_smoothing, "lr": t.lr,
         "gamma_beta_ratio": t.gamma_beta_ratio, "alpha": t.alpha, "alpha_mode": t.alpha_mode,
         "weight_decay": t.weight_decay, "epochs": t.epochs, "max_steps": t.max_steps,
         "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size, "grad_clip": t.grad_clip,

@@ -326,6 +326,10 @@ def main(spec_path: str) -> None:
             else:
                 losses, cr, rj = objective(pc, pr, rc, rr, nc, nr)
             loss = losses.mean()
+            if spec.get("rpo_alpha"):
+                # NLL of the chosen responses, token mean over the micro-batch (TRL's rpo_alpha): keeps
+                # the likelihood of what was chosen from falling, which plain DPO lets happen.
+                loss = loss + spec["rpo_alpha"] * (-pc.sum() / nc.sum())
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"train: non-finite loss {loss.item()} at step {step + 1}; "
                                     "the round's model is not written")

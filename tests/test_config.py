@@ -30,6 +30,7 @@ BAD_VALUES = [  # (override on the demo preset, what the error says: the key and
     ("--trian.beta=0.1", "unknown config section 'trian'"),
     # the list: negative beta, gamma outside [0, 1], K < 2, missing model path, negative lr
     ("--train.beta=-1", "train.beta: -1.0 must be > 0"),
+    ("--train.rpo_alpha=-0.5", "train.rpo_alpha: -0.5 must be >= 0"),
     ("--train.beta=0", "train.beta: 0.0 must be > 0"),
     ("--pairs.gamma=1.5", "pairs.gamma: 1.5 must be in [0, 1]"),
     ("--pairs.gamma=-0.1", "pairs.gamma: -0.1 must be in [0, 1]"),

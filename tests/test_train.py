@@ -105,3 +105,20 @@ def test_zero3_with_a_partitioned_lm_head_trains_like_zero2(tmp_path, replay_pai
         assert s3["loss"] == pytest.approx(s2["loss"], abs=1e-5)
     for k in w2:
         torch.testing.assert_close(w3[k], w2[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_rpo_alpha_adds_the_token_mean_nll_of_the_chosen_responses(tiny_model, tmp_path, replay_pairs):
+    from selfalign.tasks import artifacts
+    from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
+    from selfalign.tasks.score import load_model, logps_of
+
+    # one step over all 8 pairs in one micro-batch: the step's loss is ln 2 + alpha * NLL(chosen)
+    steps, _ = _train(tiny_model, tmp_path, replay_pairs, "rpo", **{"train.rpo_alpha": 0.5, "train.max_steps": 1,
+                                                                    "train.batch_size": 8, "train.micro_batch_size": 8})
+    tok, model = load_tokenizer(tiny_model), load_model(tiny_model, "float32", False)
+    rows = artifacts.read_table(tmp_path / "rpo.parquet")
+    seqs = [(encode_prompt(tok, r["prompt"]), encode_response(tok, r["chosen"])) for r in rows]
+    nll = -sum(logps_of(model, seqs, tok.pad_token_id)) / sum(len(c) for _, c in seqs)
+    assert nll > 1.0  # a random model: the term is far from negligible
+    assert steps[0]["loss"] == pytest.approx(LN2 + 0.5 * nll, abs=1e-5)
