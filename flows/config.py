@@ -58,6 +58,8 @@ class GenerateConfig:
     enforce_eager: bool = True     # skip torch.compile / CUDA graphs warm-up
     tensor_parallel_size: int = 1
     max_model_len: int = 0         # 0 = the model's own limit
+    shard_size: int = 256          # prompts per shard: each is written when drawn, so a crash loses at most
+                                   # one and a rerun draws only the missing ones (0 = one shard per stage)
 
 
 @dataclass
@@ -296,6 +298,7 @@ def validate(cfg: Config) -> None:
         ("generate.gpu_memory_utilization", 0 < cfg.generate.gpu_memory_utilization <= 1, "must be in (0, 1]"),
         ("generate.tensor_parallel_size", cfg.generate.tensor_parallel_size >= 1, "must be >= 1"),
         ("generate.max_model_len", cfg.generate.max_model_len >= 0, "must be >= 0 (0 = the model's own limit)"),
+        ("generate.shard_size", cfg.generate.shard_size >= 0, "must be >= 0 (0 = one shard)"),
         ("score.batch_tokens", cfg.score.batch_tokens >= 1, "must be >= 1"),
         ("pairs.min_valid", 2 <= cfg.pairs.min_valid <= cfg.generate.k, f"must be in [2, generate.k={cfg.generate.k}]"),
         ("pairs.gamma", 0 <= cfg.pairs.gamma <= 1, "must be in [0, 1]"),

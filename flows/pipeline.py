@@ -55,9 +55,10 @@ def generate_key(cfg: Config, r: int, model: str, prompts: list[dict[str, str]])
 def generate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> tuple[Path, dict]:
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "samples.parquet"
-    stats = _stage(out, generate_key(cfg, r, model, prompts),
-                   lambda: run_generate(cfg, model, prompts, out, rd, cfg.run.seed + r, _log()),
+    key = generate_key(cfg, r, model, prompts)
+    stats = _stage(out, key, lambda: run_generate(cfg, model, prompts, out, rd, r, key, _log()),
                    rd / "generate.stats.json")
+    artifacts.remove_shards(out)
     return out, stats
 
 
@@ -121,11 +122,12 @@ def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
 
     def work():
         metrics, gen = run_evaluate(cfg, model, prompts, rd, cfg.run.seed + 7919 * r, _log(),
-                                    next_round=nxt[:2] if nxt else None)
+                                    next_round=(nxt[0], nxt[1], r + 1, nxt[2]) if nxt else None)
         if nxt:
             nd = nxt[1].parent
             artifacts.write_json(nd / "generate.stats.json", gen)
             artifacts.mark_done(nxt[1], nxt[2])
+            artifacts.remove_shards(nxt[1])
         return metrics
 
     return _stage(out, key, work, rd / "evaluate.stats.json")

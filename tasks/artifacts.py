@@ -90,6 +90,19 @@ def mark_done(output: Path, key: dict[str, Any]) -> None:
     write_json(manifest_path(output), {"key": key, "token": uuid.uuid4().hex})
 
 
+def shard_path(output: Path, index: int) -> Path:
+    """The file of shard `index` of a stage output written in parts (`samples.shard-00003.parquet`)."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.shard-{index:05d}{output.suffix}")
+
+
+def remove_shards(output: Path) -> None:
+    """Deletes the shards of `output` and their manifests, once `output` and its manifest are written."""
+    output = Path(output)
+    for f in output.parent.glob(f"{output.stem}.shard-*{output.suffix}*"):
+        f.unlink(missing_ok=True)
+
+
 def input_token(path: Path | str) -> str:
     """What a downstream stage records about one of its inputs: the producing stage's run token
     when the input is a stage output, else the path with its size and modification time."""

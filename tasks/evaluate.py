@@ -10,7 +10,7 @@ from typing import Any
 
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import load_hook
-from selfalign.tasks.generate import build_job, generate_stats, k_samples_run, run_vllm, sampling_run
+from selfalign.tasks.generate import build_job, generate_stats, join_shards, plan_shards, run_vllm, sampling_run
 
 
 def _rates(rows: list[dict[str, Any]], preferred, checker) -> dict[str, float]:
@@ -25,10 +25,12 @@ def _rates(rows: list[dict[str, Any]], preferred, checker) -> dict[str, float]:
 
 
 def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, seed: int, log=print,
-                 next_round: tuple[list[dict[str, str]], Path] | None = None) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Greedy and sampled answers on the eval prompts. With `next_round` = (prompts, output), the
-    same engine also draws the next round's K samples per prompt from this model (the next round's
-    generate stage then finds them done): one engine start per round instead of two."""
+                 next_round: tuple[list[dict[str, str]], Path, int, dict[str, Any]] | None = None,
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Greedy and sampled answers on the eval prompts. With `next_round` = (prompts, output, round,
+    generate stage key), the same engine also draws the next round's K samples per prompt from this
+    model, in that stage's shards (those still missing), and joins them into `output` (the next
+    round's generate stage then finds it done): one engine start per round instead of two."""
     t0 = time.time()
     e, g = cfg.evaluate, cfg.generate
     preferred = load_hook(e.preferred, "evaluate.preferred") if e.preferred else None
@@ -42,8 +44,10 @@ def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, 
     # vLLM takes one prompt list per job: eval prompts first, then the next round's.
     job_prompts = list(prompts)
     if next_round:
-        runs.append(k_samples_run(cfg, next_round[1]) | {"first": len(prompts)})
-        job_prompts += next_round[0]
+        next_prompts, next_out, next_r, next_key = next_round
+        shards, shard_runs = plan_shards(cfg, next_prompts, next_out, next_r, next_key, log)
+        runs += [run | {"first": run["first"] + len(prompts)} for run in shard_runs]
+        job_prompts += next_prompts
         for run in runs[:n_eval]:
             run["count"] = len(prompts)
     results = run_vllm(build_job(cfg, model, job_prompts, runs, seed), out_dir / "eval_job.json", g.kv_cache_gib, log)
@@ -56,5 +60,5 @@ def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, 
     log(f"evaluate: {len(prompts)} prompts: {shown}")
     gen = None
     if next_round:
-        gen = generate_stats(results[-1], len(next_round[0]), g.k, time.time() - t0, log)
+        gen = generate_stats(join_shards(next_out, shards), len(next_prompts), g.k, time.time() - t0, log)
     return metrics, gen

@@ -2,9 +2,16 @@
 the engine's memory is released when the stage ends. The prompt is the chat template applied by
 `data.encode_prompt`, passed to vLLM as token ids, exactly what scoring and training see.
 
+The samples are drawn in shards of `generate.shard_size` prompts, one engine start for all of them;
+the worker writes each shard with its manifest as soon as it is drawn, so a crash loses at most the
+shard in progress, and a rerun draws only the missing shards. Each shard samples with seeds of its
+own (`shard_seed`), so the joined `samples.parquet` is the same, bit for bit, however many times the
+stage was interrupted.
+
 Run as a module (`python -m selfalign.tasks.generate <job.json>`) it is the vLLM worker."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -135,12 +142,53 @@ def k_samples_run(cfg, out_path: Path) -> dict[str, Any]:
     return sampling_run(out_path, n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
 
 
-def run_generate(cfg, model: str, prompts: list[dict[str, str]], out_path: Path, work_dir: Path, seed: int,
-                 log=print) -> dict[str, Any]:
-    """K samples per prompt at the configured temperature/top_p/max_tokens -> `out_path`."""
+def shard_seed(run_seed: int, r: int, shard: int) -> int:
+    """The sampling seed of shard `shard` of round r. It depends on nothing else (not on the shards
+    drawn before it in the same engine), so a shard drawn again after a crash is the one an
+    uninterrupted run drew. Request i of the shard samples with seed + i * K (vLLM gives the k-th
+    sample of a request seed + k)."""
+    digest = hashlib.sha256(f"selfalign-generate/{run_seed}/{r}/{shard}".encode()).digest()
+    return int.from_bytes(digest[:6], "big")
+
+
+def plan_shards(cfg, prompts: list[dict[str, str]], out_path: Path, r: int, key: dict[str, Any],
+                log=print) -> tuple[list[Path], list[dict[str, Any]]]:
+    """The stage's shards of `generate.shard_size` prompts (0: one shard): every shard's path, and
+    a sampling run for each one not already written under the same stage key. A run's
+    `first`/`count` index `prompts`; the worker writes each shard with its manifest as it completes."""
+    size = cfg.generate.shard_size or len(prompts)
+    paths, runs = [], []
+    for i, first in enumerate(range(0, len(prompts), size)):
+        path = artifacts.shard_path(out_path, i)
+        paths.append(path)
+        shard_key = key | {"shard": i}
+        if artifacts.is_done(path, shard_key):
+            log(f"{path.name}: up to date, skipped")
+            continue
+        runs.append(k_samples_run(cfg, path) | {
+            "first": first, "count": min(size, len(prompts) - first), "seed": shard_seed(cfg.run.seed, r, i),
+            "manifest": shard_key})
+    return paths, runs
+
+
+def join_shards(out_path: Path, paths: list[Path]) -> list[dict[str, Any]]:
+    """Concatenates the shards, in order, into `out_path` (the shards stay until the stage's own
+    manifest is written: `artifacts.remove_shards`)."""
+    rows = [row for p in paths for row in artifacts.read_table(p)]
+    artifacts.write_table(out_path, rows)
+    return rows
+
+
+def run_generate(cfg, model: str, prompts: list[dict[str, str]], out_path: Path, work_dir: Path, r: int,
+                 key: dict[str, Any], log=print) -> dict[str, Any]:
+    """K samples per prompt at the configured temperature/top_p/max_tokens -> `out_path`, drawn in
+    shards (one engine start for all the missing ones)."""
     t0 = time.time()
-    job = build_job(cfg, model, prompts, [k_samples_run(cfg, out_path)], seed)
-    rows = run_vllm(job, work_dir / "generate_job.json", cfg.generate.kv_cache_gib, log)[0]
+    paths, runs = plan_shards(cfg, prompts, out_path, r, key, log)
+    if runs:
+        job = build_job(cfg, model, prompts, runs, cfg.run.seed + r)
+        run_vllm(job, work_dir / "generate_job.json", cfg.generate.kv_cache_gib, log)
+    rows = join_shards(out_path, paths)
     return generate_stats(rows, len(prompts), cfg.generate.k, time.time() - t0, log)
 
 
@@ -179,10 +227,14 @@ def _worker(job: dict[str, Any]) -> None:
         first = run.get("first", 0)
         prompts = job["prompts"][first:first + run.get("count", len(job["prompts"]))]
         requests = [{"prompt_token_ids": p["ids"]} for p in prompts]
-        # No per-request seed: the engine's seed makes the job reproducible, and a shared per-request
-        # seed would give identical prompts identical samples.
-        params = SamplingParams(n=run["n"], temperature=run["temperature"], top_p=run["top_p"],
-                                max_tokens=run["max_tokens"])
+        sampling = dict(n=run["n"], temperature=run["temperature"], top_p=run["top_p"], max_tokens=run["max_tokens"])
+        if run.get("seed") is None:  # draws from the engine's generator, seeded at start
+            params = SamplingParams(**sampling)
+        else:
+            # A shard: a seed of its own per request, so that it does not depend on what the engine
+            # drew before; and an empty prefix cache, so that it is computed as in a fresh engine.
+            llm.reset_prefix_cache()
+            params = [SamplingParams(**sampling, seed=run["seed"] + i * run["n"]) for i in range(len(prompts))]
         outs = llm.generate(requests, params, use_tqdm=False if quiet() else progress_bar(Path(run["output"]).stem))
         rows = []
         for p, out in zip(prompts, outs):
@@ -202,6 +254,9 @@ def _worker(job: dict[str, Any]) -> None:
                     "special_tokens": sum(t in special for t in body),
                 })
         artifacts.write_table(Path(run["output"]), rows)
+        if "manifest" in run:
+            artifacts.mark_done(Path(run["output"]), run["manifest"])
+            print(f"{PROGRESS}vLLM: wrote {Path(run['output']).name} ({len(rows)} samples)", flush=True)
 
 
 if __name__ == "__main__":

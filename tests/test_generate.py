@@ -1,0 +1,158 @@
+"""Sharded generation: a stage's samples are drawn in shards of `generate.shard_size` prompts, each
+written with its manifest as soon as it is drawn; a rerun draws only the missing shards, with the
+seeds an uninterrupted run used, and joins them into `samples.parquet`. The evaluate stage's combined
+job (eval of round r + round r+1's samples in one engine start) draws the same shards."""
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from selfalign.flows.config import load_config
+from selfalign.tasks import artifacts, evaluate, generate
+
+BASE = {"model.policy": "pi0", "model.reference": "sft", "data.prompts": "p", "data.eval_prompts": "e",
+        "data.offline_pairs": "o", "generate.k": 2, "pairs.min_valid": 2, "generate.shard_size": 4}
+PROMPTS = [{"id": f"p{i}", "prompt": f"What is {i} + 1?"} for i in range(10)]
+KEY = {"config": "c", "prompts": [p["id"] for p in PROMPTS]}
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    """The vLLM job, faked by its contract: each run's slice of the job's prompts, n samples each,
+    written (with the manifest, for a shard) as the run completes; `crash_after` runs it dies."""
+    state = SimpleNamespace(calls=[], crash_after=None)
+
+    def run_vllm(job, job_path, kv_cache_gib, log=print):
+        state.calls.append(job)
+        out = []
+        for j, run in enumerate(job["runs"]):
+            if state.crash_after is not None and j == state.crash_after:
+                raise Crash("killed")
+            first = run.get("first", 0)
+            prompts = job["prompts"][first:first + run.get("count", len(job["prompts"]))]
+            rows = [{"prompt_id": p["id"], "prompt": p["prompt"], "k": k, "seed": run.get("seed", -1),
+                     "response": f"{p['id']}/{k}/{run.get('seed')}", "finish_reason": "stop", "n_tokens": 3}
+                    for p in prompts for k in range(run["n"])]
+            artifacts.write_table(run["output"], rows)
+            if "manifest" in run:
+                artifacts.mark_done(run["output"], run["manifest"])
+            out.append(rows)
+        return out
+
+    monkeypatch.setattr(generate, "run_vllm", run_vllm)
+    monkeypatch.setattr(evaluate, "run_vllm", run_vllm)
+    monkeypatch.setattr(generate, "build_job", lambda cfg, model, prompts, runs, seed: {
+        "model": model, "prompts": prompts, "runs": runs, "seed": seed})
+    monkeypatch.setattr(evaluate, "build_job", generate.build_job)
+    return state
+
+
+def test_shards_of_a_stage_and_their_seeds(engine, tmp_path):
+    cfg = load_config(None, BASE)
+    out = tmp_path / "samples.parquet"
+    logged = []
+    stats = generate.run_generate(cfg, "pi0", PROMPTS, out, tmp_path, 1, KEY, logged.append)
+    assert len(engine.calls) == 1  # one engine start for every shard
+    runs = engine.calls[0]["runs"]
+    assert [(r["first"], r["count"]) for r in runs] == [(0, 4), (4, 4), (8, 2)]
+    assert [r["output"] for r in runs] == [str(tmp_path / f"samples.shard-0000{i}.parquet") for i in range(3)]
+    # a shard's seed depends on (run seed, round, shard) only
+    assert [r["seed"] for r in runs] == [generate.shard_seed(0, 1, i) for i in range(3)]
+    assert len({generate.shard_seed(s, r, i) for s in range(3) for r in range(3) for i in range(3)}) == 27
+    rows = artifacts.read_table(out)
+    assert [(r["prompt_id"], r["k"]) for r in rows] == [(p["id"], k) for p in PROMPTS for k in range(2)]
+    assert stats["generate/samples"] == 20
+    # shard 0 is one shard of the whole set when shard_size is 0
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    generate.run_generate(load_config(None, BASE | {"generate.shard_size": 0}), "pi0", PROMPTS,
+                          whole / "samples.parquet", whole, 1, KEY, logged.append)
+    assert [(r["first"], r["count"]) for r in engine.calls[-1]["runs"]] == [(0, 10)]
+
+
+def test_a_crash_loses_one_shard_and_the_rerun_draws_only_the_missing_ones(engine, tmp_path):
+    cfg = load_config(None, BASE)
+    ref, out = tmp_path / "ref" / "samples.parquet", tmp_path / "run" / "samples.parquet"
+    ref.parent.mkdir()
+    out.parent.mkdir()
+    generate.run_generate(cfg, "pi0", PROMPTS, ref, ref.parent, 1, KEY, print)
+
+    engine.crash_after = 1  # the engine dies while drawing shard 1
+    with pytest.raises(Crash):
+        generate.run_generate(cfg, "pi0", PROMPTS, out, out.parent, 1, KEY, print)
+    assert artifacts.is_done(artifacts.shard_path(out, 0), KEY | {"shard": 0}) and not out.exists()
+    engine.crash_after = None
+    logged = []
+    generate.run_generate(cfg, "pi0", PROMPTS, out, out.parent, 1, KEY, logged.append)
+    assert [r["output"] for r in engine.calls[-1]["runs"]] == [str(artifacts.shard_path(out, i)) for i in (1, 2)]
+    assert "samples.shard-00000.parquet: up to date, skipped" in logged
+    assert out.read_bytes() == ref.read_bytes()
+
+    # a shard written under another stage key (other config, model or prompts) is drawn again
+    (out.parent / "samples.parquet").unlink()
+    generate.run_generate(cfg, "pi0", PROMPTS, out, out.parent, 1, KEY | {"config": "other"}, print)
+    assert len(engine.calls[-1]["runs"]) == 3
+    artifacts.remove_shards(out)
+    assert sorted(p.name for p in out.parent.iterdir() if "shard" in p.name) == []
+
+
+def test_evaluate_draws_the_next_rounds_shards_in_its_job(engine, tmp_path, monkeypatch):
+    cfg = load_config(None, BASE)
+    evals = [{"id": f"e{i}", "prompt": f"What is {i} + 2?"} for i in range(3)]
+    ref = tmp_path / "ref" / "samples.parquet"
+    ref.parent.mkdir()
+    generate.run_generate(cfg, "pi0", PROMPTS, ref, ref.parent, 1, KEY, print)
+
+    nxt = tmp_path / "round_1" / "samples.parquet"
+    nxt.parent.mkdir()
+    # shard 1 survived an earlier, interrupted evaluate stage
+    shutil.copy(artifacts.shard_path(ref, 1), artifacts.shard_path(nxt, 1))
+    artifacts.mark_done(artifacts.shard_path(nxt, 1), KEY | {"shard": 1})
+    metrics, gen = evaluate.run_evaluate(cfg, "pi0", evals, tmp_path, 7, print, next_round=(PROMPTS, nxt, 1, KEY))
+    runs = engine.calls[-1]["runs"]
+    prompts = engine.calls[-1]["prompts"]
+    assert [r["output"] for r in runs[2:]] == [str(artifacts.shard_path(nxt, i)) for i in (0, 2)]
+    # eval runs cover the eval prompts, shard runs index the next round's prompts after them
+    assert [(r.get("first", 0), r["count"]) for r in runs] == [(0, 3), (0, 3), (3, 4), (11, 2)]
+    assert [p["id"] for p in prompts[3:]] == [p["id"] for p in PROMPTS]
+    assert nxt.read_bytes() == ref.read_bytes() and gen["generate/samples"] == 20
+
+
+@pytest.mark.slow
+def test_vllm_shards_are_the_same_whether_drawn_together_or_alone(tiny_model, tmp_path):
+    """Real vLLM (CPU): a shard drawn alone in a fresh engine, after the engine drew other runs, or
+    after the other shards in one engine start, has the same samples, bit for bit."""
+    cfg = load_config(None, BASE | {"model.policy": tiny_model, "model.reference": tiny_model,
+                                    "generate.k": 3, "pairs.min_valid": 2, "generate.max_tokens": 12,
+                                    "generate.temperature": 1.0, "generate.top_p": 1.0,
+                                    "evaluate.samples": 2})
+    ref, out = tmp_path / "ref" / "samples.parquet", tmp_path / "run" / "samples.parquet"
+    ref.parent.mkdir()
+    out.parent.mkdir()
+    generate.run_generate(cfg, tiny_model, PROMPTS, ref, ref.parent, 1, KEY, print)
+    rows = artifacts.read_table(ref)
+    assert len(rows) == 30 and len({r["response"] for r in rows}) > 10  # sampled, not degenerate
+
+    # shards 0 and 2 survive; shard 1 is drawn by an evaluate job, after the eval runs
+    for i in (0, 2):
+        shutil.copy(artifacts.shard_path(ref, i), artifacts.shard_path(out, i))
+        artifacts.mark_done(artifacts.shard_path(out, i), KEY | {"shard": i})
+    evals = [{"id": f"e{i}", "prompt": f"What is {i} + 2?"} for i in range(3)]
+    logged = []
+    evaluate.run_evaluate(cfg, tiny_model, evals, out.parent, 7, logged.append, next_round=(PROMPTS, out, 1, KEY))
+    assert "vLLM: wrote samples.shard-00001.parquet (12 samples)" in logged
+    assert not any("wrote samples.shard-00000" in m or "wrote samples.shard-00002" in m for m in logged)
+    assert artifacts.read_table(out) == rows and out.read_bytes() == ref.read_bytes()
+
+    # a fresh engine that draws shard 2 alone
+    alone = tmp_path / "alone" / "samples.parquet"
+    alone.parent.mkdir()
+    for i in (0, 1):
+        shutil.copy(artifacts.shard_path(ref, i), artifacts.shard_path(alone, i))
+        artifacts.mark_done(artifacts.shard_path(alone, i), KEY | {"shard": i})
+    generate.run_generate(cfg, tiny_model, PROMPTS, alone, alone.parent, 1, KEY, print)
+    assert alone.read_bytes() == ref.read_bytes()
