@@ -217,6 +217,11 @@ def _worker(job: dict[str, Any]) -> None:
         kwargs["max_model_len"] = job["max_model_len"]
     if on_gpu:
         kwargs["gpu_memory_utilization"] = job["gpu_memory_utilization"]
+    else:
+        # Per-request seeds give each request its own torch.Generator; when a prompt's prefill is
+        # split across steps vLLM rewinds that generator's offset, which CPU generators do not
+        # support ("CPU Generator does not use offset"). Whole prefills avoid the rewind.
+        kwargs["enable_chunked_prefill"] = False
     llm = LLM(**kwargs)
     tok = llm.get_tokenizer()
     eos = {tok.eos_token_id} | _generation_eos(job["model"])
