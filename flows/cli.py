@@ -45,8 +45,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     prepare_environment(cfg.run_dir)
     from selfalign.flows.pipeline import run_flow, tracking_uri
+    from selfalign.tasks.train import NonFiniteTraining
 
-    summary = run_flow(cfg.to_dict())
+    try:
+        summary = run_flow(cfg.to_dict())
+    except NonFiniteTraining as e:
+        print(f"\nrun failed: {e}\nThe round is marked failed and its model was not written. Rerunning the same "
+              "command resumes from the last good checkpoint, if any; a changed train config (say a lower train.lr) starts "
+              "the round's training again from its input model.", file=sys.stderr)
+        return 3
     print()
     print(format_table(summary["rounds"]))
     if summary["stopped"]:

@@ -129,6 +129,9 @@ class TrainConfig:
     launcher: str = "torchrun"     # torchrun | deepspeed
     threads: int = 0               # torch threads per process (0 = cores / nproc)
     packing: bool = True           # a micro-batch's chosen and rejected sequences in one padding-free row
+    checkpoint_every: int = 50     # DeepSpeed checkpoint every N optimiser steps in round_<r>/train (0 = off);
+                                   # a rerun resumes from the latest; only the latest is kept
+    keep_checkpoints: bool = False # keep the latest checkpoint after the round's model is saved
 
     def mrpo_reference_list(self) -> list[tuple[str, str]]:
         """(model, tokenizer or "") of each additional MRPO reference, in order."""
@@ -316,6 +319,7 @@ def validate(cfg: Config) -> None:
         ("train.max_steps", cfg.train.max_steps >= 0, "must be >= 0 (0 = use train.epochs)"),
         ("train.grad_clip", cfg.train.grad_clip >= 0, "must be >= 0"),
         ("train.threads", cfg.train.threads >= 0, "must be >= 0 (0 = cores / nproc)"),
+        ("train.checkpoint_every", cfg.train.checkpoint_every >= 0, "must be >= 0 (0 = no checkpoints)"),
         ("train.batch_size", cfg.train.batch_size >= 1, "must be >= 1"),
         ("train.label_smoothing", 0 <= cfg.train.label_smoothing < 0.5, "must be in [0, 0.5)"),
         ("train.micro_batch_size", cfg.train.micro_batch_size >= 1, "must be >= 1"),

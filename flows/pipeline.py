@@ -12,7 +12,10 @@ when the stage's manifest shows its output came from the same inputs and config.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +31,7 @@ from selfalign.tasks.generate import run_generate
 from selfalign.tasks.pairs import run_pairs
 from selfalign.tasks.score import extra_references, run_score
 from selfalign.tasks.tracking import MetricLogger, check_options, local_uri, make_logger, resolve_uri
-from selfalign.tasks.train import run_train
+from selfalign.tasks.train import checkpoint_dir, run_train
 
 
 def _log():
@@ -97,11 +100,26 @@ def pairs_task(cfg: Config, r: int, scores: Path, offline: list[dict[str, str]])
 def train_task(cfg: Config, r: int, model: str, pairs: Path) -> tuple[Path, list[dict]]:
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "model"
-    key = {"config": cfg.section_hash("model", "train"), "model": artifacts.input_token(model),
+    key = {"config": train_config_hash(cfg), "model": artifacts.input_token(model),
            "pairs": artifacts.input_token(pairs), "seed": cfg.run.seed + r} | _mrpo_key(cfg)
     steps_path = rd / "train.steps.json"
-    _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log())}, steps_path)
+    _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log(), key=key)},
+           steps_path)
+    if not cfg.train.keep_checkpoints and checkpoint_dir(out).exists():
+        shutil.rmtree(checkpoint_dir(out))  # only once the model and its manifest are written
     return out, artifacts.read_json(steps_path)["steps"]
+
+
+# How often training saves checkpoints, and whether they are kept, does not change the model.
+_SAVING_KEYS = ("checkpoint_every", "keep_checkpoints")
+
+
+def train_config_hash(cfg: Config) -> str:
+    """`section_hash("model", "train")` without the keys that only decide what training saves."""
+    d = cfg.to_dict()
+    d["train"] = {k: v for k, v in d["train"].items() if k not in _SAVING_KEYS}
+    blob = json.dumps({s: d[s] for s in ("model", "train")}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -195,7 +213,8 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         if cfg.tracking.log_model == "artifact" and not result["stopped"]:
             tracker.log_artifacts(Path(result["model"]), "model")
         tracker.close("KILLED" if result["stopped"] else "FINISHED")
-    except BaseException:
+    except BaseException as e:
+        log(f"round {r} failed: {e}")
         tracker.close("FAILED")
         raise
     result["metrics"] = metrics

@@ -42,8 +42,19 @@ def worker_env() -> dict[str, str]:
     return env
 
 
-def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=print) -> list[dict[str, Any]]:
-    """Trains pi_r from pi_{r-1} (= `model`) on the round's pairs; writes `out_dir` (HF format)."""
+class NonFiniteTraining(RuntimeError):
+    """Training met a NaN or inf loss or gradient norm; the message names the step and the value."""
+
+
+def checkpoint_dir(out_dir: Path) -> Path:
+    return out_dir.parent / "train" / "checkpoints"
+
+
+def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=print,
+              key: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Trains pi_r from pi_{r-1} (= `model`) on the round's pairs; writes `out_dir` (HF format).
+    Every `train.checkpoint_every` steps the worker saves a DeepSpeed checkpoint; a later call with
+    the same spec and stage `key` resumes from the latest one (others are discarded first)."""
     t0 = time.time()
     work = out_dir.parent / "train"
     work.mkdir(parents=True, exist_ok=True)
@@ -51,7 +62,6 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     if partial.exists():
         shutil.rmtree(partial)
     metrics_path = work / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
     t = cfg.train
     spec = {
         "model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
@@ -68,6 +78,18 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         "hpo_eta": t.hpo_eta, "hpo_w_max": t.hpo_w_max, "hpo_tau": t.hpo_tau, "hpo_nll": t.hpo_nll,
         "hpo_on_rejected": t.hpo_on_rejected, "hpo_value_lr": t.hpo_value_lr,
     }
+    # Checkpoints are resumed only by the same training: same spec (config, model, seed) and the
+    # same stage key (the contents of the pairs and the model).
+    ckpt = checkpoint_dir(out_dir)
+    stamp = json.loads(json.dumps({"spec": spec, "key": key}, default=float))  # as read back from the file
+    if ckpt.exists() and (not (ckpt / "stamp.json").exists() or artifacts.read_json(ckpt / "stamp.json") != stamp):
+        log(f"train: discarding checkpoints of another training in {ckpt}")
+        shutil.rmtree(ckpt)
+    if not ckpt.exists():
+        metrics_path.unlink(missing_ok=True)
+        ckpt.mkdir(parents=True)
+        artifacts.write_json(ckpt / "stamp.json", stamp)
+    spec |= {"checkpoints": str(ckpt), "checkpoint_every": t.checkpoint_every}
     spec_path = work / "spec.json"
     artifacts.write_json(spec_path, spec)
     cmd = launch_command(t.launcher, t.nproc, spec_path)
@@ -82,6 +104,9 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
                 log(line.rstrip())
         rc = proc.wait()
     if rc != 0:
+        fault = [line[line.index("train: non-finite") + 7:] for line in tail if "train: non-finite" in line]
+        if fault:
+            raise NonFiniteTraining(f"{fault[-1]} (log: {work / 'worker.log'})")
         raise RuntimeError(f"training failed (exit {rc}); log: {work / 'worker.log'}\n" + "\n".join(tail))
     artifacts.publish_dir(partial, out_dir)
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]

@@ -13,6 +13,9 @@ them, and they are computed here before the first update, when the policy still 
 rewards are evaluated here on every pair's chosen and rejected response, and its value head is
 trained alongside the policy (outside the DeepSpeed engine, so that its loss never enters the
 policy's gradient clipping). Rank 0 writes one JSON line of TRL-named metrics per optimiser step.
+Every `checkpoint_every` steps the worker saves a DeepSpeed checkpoint (plus the step, RNG and loss
+state) and, started again, resumes from the latest; a NaN or inf loss or gradient norm stops it
+(exit 3) before anything of that step is saved.
 
 Usage: python -m selfalign.tasks.train_worker <spec.json>   (under torchrun / deepspeed)"""
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 from contextlib import nullcontext
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -233,9 +237,88 @@ def _index_stream(n: int, total: int, seed: int) -> list[int]:
     return out[:total]
 
 
+# Test-only fault injection: the loss of this optimiser step becomes NaN (tests/test_resume.py).
+FAULT_NAN_STEP = "SELFALIGN_FAULT_NAN_STEP"
+
+
+def _latest_checkpoint(ckpt_dir: str) -> dict | None:
+    """{"tag", "step"} of the latest complete checkpoint in `ckpt_dir`, if any. The pointer file is
+    written (atomically) only after every rank has saved, so a kill mid-save leaves the previous one."""
+    pointer = Path(ckpt_dir) / "latest.json"
+    return artifacts.read_json(pointer) if ckpt_dir and pointer.exists() else None
+
+
+def _client_state(step: int, objective: "Objective", vhead, vopt) -> dict:
+    """What a resumed run needs beyond the engine's own state (weights, optimiser, scheduler): the
+    step reached, which fixes the position in the data stream, the RNG state, the alpha-DPO running
+    statistics and the HPO value head with its optimiser."""
+    state = {"step": step, "torch_rng": torch.get_rng_state(), "alpha_dpo": objective.state}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    if vhead is not None:
+        state["value_head"], state["value_opt"] = vhead.state_dict(), vopt.state_dict()
+    return state
+
+
+def _save_checkpoint(engine, spec: dict, step: int, client_state: dict, rank: int) -> None:
+    """A DeepSpeed checkpoint of `step` (all ranks), then the pointer to it; older ones are deleted."""
+    ckpt_dir = Path(spec["checkpoints"])
+    tag = f"step-{step:06d}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        artifacts.write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step})
+        for old in ckpt_dir.glob("step-*"):
+            if old.name != tag:
+                shutil.rmtree(old, ignore_errors=True)
+        print(f"train: checkpoint at step {step} -> {ckpt_dir / tag}", flush=True)
+
+
+def _resume(engine, spec: dict, objective: "Objective", vhead, vopt) -> int:
+    """Loads the latest checkpoint, if there is one: returns the number of steps already done."""
+    latest = _latest_checkpoint(spec.get("checkpoints", ""))
+    if latest is None:
+        return 0
+    load_path, state = engine.load_checkpoint(spec["checkpoints"], tag=latest["tag"])
+    if load_path is None:
+        raise RuntimeError(f"train: could not load the checkpoint {spec['checkpoints']}/{latest['tag']}")
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"])
+    objective.state = state["alpha_dpo"]
+    if vhead is not None:
+        vhead.load_state_dict(state["value_head"])
+        vopt.load_state_dict(state["value_opt"])
+    print(f"train: resuming from the checkpoint of step {state['step']} ({load_path})", flush=True)
+    return state["step"]
+
+
+def _truncate_metrics(path: Path, steps_done: int) -> None:
+    """Keeps the metric lines of the steps a resumed run does not redo."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= steps_done]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _die_with_parent() -> None:
+    """torchrun starts each worker in a session of its own, so killing the run's process group
+    (or the launcher alone) would leave the worker training beside a rerun: Linux sends it SIGKILL
+    when its parent goes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent went before the call
+            os._exit(1)
+
+
 def main(spec_path: str) -> None:
     import deepspeed
 
+    _die_with_parent()
     spec = json.loads(Path(spec_path).read_text())
     on_gpu = torch.cuda.is_available()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -280,14 +363,22 @@ def main(spec_path: str) -> None:
     steps = spec["max_steps"] or max(1, math.ceil(spec["epochs"] * len(rows) / B))
     stream = _index_stream(len(rows), steps * B, spec["seed"])
     objective = Objective(spec, world)
+    start = _resume(engine, spec, objective, vhead, vopt)
+    saved = start  # the last good checkpoint's step (0: none)
+    if rank == 0:
+        _truncate_metrics(Path(spec["metrics"]), start)
     metrics_f = open(spec["metrics"], "a") if rank == 0 else None
+    fault_step = int(os.environ.get(FAULT_NAN_STEP, 0))
+    every = spec.get("checkpoint_every", 0)
+    kept = lambda: (f"the last good checkpoint (step {saved}) stays in {spec['checkpoints']} for a rerun"
+                    if saved else "no checkpoint was saved yet")
     device = engine.device
     names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
              "logps/chosen", "logps/rejected"]
     if loss_name == "hpo":
         names += ["value_loss", "aux/chosen", "aux/rejected", "value/mean"]
     t0 = time.time()
-    for step in range(steps):
+    for step in range(start, steps):
         step_idx = stream[step * B:(step + 1) * B][rank::world]
         n_micro = max(1, math.ceil(len(step_idx) / mb))
         acc = torch.zeros(len(names), dtype=torch.float64)
@@ -330,9 +421,12 @@ def main(spec_path: str) -> None:
                 # NLL of the chosen responses, token mean over the micro-batch (TRL's rpo_alpha): keeps
                 # the likelihood of what was chosen from falling, which plain DPO lets happen.
                 loss = loss + spec["rpo_alpha"] * (-pc.sum() / nc.sum())
+            if fault_step == step + 1:
+                loss = loss * math.nan
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"train: non-finite loss {loss.item()} at step {step + 1}; "
-                                    "the round's model is not written")
+                raise NonFiniteLoss(f"train: non-finite loss {loss.item()} at step {step + 1}/{steps} "
+                                    f"(micro-batch {m // mb + 1} of {n_micro}); the round's model is not "
+                                    f"written; {kept()}")
             engine.backward(loss)
             engine.step()
             acc += torch.tensor([loss.item(), cr.mean().item(), rj.mean().item(), (cr - rj).mean().item(),
@@ -351,7 +445,8 @@ def main(spec_path: str) -> None:
             acc /= world
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise NonFiniteLoss(f"train: non-finite gradient norm at step {step + 1}")
+            raise NonFiniteLoss(f"train: non-finite gradient norm {float(grad_norm)} at step {step + 1}/{steps}; "
+                                f"the round's model is not written; {kept()}")
         if metrics_f:
             rec = {"step": step + 1, **dict(zip(names, acc.tolist())),
                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
@@ -361,6 +456,9 @@ def main(spec_path: str) -> None:
             if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
                 print(f"train: step {step + 1}/{steps} loss {rec['loss']:.4f} "
                       f"margin {rec['rewards/margins']:+.4f} acc {rec['rewards/accuracies']:.2f}", flush=True)
+        if every and (step + 1) % every == 0 and step + 1 < steps:
+            _save_checkpoint(engine, spec, step + 1, _client_state(step + 1, objective, vhead, vopt), rank)
+            saved = step + 1
 
     _save(engine, spec, tok, rank)
     dist.barrier()
