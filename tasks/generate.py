@@ -212,6 +212,7 @@ def _worker(job: dict[str, Any]) -> None:
         model=job["model"], dtype=job["dtype"], enforce_eager=job["enforce_eager"], seed=job["seed"],
         trust_remote_code=job["trust_remote_code"], tensor_parallel_size=job["tensor_parallel_size"],
         enable_prefix_caching=True,  # the K samples of a prompt share its KV blocks
+        load_format="safetensors",  # never unpickle a checkpoint (pytorch_model.bin)
     )
     if job["max_model_len"]:
         kwargs["max_model_len"] = job["max_model_len"]

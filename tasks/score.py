@@ -27,8 +27,9 @@ log_paths = logging.getLogger("selfalign.tasks.score")
 def load_model(path: str, dtype: str = "float32", trust_remote_code: bool = False, device: str | None = None):
     from transformers import AutoModelForCausalLM
 
+    # safetensors only: a pickled checkpoint (pytorch_model.bin) is refused, not unpickled
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code)
+        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, use_safetensors=True)
     model.eval()
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
