@@ -152,6 +152,12 @@ class EvaluateConfig:
     checker: str = ""              # hook for correctness, same signature
     samples: int = 4               # sampled answers per eval prompt (temperature of generate)
     max_tokens: int = 0            # 0 = generate.max_tokens
+    # External judge (tasks/judge.py): round r's greedy answers against round r-1's on the eval prompts,
+    # each asked in both orders; logs judge/win_rate (position-debiased), consistency, invalid replies.
+    judge_url: str = ""            # OpenAI-compatible API base, e.g. http://127.0.0.1:8000/v1 ("" = no judge)
+    judge_model: str = ""          # the model name the endpoint serves
+    judge_api_key_env: str = ""    # name of the environment variable holding the API key ("" = send none);
+                                   # the key itself is never a config value and never logged
 
 
 @dataclass
@@ -193,10 +199,14 @@ class Config:
 
     def section_hash(self, *sections: str) -> str:
         d = self.to_dict()
-        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True)
+        blob = json.dumps({s: {k: v for k, v in d[s].items() if k not in _NOT_HASHED.get(s, ())} for s in sections},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Keys that change no stage's output (the judge reads the eval answers, it has a stage key of its own):
+# left out of the section hashes, so setting them reruns no evaluation.
+_NOT_HASHED = {"evaluate": {"judge_url", "judge_model", "judge_api_key_env"}}
 _CHOICES = {
     "model.dtype": {"float32", "bfloat16"},
     "data.on_bad_row": {"error", "skip"},
@@ -330,10 +340,18 @@ def validate(cfg: Config) -> None:
         ("guard.min_pair_accuracy", 0 <= cfg.guard.min_pair_accuracy <= 1, "must be in [0, 1]"),
         ("evaluate.samples", cfg.evaluate.samples >= 0, "must be >= 0"),
         ("evaluate.max_tokens", cfg.evaluate.max_tokens >= 0, "must be >= 0 (0 = generate.max_tokens)"),
+        ("evaluate.judge_url", not cfg.evaluate.judge_url or cfg.evaluate.judge_url.startswith(("http://", "https://")),
+         "must be an http(s) URL, or empty for no judge"),
+        ("evaluate.judge_model", bool(cfg.evaluate.judge_model.strip()) or not cfg.evaluate.judge_url,
+         "must name the judge's model when evaluate.judge_url is set"),
     ]
     for key, ok, why in checks:
         if not ok:
             raise ConfigError(f"{key}: {flat[key]!r} {why}")
+    if cfg.evaluate.judge_api_key_env and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.evaluate.judge_api_key_env):
+        # Not echoed: a value that is no variable name may be the key itself, pasted by mistake.
+        raise ConfigError("evaluate.judge_api_key_env must be the NAME of an environment variable holding the key "
+                          "(letters, digits, _), not the key")
     from selfalign.kernels.losses import PAIR_LOSSES
 
     t = cfg.train

@@ -28,6 +28,7 @@ from selfalign.tasks import artifacts, plots
 from selfalign.tasks.data import load_data
 from selfalign.tasks.evaluate import run_evaluate
 from selfalign.tasks.generate import run_generate
+from selfalign.tasks.judge import Judge, judge_round
 from selfalign.tasks.pairs import run_pairs
 from selfalign.tasks.score import extra_references, run_score
 from selfalign.tasks.tracking import MetricLogger, check_options, local_uri, make_logger, resolve_uri
@@ -151,6 +152,18 @@ def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
     return _stage(out, key, work, rd / "evaluate.stats.json")
 
 
+@task(name="judge", cache_policy=NO_CACHE)
+def judge_task(cfg: Config, r: int) -> dict:
+    """Round r's greedy eval answers against round r-1's, by the external judge (evaluate.judge_*);
+    rerun only when either round's answers or the judge change."""
+    rd, e = artifacts.round_dir(cfg.run_dir, r), cfg.evaluate
+    key = {"judge": [e.judge_url, e.judge_model], "new": artifacts.input_token(rd / "eval_greedy.parquet"),
+           "old": artifacts.input_token(artifacts.round_dir(cfg.run_dir, r - 1) / "eval_greedy.parquet")}
+    judge = Judge(url=e.judge_url, model=e.judge_model, api_key_env=e.judge_api_key_env)
+    return _stage(rd / "judge.parquet", key, lambda: judge_round(judge, cfg.run_dir, r, _log()),
+                  rd / "judge.stats.json")
+
+
 def round_prompts(prompts: list[dict[str, str]], per_round: int, r: int) -> list[dict[str, str]]:
     """Round r's prompts: a fresh slice of `per_round` prompts (wrapping around), or all of them."""
     if not per_round or per_round >= len(prompts):
@@ -203,6 +216,8 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
             if steps:
                 metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
             metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg))
+            if cfg.evaluate.judge_url:
+                metrics |= judge_task(cfg, r)
             result["model"] = str(model)
         metrics["round/seconds"] = time.time() - t0
         tracker.log_metrics(metrics, step=r)

@@ -9,12 +9,14 @@ import threading
 import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
 from selfalign.tasks.judge import Judge, JudgeError, judge_rounds, parse_verdict, score_pair, win_rate
 
 KEY = "sk-test-not-a-real-key-1234"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Stub:
@@ -258,3 +260,44 @@ def test_judge_round_reads_the_eval_tables(stub, tmp_path):
     table = artifacts.read_table(tmp_path / "round_1" / "judge.parquet")
     assert [r["score"] for r in table] == [1.0, 0.0, 0.5] and table[2]["verdict_new_first"] is None
     assert "win rate 0.500" in lines[0]
+
+
+def test_judge_config_keys():
+    from selfalign.flows.config import ConfigError, load_config
+
+    demo = ROOT / "deploy" / "presets" / "demo.yaml"
+    base = load_config(demo)
+    cfg = load_config(demo, ["--evaluate.judge_url=http://127.0.0.1:8000/v1", "--evaluate.judge_model=judge",
+                             "--evaluate.judge_api_key_env=JUDGE_KEY"])
+    # the judge has its own stage key: setting it reruns no evaluation and no pair stage
+    assert cfg.section_hash("model", "generate", "evaluate") == base.section_hash("model", "generate", "evaluate")
+    assert cfg.section_hash("pairs", "evaluate", "data") == base.section_hash("pairs", "evaluate", "data")
+    with pytest.raises(ConfigError, match="evaluate.judge_url: 'ftp://x' must be an http"):
+        load_config(demo, ["--evaluate.judge_url=ftp://x", "--evaluate.judge_model=m"])
+    with pytest.raises(ConfigError, match="evaluate.judge_model: '' must name the judge's model"):
+        load_config(demo, ["--evaluate.judge_url=http://127.0.0.1:1/v1"])
+    with pytest.raises(ConfigError, match="NAME of an environment variable") as e:
+        load_config(demo, [f"--evaluate.judge_api_key_env={KEY}"])
+    assert KEY not in str(e.value)
+
+
+def test_judge_stage_runs_once_per_input(stub, tmp_path, monkeypatch):
+    from selfalign.flows import pipeline
+    from selfalign.flows.config import load_config
+    from selfalign.tasks import artifacts
+
+    s = stub(prefers_good)
+    lines = []
+    monkeypatch.setattr(pipeline, "_log", lambda: lines.append)
+    run = tmp_path / "run"
+    rows = lambda texts: [{"prompt_id": f"e{i}", "prompt": f"q{i}", "k": 0, "response": t} for i, t in enumerate(texts)]
+    artifacts.write_table(artifacts.round_dir(run, 0) / "eval_greedy.parquet", rows(["old", "x"]))
+    artifacts.write_table(artifacts.round_dir(run, 1) / "eval_greedy.parquet", rows(["good", "y"]))
+    args = [f"--run.dir={run}", f"--evaluate.judge_url={s.url}", "--evaluate.judge_model=m"]
+    cfg = load_config(ROOT / "deploy" / "presets" / "demo.yaml", args)
+    m = pipeline.judge_task.fn(cfg, 1)
+    assert m["judge/win_rate"] == pytest.approx(0.75) and len(s.requests) == 4
+    assert pipeline.judge_task.fn(cfg, 1) == m and len(s.requests) == 4 and "judge.parquet: up to date" in lines[-1]
+    other = load_config(ROOT / "deploy" / "presets" / "demo.yaml", args[:2] + ["--evaluate.judge_model=other"])
+    pipeline.judge_task.fn(other, 1)
+    assert len(s.requests) == 8 and s.requests[-1]["body"]["model"] == "other"
