@@ -63,16 +63,18 @@ def progress_bar(label: str, every: float = 0.2):
     return make
 
 
-def engine_env(kv_cache_gib: float) -> dict[str, str]:
-    """Environment for the vLLM worker: offline, loopback only, caches in a per-machine folder
-    (vLLM caches model inspection there: ~20 s saved on every later engine start)."""
+def engine_env(kv_cache_gib: float, model: str | None = None) -> dict[str, str]:
+    """Environment for the vLLM worker: loopback only, offline for a local model (a hub id may be
+    fetched unless HF_HUB_OFFLINE is set), caches in a per-machine folder (vLLM caches model
+    inspection there: ~20 s saved on every later engine start)."""
     env = dict(os.environ)
+    if model is None or Path(model).is_dir():
+        env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "selfalign" / "vllm"))
     # vLLM's CPU worker runs one thread unless OMP_NUM_THREADS says more. More is faster on an idle
     # machine, but its threads are pinned and spin: beside any other busy process a 2-thread engine
     # on 2 cores ran 7x slower than a 1-thread one. So more threads only when the user asks.
     env.update({
-        "HF_HUB_OFFLINE": "1",
         "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_DO_NOT_TRACK": "1",
@@ -91,7 +93,7 @@ def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print
     t0 = time.time()
     proc = subprocess.Popen(
         [sys.executable, "-m", "selfalign.tasks.generate", str(job_path)],
-        env=engine_env(kv_cache_gib), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=engine_env(kv_cache_gib, job["model"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     tail: list[str] = []
     for line in proc.stdout:

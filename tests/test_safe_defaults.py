@@ -77,3 +77,13 @@ def test_what_the_project_starts_listens_on_loopback():
         assert "127.0.0.1" in cmd and "0.0.0.0" not in cmd
     for path in SOURCES:
         assert "0.0.0.0" not in path.read_text(), path
+
+
+def test_vllm_is_offline_for_a_local_model_and_may_fetch_a_hub_id(tmp_path, monkeypatch):
+    from selfalign.tasks.generate import engine_env
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert engine_env(1.0, str(tmp_path))["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in engine_env(1.0, "org/some-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the user's own setting wins for hub ids
+    assert engine_env(1.0, "org/some-model")["HF_HUB_OFFLINE"] == "1"
