@@ -1,0 +1,43 @@
+"""Smoke runs of the side-by-side benchmarks at tiny sizes (--quick): they run, both sides agree, and
+the last line is the JSON the README quotes. No timings are checked."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(name: str, *args: str, timeout: int = 600) -> dict:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / name), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {"bench", "ours", "baseline", "unit", "ratio"} <= set(out)
+    assert out["bench"] == name.removesuffix(".py") and out["ours"] > 0 and out["baseline"] > 0
+    return out
+
+
+def test_score_vs_hf_quick():
+    run_bench("score_vs_hf.py", "--quick")
+
+
+@pytest.mark.slow
+def test_train_vs_trl_quick():
+    pytest.importorskip("trl")
+    out = run_bench("train_vs_trl.py", "--quick")
+    assert out["loss_agree_1e4"]
+
+
+@pytest.mark.slow
+def test_generate_vs_hf_quick():
+    out = run_bench("generate_vs_hf.py", "--quick")
+    assert out["tokens_ours"] > 0 and out["tokens_baseline"] > 0
+
+
+@pytest.mark.slow
+def test_round_overhead():
+    out = run_bench("round_overhead.py", timeout=1500)
+    assert out["total_s"] > out["outside_s"] and set(out["stages_s"]) >= {"score r1", "train r1"}
