@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "selfalign.flows.cli", "run", str(ROOT / "deploy" / "presets" / "demo.yaml")]
 SMALL = ["--run.rounds=1", "--data.prompts_per_round=24", "--generate.k=4", "--pairs.min_valid=2",
          "--data.max_eval_prompts=24", "--evaluate.samples=2", "--train.max_steps=3", "--train.batch_size=8",
-         "--train.micro_batch_size=4"]
+         "--train.micro_batch_size=4",
+         # plain DPO, so the first step's loss is exactly ln 2 below (the preset's NLL term, rpo_alpha,
+         # is checked against its formula in test_train.py)
+         "--train.rpo_alpha=0"]
 
 
 def run_cli(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
