@@ -62,3 +62,20 @@ def write_replay_pairs(path: Path, n: int = 8) -> Path:
 @pytest.fixture
 def replay_pairs(tmp_path):
     return lambda name="pairs": write_replay_pairs(tmp_path / f"{name}.parquet")
+
+
+def _naive_logp(model, prompt_ids, response_ids) -> float:
+    """One sequence at a time, no padding, the textbook formula."""
+    import torch
+
+    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    n = len(prompt_ids)
+    return sum(logp[n - 1 + t, tok].item() for t, tok in enumerate(response_ids))
+
+
+@pytest.fixture
+def naive_logp():
+    """Summed response log-prob of one (prompt, response) by the naive formula: the slow reference."""
+    return _naive_logp

@@ -15,14 +15,6 @@ DEMO = ROOT / "deploy" / "presets" / "demo.yaml"
 HOOKS = "selfalign.tasks.toy:checker_reward,selfalign.tasks.toy:readability_reward"
 
 
-def naive_logp(model, prompt_ids, response_ids) -> float:
-    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-    n = len(prompt_ids)
-    return sum(logp[n - 1 + t, tok].item() for t, tok in enumerate(response_ids))
-
-
 def _llama(vocab: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -61,7 +53,7 @@ def other_reference(tmp_path_factory) -> str:
     return str(out)
 
 
-def test_reference_with_another_tokenizer_scores_the_same_text_retokenised(tiny_model, other_reference):
+def test_reference_with_another_tokenizer_scores_the_same_text_retokenised(tiny_model, other_reference, naive_logp):
     from selfalign.tasks.score import reference_logps, same_tokenizer
 
     tok = load_tokenizer(tiny_model)

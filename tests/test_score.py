@@ -7,16 +7,7 @@ from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
 from selfalign.tasks.score import collate, load_model, logps_of, pair_accuracy, token_budget_batches
 
 
-def naive_logp(model, prompt_ids, response_ids) -> float:
-    """One sequence at a time, no padding, the textbook formula."""
-    ids = torch.tensor([list(prompt_ids) + list(response_ids)])
-    with torch.no_grad():
-        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
-    n = len(prompt_ids)
-    return sum(logp[n - 1 + t, tok].item() for t, tok in enumerate(response_ids))
-
-
-def test_batched_scores_equal_one_sequence_at_a_time(tiny_model):
+def test_batched_scores_equal_one_sequence_at_a_time(tiny_model, naive_logp):
     tok = load_tokenizer(tiny_model)
     model = load_model(tiny_model, device="cpu")
     texts = [("What is 12 + 34?", "46"), ("What is 99 + 1?", "The sum of 99 and 1 is 100. Happy to help!"),
