@@ -19,6 +19,30 @@ def add_model_args(ap, layers=4, hidden=256, vocab=32000) -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="auto: cuda when a GPU is visible; cpu on a GPU machine hides the GPU from both sides")
+
+
+def resolve_device(args) -> str:
+    """Sets args.device to "cpu" or "cuda". Call before torch is imported: --device cpu hides the GPU
+    (CUDA_VISIBLE_DEVICES="") so that stages launched in processes of their own stay on the CPU too."""
+    import os
+
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU is visible")
+    return args.device
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def build_tokenizer(vocab: int):

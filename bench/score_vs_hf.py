@@ -42,6 +42,7 @@ def hf_padded_logps(model, seqs, pad_id: int, batch: int) -> list[float]:
                 ids[b, :n] = torch.tensor(p + r)
                 mask[b, :n] = 1
                 labels[b, len(p) - 1:n - 1] = torch.tensor(r)
+            ids, mask, labels = ids.to(model.device), mask.to(model.device), labels.to(model.device)
             logits = model(input_ids=ids, attention_mask=mask).logits
             lp = logits.float().log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             out += (lp * (labels != -100)).sum(-1).tolist()
@@ -64,6 +65,7 @@ def main() -> None:
         args.layers, args.hidden, args.vocab, args.sequences, args.reps = 2, 64, 1000, 6, 1
         args.prompt_len, args.response_len = "2,8", "4,24"
 
+    common.resolve_device(args)
     import torch
 
     from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
@@ -74,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = common.build_model(Path(tmp) / "model", args)
         tok = load_tokenizer(path)
-        model = load_model(path, args.dtype, device="cpu")
+        model = load_model(path, args.dtype, device=args.device)
     prompts = common.texts(args.sequences, *common.span(args.prompt_len), args.vocab, args.seed + 1)
     responses = common.texts(args.sequences, *common.span(args.response_len), args.vocab, args.seed + 2)
     seqs = [(encode_prompt(tok, p), encode_response(tok, r)) for p, r in zip(prompts, responses)]
@@ -87,7 +89,7 @@ def main() -> None:
     if not args.no_padded:
         sides["ours_padded"] = lambda: logps_of(model, seqs, pad, args.batch_tokens, packing=False)
     print(f"# score_vs_hf: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, "
-          f"{torch.get_num_threads()} threads; {len(seqs)} sequences, {tokens} tokens "
+          f"{torch.get_num_threads()} threads, device {common.device_name(args.device)}; {len(seqs)} sequences, {tokens} tokens "
           f"(prompts {args.prompt_len}, responses {args.response_len} words); fused head {fused_head_ok(model)}, "
           f"packing path {packing_path(model) or 'none'}; load average {common.load_average():.1f}", flush=True)
 
@@ -106,7 +108,7 @@ def main() -> None:
     extra = {"ours_padded": round(tps["ours_padded"], 1)} if "ours_padded" in tps else {}
     common.emit("score_vs_hf", tps["ours"], tps["baseline"], "tokens/s", **extra,
                 tokens=tokens, sequences=len(seqs), layers=args.layers, hidden=args.hidden, vocab=args.vocab,
-                dtype=args.dtype, threads=torch.get_num_threads(), reps=args.reps,
+                dtype=args.dtype, threads=torch.get_num_threads(), device=common.device_name(args.device), reps=args.reps,
                 load_average=round(common.load_average(), 1))
 
 
