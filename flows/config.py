@@ -132,6 +132,8 @@ class TrainConfig:
     checkpoint_every: int = 50     # DeepSpeed checkpoint every N optimiser steps in round_<r>/train (0 = off);
                                    # a rerun resumes from the latest; only the latest is kept
     keep_checkpoints: bool = False # keep the latest checkpoint after the round's model is saved
+    ref_cache: str = "auto"        # on-disk cache of replay pairs' reference log-probs, keyed by model
+                                   # content hash, dtype and text: auto (~/.cache/selfalign/ref-logps) | off | a path
 
     def mrpo_reference_list(self) -> list[tuple[str, str]]:
         """(model, tokenizer or "") of each additional MRPO reference, in order."""

@@ -111,8 +111,9 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path) -> tuple[Path, list
     return out, artifacts.read_json(steps_path)["steps"]
 
 
-# How often training saves checkpoints, and whether they are kept, does not change the model.
-_SAVING_KEYS = ("checkpoint_every", "keep_checkpoints")
+# How often training saves checkpoints, whether they are kept, and where reference log-probs are
+# cached do not change the model.
+_SAVING_KEYS = ("checkpoint_every", "keep_checkpoints", "ref_cache")
 
 
 def train_config_hash(cfg: Config) -> str:

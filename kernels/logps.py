@@ -505,6 +505,21 @@ def _triton_dlogits(z3: torch.Tensor, out2: torch.Tensor, lse, safe, g) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def _lse_and_logp(z: torch.Tensor, idx: torch.Tensor, buf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row logsumexp and log-prob of column ``idx`` of a (C, V) block, float32.
+
+    One fused ``log_softmax`` into ``buf`` (a reused float32 (>= C, V) buffer), then
+    lse = z[idx] - log_softmax(z)[idx]. ``torch.logsumexp`` makes several passes over the block
+    and allocates its temporaries on every call: on CPU it cost about as much as the LM-head
+    matmul that produced the block, the fused log_softmax a small fraction of it.
+    """
+    lsm = buf[: z.shape[0]]
+    torch.log_softmax(z.float(), dim=-1, out=lsm)  # .float() is a no-op for float32 blocks
+    at = idx[:, None]
+    lp = lsm.gather(-1, at).squeeze(-1)
+    return z.gather(-1, at).squeeze(-1).float() - lp, lp
+
+
 def _softmax_grad_(z: torch.Tensor, lse: torch.Tensor, rel: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """dz = g * (onehot(y) - exp(z - lse)) for a (C, Vb) tile, in place (z is returned).
 
@@ -536,15 +551,16 @@ class _TokenLogps(torch.autograd.Function):
         safe = flat_labels.masked_fill(~mask, 0).to(torch.int64)
         if backend == "triton":
             lse, tgt = _triton_row_fwd(x3, safe)
+            lp = tgt - lse
         else:
             lse = torch.empty(n, dtype=torch.float32, device=logits.device)
-            tgt = torch.empty(n, dtype=torch.float32, device=logits.device)
+            lp = torch.empty(n, dtype=torch.float32, device=logits.device)
+            buf = torch.empty((min(chunk, n), v), dtype=torch.float32, device=logits.device)
             for s, blk in _row_chunks(x3, chunk):
                 e = s + blk.shape[0]
-                # one float32 (C, V) chunk (plus logsumexp's own temporaries), freed per step
-                lse[s:e] = torch.logsumexp(blk.float(), dim=-1)
-                tgt[s:e] = blk.gather(-1, safe[s:e, None]).squeeze(-1).float()
-        out = torch.where(mask, tgt - lse, torch.zeros_like(lse))
+                lse[s:e], lp[s:e] = _lse_and_logp(blk, safe[s:e], buf)
+            del buf
+        out = torch.where(mask, lp, torch.zeros_like(lse))
         ctx.save_for_backward(logits, safe, mask, lse)
         ctx.chunk, ctx.backend = chunk, backend
         return out.view(labels.shape)
@@ -636,16 +652,18 @@ class _LinearTokenLogps(torch.autograd.Function):
         safe = flat_labels.masked_fill(~mask, 0).to(torch.int64)
         if backend == "triton":
             lse, tgt = _triton_linear_fwd(h2.to(weight.dtype), weight, bias, safe)
+            lp = tgt - lse
         else:
             lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
-            tgt = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            buf = torch.empty((min(chunk, n), v), dtype=torch.float32, device=hidden.device)
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)
                 z = F.linear(h2[s:e].to(weight.dtype), weight, bias)  # (C, V) in compute dtype
-                lse[s:e] = torch.logsumexp(z.float(), dim=-1)
-                tgt[s:e] = z.gather(-1, safe[s:e, None]).squeeze(-1).float()
+                lse[s:e], lp[s:e] = _lse_and_logp(z, safe[s:e], buf)
                 del z
-        out = torch.where(mask, tgt - lse, torch.zeros_like(lse))
+            del buf
+        out = torch.where(mask, lp, torch.zeros_like(lse))
         ctx.save_for_backward(hidden, weight, bias, safe, mask, lse)
         ctx.chunk, ctx.backend, ctx.v = chunk, backend, v
         return out.view(labels.shape)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from selfalign.tasks import artifacts
+from selfalign.tasks import artifacts, refcache
 
 
 def _free_port() -> int:
@@ -77,6 +77,7 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         "hpo_rewards": t.hpo_reward_list(), "hpo_preference": t.hpo_preference, "hpo_lambda": t.hpo_lambda,
         "hpo_eta": t.hpo_eta, "hpo_w_max": t.hpo_w_max, "hpo_tau": t.hpo_tau, "hpo_nll": t.hpo_nll,
         "hpo_on_rejected": t.hpo_on_rejected, "hpo_value_lr": t.hpo_value_lr,
+        "ref_cache": str(d) if (d := refcache.resolve_dir(t.ref_cache)) else None,
     }
     # Checkpoints are resumed only by the same training: same spec (config, model, seed) and the
     # same stage key (the contents of the pairs and the model).

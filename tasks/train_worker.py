@@ -37,7 +37,7 @@ from selfalign.kernels.logps import sequence_logps
 from selfalign.kernels.losses import (PAIR_LOSSES, AlphaDPOState, alpha_dpo_loss, expectile_loss, hpo_loss,
                                       mrpo_loss, simpo_loss)
 from selfalign.kernels.packing import pack
-from selfalign.tasks import artifacts
+from selfalign.tasks import artifacts, refcache
 from selfalign.tasks.data import encode_prompt, encode_response, load_hook, load_tokenizer
 from selfalign.tasks.score import (collate, fused_head_ok, load_model, logps_of, packed_logps, packing_path,
                                    reference_logps, response_token_logps)
@@ -170,10 +170,49 @@ def _shared(todo: list[int], compute, rank: int, world: int) -> dict[int, Any]:
     return local
 
 
+def _open_cache(spec: dict, model: str, rank: int, world: int, device: str, tokenizer: str = ""):
+    """The reference log-prob cache of `model` (tasks/refcache.py; with a separate `tokenizer`, of
+    the two together), or None (off, or a hub id). Rank 0 fingerprints; every rank reads the cache
+    before any rank writes to it."""
+    if not spec.get("ref_cache"):
+        return None
+    root = Path(spec["ref_cache"])
+    fp = [None]
+    if rank == 0:
+        parts = [refcache.model_fingerprint(m, root) for m in ([model, tokenizer] if tokenizer else [model])]
+        fp = ["-".join(parts) if all(parts) else None]
+    if world > 1:
+        dist.broadcast_object_list(fp, src=0)
+    if fp[0] is None:
+        return None
+    return refcache.LogpCache(root, fp[0], spec["dtype"], torch.device(device).type)
+
+
+def _cached(cache, rows: list[dict], missing: list[int], keys) -> tuple[list[int], dict[int, Any]]:
+    """Splits `missing` into rows still to compute and rows whose values the cache holds."""
+    if cache is None:
+        return missing, {}
+    todo, found = [], {}
+    for i in missing:
+        vals = [cache.get(k) for k in keys(rows[i])]
+        if any(v is None for v in vals):
+            todo.append(i)
+        else:
+            found[i] = vals
+    return todo, found
+
+
+def _pair_keys(r: dict) -> tuple[str, str]:
+    return (refcache.entry_key(r["prompt"], r["chosen"], r["prompt_ids"], r["chosen_ids"]),
+            refcache.entry_key(r["prompt"], r["rejected"], r["prompt_ids"], r["rejected_ids"]))
+
+
 def _fill_reference_logps(model, rows: list[dict], pad_id: int, rank: int, world: int, batch_tokens: int,
-                          packing: bool = False) -> None:
+                          packing: bool = False, cache=None) -> None:
     """Reference log-probs for rows that lack them (replay pairs), computed with the untouched
-    start-of-round weights; ranks split the work and exchange the results."""
+    start-of-round weights; ranks split the work and exchange the results. With a `cache`
+    (refcache.LogpCache of this model), values found there are not recomputed and new ones are
+    added to it by rank 0."""
     def compute(idx):
         seqs = [s for i in idx for s in ((rows[i]["prompt_ids"], rows[i]["chosen_ids"]),
                                           (rows[i]["prompt_ids"], rows[i]["rejected_ids"]))]
@@ -183,8 +222,15 @@ def _fill_reference_logps(model, rows: list[dict], pad_id: int, rank: int, world
         return [(vals[2 * j], vals[2 * j + 1]) for j in range(len(idx))]
 
     missing = [i for i, r in enumerate(rows) if not math.isfinite(r["ref_chosen_logp"])]
-    for i, (c, r) in _shared(missing, compute, rank, world).items():
+    todo, found = _cached(cache, rows, missing, _pair_keys)
+    computed = _shared(todo, compute, rank, world)
+    for i, (c, r) in (found | computed).items():
         rows[i]["ref_chosen_logp"], rows[i]["ref_rejected_logp"] = c, r
+    if cache is not None and rank == 0:
+        cache.put({k: v for i, vals in computed.items() for k, v in zip(_pair_keys(rows[i]), vals)})
+    if missing and rank == 0:
+        print(f"train: reference log-probs of {len(missing)} replay pairs: {len(found)} from the cache, "
+              f"{len(todo)} computed", flush=True)
 
 
 def _fill_mrpo_reference_logps(rows: list[dict], spec: dict, tok, rank: int, world: int, device: str) -> None:
@@ -207,9 +253,23 @@ def _fill_mrpo_reference_logps(rows: list[dict], spec: dict, tok, rank: int, wor
                    for path, tok_path in refs]
         return [([v[2 * j] for v in per_ref], [v[2 * j + 1] for v in per_ref]) for j in range(len(idx))]
 
+    caches = [_open_cache(spec, path, rank, world, device, tok_path) for path, tok_path in refs]
     missing = [i for i, r in enumerate(rows) if not complete(r)]
-    for i, (c, r) in _shared(missing, compute, rank, world).items():
+    todo, found = [], {}
+    for i in missing:
+        keys = _pair_keys(rows[i])
+        vals = [[c.get(k) if c is not None else None for c in caches] for k in keys]
+        if all(v is not None for side in vals for v in side):
+            found[i] = vals
+        else:
+            todo.append(i)
+    computed = _shared(todo, compute, rank, world)
+    for i, (c, r) in (found | computed).items():
         rows[i]["mrpo_ref_chosen_logps"], rows[i]["mrpo_ref_rejected_logps"] = c, r
+    if rank == 0:
+        for j, cache in enumerate(caches):
+            if cache is not None:
+                cache.put({k: side[j] for i, vals in computed.items() for k, side in zip(_pair_keys(rows[i]), vals)})
 
 
 def _fill_aux_rewards(rows: list[dict], spec: dict, rank: int, world: int) -> None:
@@ -342,7 +402,8 @@ def main(spec_path: str) -> None:
             r["rejected_ids"] = encode_response(tok, r["rejected"])
     if not rows:
         raise SystemExit("train: the round has no pairs")
-    _fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"], spec["packing"])
+    _fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"], spec["packing"],
+                          cache=_open_cache(spec, spec["model"], rank, world, device_name))
     loss_name = spec["loss"]
     if loss_name == "mrpo":
         _fill_mrpo_reference_logps(rows, spec, tok, rank, world, device_name)

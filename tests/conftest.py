@@ -10,6 +10,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The reference log-prob cache (train.ref_cache=auto) of this test session, not the user's.
+if "SELFALIGN_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["SELFALIGN_CACHE_DIR"] = tempfile.mkdtemp(prefix="selfalign-test-cache-")
+
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
