@@ -276,7 +276,10 @@ def _kernels():
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # Sizes that change with every batch are not specialised on (Triton would compile a variant
+    # for each of N % 16 == 0, N == 1, ...: a second or so each, paid again and again by short
+    # trainings whose micro-batches have ever-new token counts).
+    @triton.jit(do_not_specialize=["N", "SPLITS"])
     def fused_linear_lse_fwd(
         H, W, Bias, Lab, PartLse, PartTgt,
         N, V, K, SPLITS,
@@ -353,7 +356,7 @@ def _kernels():
         tl.store(PartLse + out, lse, mask=row_ok)
         tl.store(PartTgt + out, tgt, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "stride_b", "stride_t"])
     def row_lse_fwd(X, Lab, Lse, Tgt, T, V, stride_b, stride_t, BLOCK_V: tl.constexpr):
         # One program per row of (B, T, V) logits addressed through (b, t) strides, so a
         # non-contiguous slice such as logits[:, :-1] needs no copy. Online logsumexp over
@@ -379,7 +382,7 @@ def _kernels():
         tl.store(Lse + row + one, lse)
         tl.store(Tgt + row + one, tg)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["T", "stride_b", "stride_t", "stride_out"])
     def dlogits(Z, DZ, Lse, Lab, G, T, V, stride_b, stride_t, stride_out,
                 BF16_BITS: tl.constexpr, BLOCK_V: tl.constexpr):
         # dz_v = g * (1[v = y] - exp(z_v - lse)) for one row; g is already 0 on ignored rows.
