@@ -171,7 +171,10 @@ class TrackingConfig:
                                    # sqlite:///<run_dir>/mlflow.db
     experiment: str = "selfalign"
     plots: bool = True             # per-round PNG plots as MLflow artifacts (plots/) and in round_<r>/plots
-    log_model: str = "none"        # none | artifact: each round's model folder as MLflow artifacts (model/)
+    log_model: str = "none"        # none | artifact: each round's model folder as MLflow artifacts (model/) |
+                                   # transformers: as an MLflow Model of the transformers flavour (model/)
+    registered_model_name: str = ""  # each round's logged model becomes the next version of this registered
+                                   # model ("" = none); needs tracking.log_model and a database or server store
 
 
 @dataclass
@@ -361,6 +364,19 @@ def validate(cfg: Config) -> None:
     if t.loss == "cdpo" and t.label_smoothing == 0:
         raise ConfigError("train.label_smoothing: 0.0 must be > 0 for train.loss=cdpo")
     _validate_mrpo_hpo(t)
+    _validate_tracking(cfg)
+
+
+def _validate_tracking(cfg: Config) -> None:
+    """tracking.log_model and tracking.registered_model_name, against the store the run will use
+    (tracking.uri, else MLFLOW_TRACKING_URI, else the run's own SQLite store)."""
+    from selfalign.tasks.tracking import check_options, resolve_uri
+
+    tr = cfg.tracking
+    try:
+        check_options(tr.log_model, tr.registered_model_name, resolve_uri(tr.uri, cfg.run_dir))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_mrpo_hpo(t: TrainConfig) -> None:
