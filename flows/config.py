@@ -41,6 +41,17 @@ class DataConfig:
     eval_prompts: str = ""         # held-out prompts for evaluation
     offline_pairs: str = ""        # offline preference pairs (experience replay)
     heldout_pairs: str = ""        # held-out offline pairs: implicit-reward accuracy and the guard
+    # The split and the config (subset) of each dataset above when it is a hub id or a dataset folder:
+    # "" = split `train`, the default config; a split may be sliced as `datasets` allows, e.g. test[:500].
+    # A single JSONL/JSON/Parquet file has neither.
+    prompts_split: str = ""
+    prompts_config: str = ""
+    eval_prompts_split: str = ""
+    eval_prompts_config: str = ""
+    offline_pairs_split: str = ""
+    offline_pairs_config: str = ""
+    heldout_pairs_split: str = ""
+    heldout_pairs_config: str = ""
     prompts_per_round: int = 0     # prompts sampled per round (0 = all); rounds take fresh slices
     max_eval_prompts: int = 0      # cap on eval prompts (0 = all)
     on_bad_row: str = "error"      # error: stop at the first bad row, naming file, row and field |
@@ -243,6 +254,26 @@ def _check_source(key: str, value: str) -> None:
         raise ConfigError(f"{key}: {value!r} does not exist (and is not a hub id)")
 
 
+def _check_splits(flat: dict[str, Any]) -> None:
+    """data.<name>_split / _config: only for a dataset that has splits (a hub id or a folder)."""
+    from selfalign.tasks.data import is_single_file
+
+    for key in _SOURCE_KEYS:
+        if not key.startswith("data."):
+            continue
+        for part in ("split", "config"):
+            value = flat[f"{key}_{part}"]
+            if not value:
+                continue
+            if value != value.strip():
+                raise ConfigError(f"{key}_{part}: {value!r} must not start or end with spaces")
+            if not flat[key]:
+                raise ConfigError(f"{key}_{part}: {value!r} is set but {key} is empty")
+            if is_single_file(flat[key]):
+                raise ConfigError(f"{key}_{part}: {value!r} applies to a hub id or a dataset folder, but {key} "
+                                  f"{flat[key]!r} is a single file (one table, no {part}s)")
+
+
 def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is bool:
         if isinstance(value, bool):
@@ -297,6 +328,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} is required (a local path or a hub id)")
     for key in _SOURCE_KEYS:
         _check_source(key, flat[key])
+    _check_splits(flat)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {sorted(allowed)}")

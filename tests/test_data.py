@@ -2,6 +2,7 @@
 folders; every class of bad row named by file, row and field (or dropped and counted under
 data.on_bad_row=skip); lengths checked against the model's context before any stage starts."""
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -217,6 +218,96 @@ def test_datasets_folders_and_hub_ids(tmp_path):
     # no hub here (HF_HUB_OFFLINE): a hub id that cannot be fetched is named, not a traceback
     with pytest.raises(DataError, match="^nobody/no-such-dataset: not a local file; as a `datasets` hub id it cannot be loaded"):
         load_pairs("nobody/no-such-dataset")
+
+
+def split_folder(root, fmt):
+    """A dataset laid out as on the hub: per-split files (train/test), and a second config (`tiny`)
+    declared in the README's YAML header, as `datasets.load_dataset` reads a hub repository."""
+    root.mkdir()
+    (root / "data").mkdir()
+    (root / "tiny").mkdir()
+    ext = ".parquet" if fmt == "parquet" else ".jsonl"
+    train = [Q | {"id": f"tr{i}", "rejected": str(i)} for i in range(3)]
+    test = [Q | {"id": f"te{i}", "rejected": str(10 + i)} for i in range(2)]
+    write(root / "data" / f"train-00000-of-00001{ext}", train)
+    write(root / "data" / f"test-00000-of-00001{ext}", test)
+    write(root / "tiny" / f"test{ext}", [Q | {"id": "tiny0"}])
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  default: true\n  data_files:\n"
+        f"  - split: train\n    path: data/train-*{ext}\n  - split: test\n    path: data/test-*{ext}\n"
+        f"- config_name: tiny\n  data_files:\n  - split: test\n    path: tiny/test{ext}\n---\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_splits_and_configs_of_a_dataset_folder(tmp_path, fmt):
+    """A local folder goes through `datasets.load_dataset` exactly as a hub id does (nothing is
+    downloaded: HF_HUB_OFFLINE is set for the tests)."""
+    folder = split_folder(tmp_path / "uf", fmt)
+    assert [r["id"] for r in load_pairs(folder)] == ["tr0", "tr1", "tr2"]  # default: split train
+    assert [r["id"] for r in load_pairs(folder, split="train")] == ["tr0", "tr1", "tr2"]
+    assert [r["id"] for r in load_pairs(folder, split="test")] == ["te0", "te1"]
+    assert [r["id"] for r in load_pairs(folder, split="train[:2]")] == ["tr0", "tr1"]
+    assert [r["id"] for r in load_pairs(folder, split="test", config="tiny")] == ["tiny0"]
+    assert [r["prompt"] for r in load_prompts(folder, split="test")] == [Q["prompt"]] * 2
+    with pytest.raises(DataError, match=r"uf \(split 'validation'\): folder cannot be loaded .*validation"):
+        load_pairs(folder, split="validation")
+    with pytest.raises(DataError, match=r"uf \(config 'nope', split 'test'\): folder cannot be loaded"):
+        load_pairs(folder, split="test", config="nope")
+    # a bad row is named with the split it is in
+    bad = split_folder(tmp_path / "bad", fmt)
+    write(Path(bad) / "data" / f"test-00000-of-00001{'.parquet' if fmt == 'parquet' else '.jsonl'}",
+          [Q, Q | {"id": "b", "chosen": "3", "rejected": "3"}])
+    with pytest.raises(DataError, match=r"bad \(split 'test'\): row 2, field 'rejected': identical"):
+        load_pairs(bad, split="test")
+
+
+def test_splits_of_saved_folders_and_single_files(tmp_path):
+    import datasets
+
+    rows = [P, {"id": "b", "prompt": "q"}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
+                          "test": datasets.Dataset.from_list(rows[1:])}).save_to_disk(str(tmp_path / "dict"))
+    assert load_prompts(str(tmp_path / "dict"), split="test") == rows[1:]
+    assert load_prompts(str(tmp_path / "dict")) == rows[:1]
+    with pytest.raises(DataError, match=r"dict \(split 'dev'\): the dataset has no 'dev' split \(splits: train, test\)"):
+        load_prompts(str(tmp_path / "dict"), split="dev")
+    with pytest.raises(DataError, match="written by save_to_disk has no configs"):
+        load_prompts(str(tmp_path / "dict"), split="test", config="x")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DataError, match="holds a single Dataset, not splits"):
+        load_prompts(str(tmp_path / "one"), split="test")
+    f = write(tmp_path / "p.jsonl", rows)
+    with pytest.raises(DataError, match="a single file has no splits or configs"):
+        load_prompts(f, split="test")
+
+
+def test_split_keys_reach_the_loaders(tmp_path, tiny_model):
+    from selfalign.flows.config import ConfigError, load_config
+
+    folder = split_folder(tmp_path / "uf", "parquet")
+    prompts = write(tmp_path / "prompts.jsonl", [P])
+    base = {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": prompts,
+            "data.eval_prompts": folder, "data.offline_pairs": folder, "data.heldout_pairs": folder,
+            "data.eval_prompts_split": "test", "data.heldout_pairs_split": "test",
+            "data.offline_pairs_split": "train[1:]"}
+    data = load_data(load_config(None, base))
+    assert [r["id"] for r in data.offline_pairs] == ["tr1", "tr2"]
+    assert [r["id"] for r in data.heldout_pairs] == ["te0", "te1"]
+    assert [r["id"] for r in data.eval_prompts] == ["te0", "te1"]
+    data = load_data(load_config(None, base | {"data.heldout_pairs_config": "tiny"}))
+    assert [r["id"] for r in data.heldout_pairs] == ["tiny0"]
+    # checked at load time: only a dataset with splits takes them
+    for key, value, says in [
+            ("data.prompts_split", "test", "data.prompts_split: 'test' applies to a hub id or a dataset folder, "
+                                           f"but data.prompts {prompts!r} is a single file"),
+            ("data.prompts_config", "x", "data.prompts_config: 'x' applies to a hub id or a dataset folder"),
+            ("data.heldout_pairs_split", " test", "data.heldout_pairs_split: ' test' must not start or end with spaces")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, base | {key: value})
+        assert says in str(e.value)
+    with pytest.raises(ConfigError, match="data.heldout_pairs_split: 'test' is set but data.heldout_pairs is empty"):
+        load_config(None, base | {"data.heldout_pairs": ""})
 
 
 def test_context_length_and_load_data(tmp_path, tiny_model):
