@@ -413,3 +413,56 @@ def test_hooks():
     for spec in ("just_a_name", ".relative:fn", "a..b:fn", "mod:two words", "mod:"):
         with pytest.raises(ValueError, match="package.module:function"):
             load_hook(spec, "pairs.validity")
+
+
+def test_cli_prints_a_data_error_without_a_traceback(tmp_path):
+    """The real command line: a bad row stops `selfalign run` with the message and status 2, before
+    Prefect or any engine starts."""
+    import os
+    import subprocess
+    import sys
+
+    bad = write(tmp_path / "prompts.jsonl", [P, {"id": "b", "prompt": "  "}])
+    env = os.environ | {"SELFALIGN_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    demo = Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml"
+    proc = subprocess.run([sys.executable, "-m", "selfalign.flows.cli", "run", str(demo), f"--data.prompts={bad}",
+                           f"--run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"data error: {bad}: row 2, field 'prompt': is empty or whitespace only"
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_cli_catches_project_errors_raised_inside_a_command(monkeypatch, capsys):
+    from selfalign.flows import cli, pipeline
+    from selfalign.flows.config import ConfigError
+    from selfalign.tasks import data
+
+    monkeypatch.setattr(cli, "prepare_environment", lambda run_dir: None)
+    monkeypatch.setattr(data, "load_data", lambda cfg: None)
+    demo = str(Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml")
+    for exc, says in [(DataError("x.jsonl: the file is empty"), "run: data error: x.jsonl: the file is empty"),
+                      (ConfigError("train.beta: -1.0 must be > 0"), "run: config error: train.beta: -1.0 must be > 0")]:
+        def run_flow(config, exc=exc):
+            raise exc
+        monkeypatch.setattr(pipeline, "run_flow", run_flow)
+        assert cli.main(["run", demo]) == 2
+        assert capsys.readouterr().err.strip() == says
+    # the policy's tokenizer unreadable: named, status 2
+    def unreadable(cfg):
+        raise OSError("no tokenizer files")
+    monkeypatch.setattr(data, "load_data", unreadable)
+    assert cli.main(["run", demo]) == 2
+    assert "model.policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--prefect-port=0"], "server: --prefect-port 0 must be a port (1-65535)"),
+    (["--mlflow-port=70000"], "server: --mlflow-port 70000 must be a port (1-65535)"),
+    (["--mlflow-workers=0"], "server: --mlflow-workers 0 must be at least 1"),
+    (["--prefect-port=5000"], "server: --prefect-port and --mlflow-port are both 5000"),
+])
+def test_cli_server_arguments_are_checked(args, says, capsys):
+    from selfalign.flows.cli import main
+
+    assert main(["server", *args]) == 2
+    assert capsys.readouterr().err.strip() == says
