@@ -107,7 +107,8 @@ class TrainConfig:
     alpha_mode: str = "stable"     # alpha_dpo normaliser: stable | official (zero-init EMA, bit-exact)
     # MRPO: the primary reference is the round's own (pi_{r-1}); these are the additional ones, scored
     # once per round by the score stage (replay pairs: by the training worker).
-    mrpo_references: str = ""      # comma-separated models (paths or hub ids), at least one for mrpo
+    mrpo_references: str = ""      # comma-separated models (paths or hub ids), at least one for mrpo; in a
+                                   # preset, ./x and ../x entries (here and in mrpo_tokenizers) are relative to it
     mrpo_tokenizers: str = ""      # comma-separated tokenizers, one per reference ("" = the model's own);
                                    # a reference whose tokenizer differs from the policy's scores the
                                    # same text re-tokenised with its own tokenizer and chat template
@@ -118,7 +119,8 @@ class TrainConfig:
     # HPO (reconstructed; the paper's constants are unknown): DPO (or KTO) + lambda * advantage-weighted
     # NLL on auxiliary rewards, with a value head V(x) trained by expectile regression.
     hpo_rewards: str = ""          # comma-separated hooks package.module:function(prompt, response) -> float
-    hpo_reward_weights: str = ""   # comma-separated weights c_k of r_aux = sum_k c_k R_k ("" = all 1)
+    hpo_reward_weights: str = ""   # comma-separated weights c_k of r_aux = sum_k c_k R_k ("" = all 1); a preset
+                                   # may also give a YAML list of numbers, or one number for one reward
     hpo_preference: str = "dpo"    # dpo | kto (TRL 0.8 kto_pair)
     hpo_lambda: float = 1.0        # weight of the advantage-weighted NLL term
     hpo_eta: float = 1.0           # temperature: w = min(exp((r_aux - V(x)) / eta), hpo_w_max)
@@ -234,6 +236,10 @@ _REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_promp
 # Values given relative to a preset file ("./x", "../x") are resolved against the preset's folder.
 _PATH_KEYS = {"model.policy", "model.reference", "data.prompts", "data.eval_prompts",
               "data.offline_pairs", "data.heldout_pairs", "run.dir"}
+# Comma-separated lists of paths or hub ids, each entry resolved the same way.
+_PATH_LIST_KEYS = {"train.mrpo_references", "train.mrpo_tokenizers"}
+# Comma-separated lists of numbers that may also be given as one number or a YAML list of numbers.
+_NUMBER_LIST_KEYS = {"train.hpo_reward_weights"}
 _SOURCE_KEYS = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs",
                 "data.heldout_pairs"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", re.ASCII)
@@ -290,10 +296,22 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if typ is str:
+        if key in _NUMBER_LIST_KEYS:
+            value = _number_list_text(key, value)
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _number_list_text(key: str, value: Any) -> Any:
+    """A number (one weight) or a list of numbers, as the comma-separated text the key holds."""
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, str) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        if isinstance(value, list):
+            raise ConfigError(f"{key}: expected numbers, got {value!r} (e.g. [1.0, 0.5] or \"1.0,0.5\")")
+        return value
+    return ",".join(str(v) for v in items)
 
 
 def _build(raw: dict[str, Any]) -> Config:
@@ -438,9 +456,13 @@ def _validate_mrpo_hpo(t: TrainConfig) -> None:
             try:
                 weights = [float(w) for w in t.hpo_reward_weights.split(",")]
             except ValueError:
-                raise bad("hpo_reward_weights", "must be comma-separated numbers") from None
+                raise bad("hpo_reward_weights", "must be comma-separated numbers, one per reward in "
+                                                f"train.hpo_rewards ({n}), e.g. {','.join(['1.0'] * n)!r}") from None
+            if not all(math.isfinite(w) for w in weights):
+                raise bad("hpo_reward_weights", "must be finite numbers")
             if len(weights) != n:
-                raise bad("hpo_reward_weights", f"must give one weight per reward in train.hpo_rewards ({n})")
+                raise bad("hpo_reward_weights", f"must give one weight per reward in train.hpo_rewards ({n}), "
+                                                f"comma-separated (a single number only for a single reward)")
         for hook, _ in t.hpo_reward_list():
             try:
                 load_hook(hook, "train.hpo_rewards")
@@ -515,6 +537,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         value = out.get(s, {}).get(k) if isinstance(out.get(s), dict) else None
         if isinstance(value, str) and value.startswith(("./", "../")):
             out[s][k] = str((base / value).resolve())
+    for key in _PATH_LIST_KEYS:
+        s, k = key.split(".")
+        value = out.get(s, {}).get(k) if isinstance(out.get(s), dict) else None
+        if isinstance(value, str) and ("./" in value or "../" in value):
+            items = [v.strip() for v in value.split(",")]
+            out[s][k] = ",".join(str((base / v).resolve()) if v.startswith(("./", "../")) else v for v in items)
     return out
 
 
