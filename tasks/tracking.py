@@ -33,10 +33,10 @@ def check_options(log_model: str, registered_model_name: str = "", uri: str = ""
         return
     if not name.strip() or name != name.strip():
         raise ValueError(f"tracking.registered_model_name: {name!r} must not be blank or start/end with spaces")
-    bad = [c for c in "/:%\\" if c in name]
+    bad = [c for c in "/:%\\'\"" if c in name]
     if bad:
         raise ValueError(f"tracking.registered_model_name: {name!r} must not contain {bad[0]!r} "
-                         "(MLflow registered model names cannot hold '/', ':', '%' or '\\')")
+                         "(no '/', ':', '%', '\\' or quotes)")
     if log_model == "none":
         raise ValueError(f"tracking.registered_model_name: {name!r} is set but tracking.log_model is 'none', so no "
                          "model is logged to register; set tracking.log_model to transformers or artifact")
@@ -201,6 +201,12 @@ class MlflowLogger:
         except MlflowException as e:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
+        token = tags.get("selfalign.model_token")
+        if token:  # a rerun of a finished round: its model is registered already
+            found = self.client.search_model_versions(
+                f"name = '{name}' and tags.`selfalign.model_token` = '{token}'")
+            if found:
+                return str(min(int(v.version) for v in found))
         # The source is the artifact location itself, not models:/<id>: MLflow's registry resolves
         # a models:/ URI through the process-wide tracking URI, which may name another store.
         version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags,
@@ -259,9 +265,9 @@ def _requirements() -> list[str]:
 
 
 def log_round_model(tracker: MetricLogger, cfg: Any, r: int, model_dir: Path, policy: str) -> dict[str, str]:
-    """Round r's model (trained from `policy`), logged to the round's run as `tracking.log_model` chooses and, with
-    `tracking.registered_model_name`, registered as the next version of that model, tagged with
-    the run name, round and policy it came from."""
+    """Round r's model (trained from `policy`), logged to the round's run as `tracking.log_model`
+    chooses and, with `tracking.registered_model_name`, registered as the next version of that
+    model, tagged with the run and the round and described with the policy it was trained from."""
     t = cfg.tracking
     if t.log_model == "none":
         return {}
@@ -269,6 +275,13 @@ def log_round_model(tracker: MetricLogger, cfg: Any, r: int, model_dir: Path, po
     parent = getattr(tracker, "parent_run_id", "") or ""
     if parent:
         tags["selfalign.parent_run_id"] = parent
+    from selfalign.tasks.artifacts import manifest_path, read_json
+
+    manifest = manifest_path(Path(model_dir))  # written by the train stage
+    if manifest.is_file():
+        # The token changes whenever training really ran: a rerun that skipped it registers no
+        # second version of the same model.
+        tags["selfalign.model_token"] = str(read_json(manifest).get("token", ""))
     description = (f"selfalign run {cfg.run.name!r}, round {r} of {cfg.run.rounds}: {cfg.train.loss} on the "
                    f"round's pairs, from {policy}; folder {model_dir}")
     card = (f"---\ntags: [selfalign, round-{r}]\n---\n# {cfg.run.name}, round {r}\n\n{description}\n")

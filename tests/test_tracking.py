@@ -149,6 +149,7 @@ def test_no_model_is_logged_when_log_model_is_none(tiny_model, tmp_path):
     ({"registered_model_name": "m"}, "tracking.log_model is 'none'"),
     ({"log_model": "transformers", "registered_model_name": "a/b"}, "must not contain '/'"),
     ({"log_model": "transformers", "registered_model_name": "a:b"}, "must not contain ':'"),
+    ({"log_model": "transformers", "registered_model_name": "it's"}, "must not contain \"'\""),
     ({"log_model": "artifact", "registered_model_name": " m"}, "must not be blank or start/end with spaces"),
     ({"log_model": "transformers", "registered_model_name": "m", "uri": "none"}, "tracking is off"),
     ({"log_model": "pickle"}, "tracking.log_model: 'pickle' is not one of ['none', 'artifact', 'transformers']"),
@@ -186,3 +187,62 @@ def test_cli_rejects_a_registry_without_a_store(capsys):
     err = capsys.readouterr().err
     assert "tracking.registered_model_name: 'm' needs a model registry, but tracking is off" in err
     assert "Traceback" not in err
+
+
+def test_round_flow_logs_and_registers_each_rounds_model(tiny_model, tmp_path, monkeypatch):
+    """The round flow's own call (flows/pipeline.py), its stages replaced by stand-ins: two rounds
+    give registered versions 1 and 2 holding the two rounds' models; a stopped round logs none."""
+    import mlflow.artifacts
+    from mlflow.tracking import MlflowClient
+
+    from selfalign.flows import pipeline
+    from selfalign.tasks import artifacts
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config(tmp_path, uri=uri, log_model="transformers", registered_model_name="flow", plots=False)
+    models = round_models(tiny_model, tmp_path / "trained", 2)
+    for m in models:
+        artifacts.mark_done(m, {"stand-in": "train"})  # the train stage's manifest, with its run token
+    stop_round = {3}
+
+    class Logger:
+        info = warning = staticmethod(lambda *a: None)
+
+    def pairs_task(cfg, r, scores, offline):
+        rd = artifacts.round_dir(cfg.run_dir, r)
+        rd.mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(rd / "alpha_sweep.json", {})
+        (rd / "pairs.parquet").write_bytes(b"")
+        return rd / "pairs.parquet", {"pairs/kept": 0 if r in stop_round else 4}
+
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: Logger)
+    monkeypatch.setattr(pipeline, "generate_task", lambda cfg, r, policy, prompts: (tmp_path / "s", {}))
+    monkeypatch.setattr(pipeline, "score_task", lambda *a: (tmp_path / "sc", {"eval/pair_accuracy": 0.9}))
+    monkeypatch.setattr(pipeline, "pairs_task", pairs_task)
+    monkeypatch.setattr(pipeline, "train_task", lambda cfg, r, policy, pairs: (models[r - 1], []))
+    monkeypatch.setattr(pipeline, "evaluate_task", lambda *a: {"eval/accuracy": 1.0})
+    parent = MlflowLogger(uri, cfg.tracking.experiment, cfg.run.name,
+                          artifact_location=(tmp_path / "mlartifacts").as_uri())
+    policy = cfg.model.policy
+    for r in (1, 2, 3):
+        res = pipeline.round_flow.fn(cfg.to_dict(), r, policy, cfg.model.reference, parent.run_id)
+        assert bool(res["stopped"]) == (r in stop_round)
+        policy = res["model"]
+    client = MlflowClient(uri)
+    versions = sorted(client.search_model_versions("name='flow'"), key=lambda v: int(v.version))
+    assert [(str(v.version), v.tags["selfalign.round"]) for v in versions] == [("1", "1"), ("2", "2")]
+    assert f"from {cfg.model.policy}" in versions[0].description and f"from {models[0]}" in versions[1].description
+    # a rerun of the same rounds (training skipped: same tokens) registers no second version;
+    # a round trained again does
+    for r in (1, 2):
+        pipeline.round_flow.fn(cfg.to_dict(), r, cfg.model.policy if r == 1 else str(models[0]),
+                               cfg.model.reference, parent.run_id)
+    assert len(client.search_model_versions("name='flow'")) == 2
+    artifacts.mark_done(models[1], {"stand-in": "train again"})
+    pipeline.round_flow.fn(cfg.to_dict(), 2, str(models[0]), cfg.model.reference, parent.run_id)
+    assert sorted(int(v.version) for v in client.search_model_versions("name='flow'")) == [1, 2, 3]
+    # each version holds its round's weights, byte for byte
+    for v, model in zip(versions, models):
+        logged = mlflow.artifacts.download_artifacts(artifact_uri=f"{v.source}/model/model.safetensors",
+                                                     dst_path=str(tmp_path / f"v{v.version}"))
+        assert Path(logged).read_bytes() == (model / "model.safetensors").read_bytes()
