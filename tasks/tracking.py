@@ -251,7 +251,7 @@ def _model_card(text: str) -> Any:
     """A model card from `text`, so MLflow does not look one up on the hub by the folder's name."""
     from huggingface_hub import ModelCard
 
-    return ModelCard(text or "---\n---\n")
+    return ModelCard(text or "---\ntags: [selfalign]\n---\n")
 
 
 def _requirements() -> list[str]:
