@@ -8,8 +8,13 @@ import sys
 from pathlib import Path
 
 from selfalign.flows.compare import CompareError, compare, format_markdown, format_table, write_csv
-from selfalign.flows.config import load_config
+from selfalign.flows.config import ConfigError, load_config
+from selfalign.tasks.data import DataError
 from selfalign.tasks.tracking import check_options
+
+# The project's validation errors: their message names the key, file, row or value, so the command
+# line prints it alone (no traceback) and exits with status 2, as argparse does for bad arguments.
+USER_ERRORS = (ConfigError, DataError)
 
 
 def prepare_environment(run_dir: Path) -> None:
@@ -45,8 +50,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     prepare_environment(cfg.run_dir)
     from selfalign.flows.pipeline import run_flow, tracking_uri
+    from selfalign.tasks.data import load_data
     from selfalign.tasks.train import NonFiniteTraining
 
+    try:
+        # Every dataset read and checked here, before Prefect and the engines start (the flow reuses
+        # what was loaded), so a bad file or row is one message rather than a failed flow run.
+        load_data(cfg)
+    except DataError as e:
+        print(f"data error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the policy's tokenizer or config cannot be read
+        print(f"model.policy {cfg.model.policy!r} cannot be loaded: {e}", file=sys.stderr)
+        return 2
     try:
         summary = run_flow(cfg.to_dict())
     except NonFiniteTraining as e:
@@ -88,6 +104,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_server(args: argparse.Namespace) -> int:
     from selfalign.flows.server import serve
 
+    for flag, value, ok, want in (("--prefect-port", args.prefect_port, 1 <= args.prefect_port <= 65535, "a port (1-65535)"),
+                                  ("--mlflow-port", args.mlflow_port, 1 <= args.mlflow_port <= 65535, "a port (1-65535)"),
+                                  ("--mlflow-workers", args.mlflow_workers, args.mlflow_workers >= 1, "at least 1"),
+                                  ("--startup-timeout", args.startup_timeout, args.startup_timeout > 0, "> 0 seconds")):
+        if not ok:
+            print(f"server: {flag} {value} must be {want}", file=sys.stderr)
+            return 2
+    if args.prefect_port == args.mlflow_port:
+        print(f"server: --prefect-port and --mlflow-port are both {args.mlflow_port}", file=sys.stderr)
+        return 2
     home = Path(args.home or os.environ.get("SELFALIGN_HOME", Path.cwd() / ".selfalign")) / "server"
     return serve(home, args.host, args.prefect_port, args.mlflow_port, args.mlflow_backend_uri,
                  args.prefect_database_url, args.mlflow_workers, args.startup_timeout,
@@ -158,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:  # raised past a command's own checks, e.g. from inside the flow
+        kind = "data error" if isinstance(e, DataError) else "config error"
+        print(f"{args.command}: {kind}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,6 +41,17 @@ class DataConfig:
     eval_prompts: str = ""         # held-out prompts for evaluation
     offline_pairs: str = ""        # offline preference pairs (experience replay)
     heldout_pairs: str = ""        # held-out offline pairs: implicit-reward accuracy and the guard
+    # The split and the config (subset) of each dataset above when it is a hub id or a dataset folder:
+    # "" = split `train`, the default config; a split may be sliced as `datasets` allows, e.g. test[:500].
+    # A single JSONL/JSON/Parquet file has neither.
+    prompts_split: str = ""
+    prompts_config: str = ""
+    eval_prompts_split: str = ""
+    eval_prompts_config: str = ""
+    offline_pairs_split: str = ""
+    offline_pairs_config: str = ""
+    heldout_pairs_split: str = ""
+    heldout_pairs_config: str = ""
     prompts_per_round: int = 0     # prompts sampled per round (0 = all); rounds take fresh slices
     max_eval_prompts: int = 0      # cap on eval prompts (0 = all)
     on_bad_row: str = "error"      # error: stop at the first bad row, naming file, row and field |
@@ -96,7 +107,8 @@ class TrainConfig:
     alpha_mode: str = "stable"     # alpha_dpo normaliser: stable | official (zero-init EMA, bit-exact)
     # MRPO: the primary reference is the round's own (pi_{r-1}); these are the additional ones, scored
     # once per round by the score stage (replay pairs: by the training worker).
-    mrpo_references: str = ""      # comma-separated models (paths or hub ids), at least one for mrpo
+    mrpo_references: str = ""      # comma-separated models (paths or hub ids), at least one for mrpo; in a
+                                   # preset, ./x and ../x entries (here and in mrpo_tokenizers) are relative to it
     mrpo_tokenizers: str = ""      # comma-separated tokenizers, one per reference ("" = the model's own);
                                    # a reference whose tokenizer differs from the policy's scores the
                                    # same text re-tokenised with its own tokenizer and chat template
@@ -107,7 +119,8 @@ class TrainConfig:
     # HPO (reconstructed; the paper's constants are unknown): DPO (or KTO) + lambda * advantage-weighted
     # NLL on auxiliary rewards, with a value head V(x) trained by expectile regression.
     hpo_rewards: str = ""          # comma-separated hooks package.module:function(prompt, response) -> float
-    hpo_reward_weights: str = ""   # comma-separated weights c_k of r_aux = sum_k c_k R_k ("" = all 1)
+    hpo_reward_weights: str = ""   # comma-separated weights c_k of r_aux = sum_k c_k R_k ("" = all 1); a preset
+                                   # may also give a YAML list of numbers, or one number for one reward
     hpo_preference: str = "dpo"    # dpo | kto (TRL 0.8 kto_pair)
     hpo_lambda: float = 1.0        # weight of the advantage-weighted NLL term
     hpo_eta: float = 1.0           # temperature: w = min(exp((r_aux - V(x)) / eta), hpo_w_max)
@@ -173,7 +186,10 @@ class TrackingConfig:
                                    # sqlite:///<run_dir>/mlflow.db
     experiment: str = "selfalign"
     plots: bool = True             # per-round PNG plots as MLflow artifacts (plots/) and in round_<r>/plots
-    log_model: str = "none"        # none | artifact: each round's model folder as MLflow artifacts (model/)
+    log_model: str = "none"        # none | artifact: each round's model folder as MLflow artifacts (model/) |
+                                   # transformers: as an MLflow Model of the transformers flavour (model/)
+    registered_model_name: str = ""  # each round's logged model becomes the next version of this registered
+                                   # model ("" = none); needs tracking.log_model and a database or server store
 
 
 @dataclass
@@ -222,6 +238,10 @@ _REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_promp
 # Values given relative to a preset file ("./x", "../x") are resolved against the preset's folder.
 _PATH_KEYS = {"model.policy", "model.reference", "data.prompts", "data.eval_prompts",
               "data.offline_pairs", "data.heldout_pairs", "run.dir"}
+# Comma-separated lists of paths or hub ids, each entry resolved the same way.
+_PATH_LIST_KEYS = {"train.mrpo_references", "train.mrpo_tokenizers"}
+# Comma-separated lists of numbers that may also be given as one number or a YAML list of numbers.
+_NUMBER_LIST_KEYS = {"train.hpo_reward_weights"}
 _SOURCE_KEYS = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs",
                 "data.heldout_pairs"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", re.ASCII)
@@ -242,6 +262,26 @@ def _check_source(key: str, value: str) -> None:
         raise ConfigError(f"{key}: {value!r} does not exist (and is not a hub id)")
 
 
+def _check_splits(flat: dict[str, Any]) -> None:
+    """data.<name>_split / _config: only for a dataset that has splits (a hub id or a folder)."""
+    from selfalign.tasks.data import is_single_file
+
+    for key in _SOURCE_KEYS:
+        if not key.startswith("data."):
+            continue
+        for part in ("split", "config"):
+            value = flat[f"{key}_{part}"]
+            if not value:
+                continue
+            if value != value.strip():
+                raise ConfigError(f"{key}_{part}: {value!r} must not start or end with spaces")
+            if not flat[key]:
+                raise ConfigError(f"{key}_{part}: {value!r} is set but {key} is empty")
+            if is_single_file(flat[key]):
+                raise ConfigError(f"{key}_{part}: {value!r} applies to a hub id or a dataset folder, but {key} "
+                                  f"{flat[key]!r} is a single file (one table, no {part}s)")
+
+
 def _coerce(key: str, value: Any, typ: type) -> Any:
     if typ is bool:
         if isinstance(value, bool):
@@ -258,10 +298,22 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
             raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if typ is str:
+        if key in _NUMBER_LIST_KEYS:
+            value = _number_list_text(key, value)
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{key}: unsupported type {typ}")
+
+
+def _number_list_text(key: str, value: Any) -> Any:
+    """A number (one weight) or a list of numbers, as the comma-separated text the key holds."""
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, str) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in items):
+        if isinstance(value, list):
+            raise ConfigError(f"{key}: expected numbers, got {value!r} (e.g. [1.0, 0.5] or \"1.0,0.5\")")
+        return value
+    return ",".join(str(v) for v in items)
 
 
 def _build(raw: dict[str, Any]) -> Config:
@@ -296,6 +348,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} is required (a local path or a hub id)")
     for key in _SOURCE_KEYS:
         _check_source(key, flat[key])
+    _check_splits(flat)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {sorted(allowed)}")
@@ -363,6 +416,19 @@ def validate(cfg: Config) -> None:
     if t.loss == "cdpo" and t.label_smoothing == 0:
         raise ConfigError("train.label_smoothing: 0.0 must be > 0 for train.loss=cdpo")
     _validate_mrpo_hpo(t)
+    _validate_tracking(cfg)
+
+
+def _validate_tracking(cfg: Config) -> None:
+    """tracking.log_model and tracking.registered_model_name, against the store the run will use
+    (tracking.uri, else MLFLOW_TRACKING_URI, else the run's own SQLite store)."""
+    from selfalign.tasks.tracking import check_options, resolve_uri
+
+    tr = cfg.tracking
+    try:
+        check_options(tr.log_model, tr.registered_model_name, resolve_uri(tr.uri, cfg.run_dir))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_mrpo_hpo(t: TrainConfig) -> None:
@@ -392,9 +458,13 @@ def _validate_mrpo_hpo(t: TrainConfig) -> None:
             try:
                 weights = [float(w) for w in t.hpo_reward_weights.split(",")]
             except ValueError:
-                raise bad("hpo_reward_weights", "must be comma-separated numbers") from None
+                raise bad("hpo_reward_weights", "must be comma-separated numbers, one per reward in "
+                                                f"train.hpo_rewards ({n}), e.g. {','.join(['1.0'] * n)!r}") from None
+            if not all(math.isfinite(w) for w in weights):
+                raise bad("hpo_reward_weights", "must be finite numbers")
             if len(weights) != n:
-                raise bad("hpo_reward_weights", f"must give one weight per reward in train.hpo_rewards ({n})")
+                raise bad("hpo_reward_weights", f"must give one weight per reward in train.hpo_rewards ({n}), "
+                                                f"comma-separated (a single number only for a single reward)")
         for hook, _ in t.hpo_reward_list():
             try:
                 load_hook(hook, "train.hpo_rewards")
@@ -469,6 +539,12 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         value = out.get(s, {}).get(k) if isinstance(out.get(s), dict) else None
         if isinstance(value, str) and value.startswith(("./", "../")):
             out[s][k] = str((base / value).resolve())
+    for key in _PATH_LIST_KEYS:
+        s, k = key.split(".")
+        value = out.get(s, {}).get(k) if isinstance(out.get(s), dict) else None
+        if isinstance(value, str) and ("./" in value or "../" in value):
+            items = [v.strip() for v in value.split(",")]
+            out[s][k] = ",".join(str((base / v).resolve()) if v.startswith(("./", "../")) else v for v in items)
     return out
 
 

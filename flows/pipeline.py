@@ -31,7 +31,8 @@ from selfalign.tasks.generate import run_generate
 from selfalign.tasks.judge import Judge, judge_round
 from selfalign.tasks.pairs import run_pairs
 from selfalign.tasks.score import extra_references, run_score
-from selfalign.tasks.tracking import MetricLogger, check_options, local_uri, make_logger, resolve_uri
+from selfalign.tasks.tracking import (MetricLogger, check_options, local_uri, log_round_model, make_logger,
+                                      resolve_uri)
 from selfalign.tasks.train import checkpoint_dir, run_train
 
 
@@ -226,8 +227,8 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         if cfg.tracking.plots:
             for png in plots.round_plots(cfg.run_dir, r, cfg.pairs.length_unit):
                 tracker.log_artifact(png, "plots")
-        if cfg.tracking.log_model == "artifact" and not result["stopped"]:
-            tracker.log_artifacts(Path(result["model"]), "model")
+        if not result["stopped"]:
+            log_round_model(tracker, cfg, r, Path(result["model"]), policy)
         tracker.close("KILLED" if result["stopped"] else "FINISHED")
     except BaseException as e:
         log(f"round {r} failed: {e}")

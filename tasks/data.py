@@ -51,22 +51,40 @@ def _kind(v: Any) -> str:
     return _KINDS.get(type(v), type(v).__name__)
 
 
-def _read_rows(source: str) -> list[tuple[int, Any]]:
+def is_single_file(source: str) -> bool:
+    """A local JSONL/JSON/Parquet file (or a name that can only mean one): one table, no splits."""
+    path = Path(source)
+    return path.is_file() or (not path.is_dir() and path.suffix in {".jsonl", ".json", ".parquet"})
+
+
+def source_label(source: str, split: str = "", config: str = "") -> str:
+    """How messages name a dataset: the path or hub id, with the config and split when chosen."""
+    picked = ", ".join(x for x in (f"config {config!r}" if config else "", f"split {split!r}" if split else "") if x)
+    return f"{source} ({picked})" if picked else source
+
+
+def _read_rows(source: str, split: str = "", config: str = "") -> list[tuple[int, Any]]:
     """(row number, value) of every row of a local JSONL/JSON/Parquet file, a local `datasets`
-    folder or a `datasets` hub id (split `train`). A value is the parsed row, or a BadRow when the
-    row could not even be parsed. JSONL rows are numbered by line, the others from 1."""
+    folder or a `datasets` hub id. For the last two, `split` picks the split ("" = `train`; a hub id
+    or a folder `load_dataset` reads also takes slices such as `test[:500]`) and `config` the
+    dataset's configuration (its subset name; "" = the default). A single file has neither. A value
+    is the parsed row, or a BadRow when the row could not even be parsed. JSONL rows are numbered by
+    line, the others from 1."""
     path = Path(source)
     if not source:
         raise DataError("no dataset given (empty path)")
+    if is_single_file(source) and (split or config):
+        raise DataError(f"{source}: a single file has no splits or configs (split {split!r}, config {config!r} "
+                        "apply to a dataset folder or a hub id)")
     if path.is_file():
         if path.suffix == ".parquet":
             return _read_parquet(source, path)
         return _read_json(source, path.read_bytes(), path.suffix == ".json")
     if path.is_dir():
-        return _read_datasets(source, path)
+        return _read_datasets(source, path, split, config)
     if path.suffix in {".jsonl", ".json", ".parquet"} or source.startswith((".", "/", "~")):
         raise DataError(f"{source}: no such file")
-    return _read_datasets(source, None)
+    return _read_datasets(source, None, split, config)
 
 
 def _read_json(source: str, raw: bytes, whole_document: bool) -> list[tuple[int, Any]]:
@@ -115,22 +133,32 @@ def _read_parquet(source: str, path: Path) -> list[tuple[int, Any]]:
     return list(enumerate(table.to_pylist(), 1))
 
 
-def _read_datasets(source: str, folder: Path | None) -> list[tuple[int, Any]]:
-    """A folder written by `Dataset.save_to_disk`, a folder `load_dataset` can read, or a hub id."""
+def _read_datasets(source: str, folder: Path | None, split: str = "", config: str = "") -> list[tuple[int, Any]]:
+    """A folder written by `Dataset.save_to_disk`, a folder `load_dataset` can read (per-split
+    Parquet/JSONL files, say), or a hub id; `split` and `config` as in `_read_rows`."""
     import datasets
 
+    label = source_label(source, split, config)
+    saved = folder is not None and ((folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file())
     try:
-        if folder is not None and ((folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()):
+        if saved:
+            if config:
+                raise DataError(f"{label}: a folder written by save_to_disk has no configs; leave the config empty")
             ds = datasets.load_from_disk(str(folder))
         else:
-            ds = datasets.load_dataset(source, split="train")
+            ds = datasets.load_dataset(source, config or None, split=split or "train")
     except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:
+        if isinstance(e, DataError):
+            raise
         what = "folder" if folder is not None else "not a local file; as a `datasets` hub id it"
-        raise DataError(f"{source}: {what} cannot be loaded ({type(e).__name__}: {e})") from None
+        raise DataError(f"{label}: {what} cannot be loaded ({type(e).__name__}: {e})") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{source}: the dataset has no 'train' split (splits: {', '.join(ds)})")
-        ds = ds["train"]
+        want = split or "train"
+        if want not in ds:
+            raise DataError(f"{label}: the dataset has no {want!r} split (splits: {', '.join(ds)})")
+        ds = ds[want]
+    elif saved and split:
+        raise DataError(f"{label}: the folder holds a single Dataset, not splits; leave the split empty")
     return list(enumerate(ds, 1))
 
 
@@ -193,16 +221,19 @@ def _check_length(source: str, i: int, row: dict[str, str], tokenizer: Any, max_
 
 
 def _load(source: str, parse, on_bad_row: str, skipped: dict[str, int] | None, tokenizer: Any,
-          max_len: int) -> list[dict[str, str]]:
+          max_len: int, split: str = "", config: str = "") -> list[dict[str, str]]:
     """Rows {id, **parse(i, row)}. A bad row raises its BadRow (on_bad_row=error) or is dropped and
     counted by reason into `skipped` (on_bad_row=skip). Of rows sharing an id, the first good one is
-    kept. A source with no good row is an error either way."""
+    kept. A source with no good row is an error either way. Messages name the source with its config
+    and split (`source_label`)."""
     if on_bad_row not in ON_BAD_ROW:
         raise ValueError(f"on_bad_row: {on_bad_row!r} is not one of {ON_BAD_ROW}")
     rows: list[dict[str, str]] = []
     seen: dict[str, int] = {}
     counts: dict[str, int] = {}
-    for i, value in _read_rows(source):
+    read = _read_rows(source, split, config)
+    source = source_label(source, split, config)
+    for i, value in read:
         try:
             if isinstance(value, BadRow):
                 raise value
@@ -229,17 +260,20 @@ def _load(source: str, parse, on_bad_row: str, skipped: dict[str, int] | None, t
 
 
 def load_prompts(source: str, *, on_bad_row: str = "error", skipped: dict[str, int] | None = None,
-                 tokenizer: Any = None, max_len: int = 0) -> list[dict[str, str]]:
+                 tokenizer: Any = None, max_len: int = 0, split: str = "", config: str = "") -> list[dict[str, str]]:
     """Prompt rows {id, prompt}. With a tokenizer and the model's context length `max_len`, prompts
-    that leave no room to generate are bad rows too."""
-    return _load(source, lambda i, row: {"prompt": _text(source, i, row, "prompt", "user")},
-                 on_bad_row, skipped, tokenizer, max_len)
+    that leave no room to generate are bad rows too. `split`/`config`: see `_read_rows`."""
+    name = source_label(source, split, config)
+    return _load(source, lambda i, row: {"prompt": _text(name, i, row, "prompt", "user")},
+                 on_bad_row, skipped, tokenizer, max_len, split, config)
 
 
 def load_pairs(source: str, *, on_bad_row: str = "error", skipped: dict[str, int] | None = None,
-               tokenizer: Any = None, max_len: int = 0) -> list[dict[str, str]]:
+               tokenizer: Any = None, max_len: int = 0, split: str = "", config: str = "") -> list[dict[str, str]]:
     """Preference rows {id, prompt, chosen, rejected} in TRL standard or conversational format
-    (explicit prompt, or implicit: chosen/rejected conversations sharing the prompt turn)."""
+    (explicit prompt, or implicit: chosen/rejected conversations sharing the prompt turn).
+    `split`/`config`: see `_read_rows`."""
+    source_path, source = source, source_label(source, split, config)
 
     def parse(i: int, row: dict[str, Any]) -> dict[str, str]:
         c, r = row.get("chosen"), row.get("rejected")
@@ -254,7 +288,7 @@ def load_pairs(source: str, *, on_bad_row: str = "error", skipped: dict[str, int
             raise BadRow(source, i, "identical", "identical to 'chosen'", "rejected")
         return out
 
-    return _load(source, parse, on_bad_row, skipped, tokenizer, max_len)
+    return _load(source_path, parse, on_bad_row, skipped, tokenizer, max_len, split, config)
 
 
 def context_length(model: str, max_model_len: int = 0, trust_remote_code: bool = False) -> int:
@@ -320,7 +354,8 @@ def load_data(cfg: Any) -> Datasets:
             continue
         skipped[name] = {}
         rows[name] = DATASETS[name](source, on_bad_row=d.on_bad_row, skipped=skipped[name],
-                                    tokenizer=tokenizer, max_len=max_len)
+                                    tokenizer=tokenizer, max_len=max_len, split=getattr(d, f"{name}_split"),
+                                    config=getattr(d, f"{name}_config"))
     _loaded.clear()
     _loaded[key] = Datasets(**rows, skipped=skipped)
     return _loaded[key]

@@ -5,21 +5,60 @@ The MLflow logger talks to explicit run ids through `MlflowClient`, never throug
 the user already has active."""
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 # Values that look like secrets never go to MLflow params.
 _SECRET_WORDS = ("key", "token", "secret", "password")
-LOG_MODEL = ("none", "artifact")  # tracking.log_model
+# tracking.log_model: none | artifact (the model folder as plain run artifacts) | transformers (an
+# MLflow Model of the transformers flavour, loadable with mlflow.transformers.load_model / pyfunc)
+LOG_MODEL = ("none", "artifact", "transformers")
+# The packages a logged model needs to be loaded again (written to its requirements.txt). Given
+# explicitly: MLflow's own guess for a transformers model pins torchvision, which may not be installed.
+_MODEL_REQUIREMENTS = ("torch", "transformers", "tokenizers", "safetensors")
 
 
-def check_options(log_model: str) -> None:
-    """The tracking section's choices, checked before a run starts (the message names the key)."""
+def check_options(log_model: str, registered_model_name: str = "", uri: str = "") -> None:
+    """The tracking section's choices, checked before a run starts (the message names the key).
+    `uri` is the resolved tracking URI (`resolve_uri`); "" skips the checks that need it."""
     if log_model not in LOG_MODEL:
         raise ValueError(f"tracking.log_model: {log_model!r} is not one of {list(LOG_MODEL)}")
+    name = registered_model_name
+    if not name:
+        return
+    if not name.strip() or name != name.strip():
+        raise ValueError(f"tracking.registered_model_name: {name!r} must not be blank or start/end with spaces")
+    bad = [c for c in "/:%\\'\"" if c in name]
+    if bad:
+        raise ValueError(f"tracking.registered_model_name: {name!r} must not contain {bad[0]!r} "
+                         "(no '/', ':', '%', '\\' or quotes)")
+    if log_model == "none":
+        raise ValueError(f"tracking.registered_model_name: {name!r} is set but tracking.log_model is 'none', so no "
+                         "model is logged to register; set tracking.log_model to transformers or artifact")
+    why = registry_problem(uri) if uri else ""
+    if why:
+        raise ValueError(f"tracking.registered_model_name: {name!r} needs a model registry, but {why}")
+
+
+def registry_problem(uri: str) -> str:
+    """Why the MLflow store at `uri` cannot hold registered models, or "" when it can: a database
+    store (the default sqlite:///<run_dir>/mlflow.db, PostgreSQL, MySQL, ...) or a tracking server
+    (`selfalign server` keeps its registry in its SQLite or --mlflow-backend-uri database)."""
+    from urllib.parse import urlparse
+
+    if uri == "none":
+        return "tracking is off (tracking.uri = 'none')"
+    scheme = urlparse(uri).scheme
+    if scheme in ("", "file") and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
+        return (f"the tracking store {uri!r} is a folder (MLflow's file store), which this MLflow refuses unless "
+                "MLFLOW_ALLOW_FILE_STORE=true; use a database store such as sqlite:///path/mlflow.db (an empty "
+                "tracking.uri gives the run's own sqlite:///<run dir>/mlflow.db) or a tracking server (selfalign server)")
+    return ""
 
 
 class MetricLogger(Protocol):
@@ -27,6 +66,9 @@ class MetricLogger(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_model(self, model_dir: Path, how: str, *, step: int = 0, dtype: str = "", card: str = "",
+                  registered_model_name: str = "", version_tags: dict[str, str] | None = None,
+                  description: str = "") -> dict[str, str]: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -42,6 +84,9 @@ class NullLogger:
 
     def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
         pass
+
+    def log_model(self, model_dir: Path, how: str, **_: Any) -> dict[str, str]:
+        return {}
 
     def close(self, status: str = "FINISHED") -> None:
         pass
@@ -68,6 +113,7 @@ class MlflowLogger:
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
+        self.parent_run_id = parent_run_id or ""
         if run_id is None:
             run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
         self.run_id = run_id
@@ -96,6 +142,77 @@ class MlflowLogger:
         """Every file under the folder `path`, under `artifact_path`."""
         self.client.log_artifacts(self.run_id, str(path), artifact_path)
 
+    def log_model(self, model_dir: Path, how: str, *, step: int = 0, dtype: str = "", card: str = "",
+                  registered_model_name: str = "", version_tags: dict[str, str] | None = None,
+                  description: str = "") -> dict[str, str]:
+        """The saved model folder `model_dir` (config.json, weights, tokenizer) logged to this run
+        under `model`: as plain artifacts (how="artifact") or as an MLflow Model of the transformers
+        flavour (how="transformers": a LoggedModel of the run's experiment, output of this run at
+        `step`). The folder is copied as it is: nothing is loaded into memory or downloaded. With
+        `registered_model_name` it also becomes the next version of that registered model (created
+        on first use), with `version_tags` and `description`. Returns the source URI, and the
+        model id and registered version where there are ones."""
+        if how == "artifact":
+            self.log_artifacts(model_dir, "model")
+            out = {"source": f"{self.client.get_run(self.run_id).info.artifact_uri.rstrip('/')}/model"}
+        elif how == "transformers":
+            out = self._log_transformers(Path(model_dir), step, dtype, card)
+        else:
+            raise ValueError(f"tracking.log_model: {how!r} is not one of {list(LOG_MODEL)}")
+        if registered_model_name:
+            out["version"] = self._register(registered_model_name, out["source"], out.get("model_id"),
+                                            version_tags or {}, description)
+        return out
+
+    def _log_transformers(self, model_dir: Path, step: int, dtype: str, card: str) -> dict[str, str]:
+        # The flavour's save_model writes the MLflow Model folder and the client uploads it; this is
+        # what mlflow.transformers.log_model does, minus its use of the process-wide tracking URI and
+        # active experiment, which this logger never relies on (see the module docstring).
+        import mlflow.transformers
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        logged = self.client.create_logged_model(self.experiment_id, name="model", source_run_id=self.run_id)
+        try:
+            mlflow_model = Model(artifact_path=logged.artifact_location, run_id=self.run_id,
+                                 model_id=logged.model_id, model_uuid=logged.model_id)
+            # Beside the model folder, not in /tmp: the copy is as large as the model.
+            with tempfile.TemporaryDirectory(prefix=".mlflow-model-", dir=model_dir.parent) as tmp:
+                local = Path(tmp) / "model"
+                mlflow.transformers.save_model(
+                    str(model_dir), path=str(local), task="text-generation", mlflow_model=mlflow_model,
+                    torch_dtype=_torch_dtype(dtype), model_card=_model_card(card),
+                    pip_requirements=_requirements())
+                self.client.log_model_artifacts(logged.model_id, str(local))
+        except BaseException:
+            self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.log_outputs(self.run_id, [LoggedModelOutput(logged.model_id, step=step)])
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        return {"source": logged.artifact_location, "model_id": logged.model_id}
+
+    def _register(self, name: str, source: str, model_id: str | None, tags: dict[str, str],
+                  description: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description="Models logged by selfalign runs, one "
+                                                                   "version per round")
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        token = tags.get("selfalign.model_token")
+        if token:  # a rerun of a finished round: its model is registered already
+            found = self.client.search_model_versions(
+                f"name = '{name}' and tags.`selfalign.model_token` = '{token}'")
+            if found:
+                return str(min(int(v.version) for v in found))
+        # The source is the artifact location itself, not models:/<id>: MLflow's registry resolves
+        # a models:/ URI through the process-wide tracking URI, which may name another store.
+        version = self.client.create_model_version(name, source, run_id=self.run_id, tags=tags,
+                                                   description=description, model_id=model_id)
+        return str(version.version)
+
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
@@ -120,3 +237,54 @@ def make_logger(uri: str, experiment: str, run_name: str, artifact_location: str
     if uri == "none":
         return NullLogger()
     return MlflowLogger(uri, experiment, run_name, artifact_location=artifact_location)
+
+
+def _torch_dtype(dtype: str) -> Any:
+    if not dtype:
+        return None
+    import torch
+
+    return getattr(torch, dtype)
+
+
+def _model_card(text: str) -> Any:
+    """A model card from `text`, so MLflow does not look one up on the hub by the folder's name."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard(text or "---\ntags: [selfalign]\n---\n")
+
+
+def _requirements() -> list[str]:
+    out = []
+    for pkg in _MODEL_REQUIREMENTS:
+        try:
+            out.append(f"{pkg}=={importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def log_round_model(tracker: MetricLogger, cfg: Any, r: int, model_dir: Path, policy: str) -> dict[str, str]:
+    """Round r's model (trained from `policy`), logged to the round's run as `tracking.log_model`
+    chooses and, with `tracking.registered_model_name`, registered as the next version of that
+    model, tagged with the run and the round and described with the policy it was trained from."""
+    t = cfg.tracking
+    if t.log_model == "none":
+        return {}
+    tags = {"selfalign.run": cfg.run.name, "selfalign.round": str(r), "selfalign.run_dir": str(cfg.run_dir)}
+    parent = getattr(tracker, "parent_run_id", "") or ""
+    if parent:
+        tags["selfalign.parent_run_id"] = parent
+    from selfalign.tasks.artifacts import manifest_path, read_json
+
+    manifest = manifest_path(Path(model_dir))  # written by the train stage
+    if manifest.is_file():
+        # The token changes whenever training really ran: a rerun that skipped it registers no
+        # second version of the same model.
+        tags["selfalign.model_token"] = str(read_json(manifest).get("token", ""))
+    description = (f"selfalign run {cfg.run.name!r}, round {r} of {cfg.run.rounds}: {cfg.train.loss} on the "
+                   f"round's pairs, from {policy}; folder {model_dir}")
+    card = (f"---\ntags: [selfalign, round-{r}]\n---\n# {cfg.run.name}, round {r}\n\n{description}\n")
+    return tracker.log_model(Path(model_dir), t.log_model, step=r, dtype=cfg.model.dtype, card=card,
+                             registered_model_name=t.registered_model_name, version_tags=tags,
+                             description=description)

@@ -155,3 +155,52 @@ def test_defaults_follow_dice():
     assert (cfg.generate.k, cfg.train.beta, cfg.train.lr, cfg.pairs.gamma, cfg.pairs.min_valid) == (16, 0.1, 5e-7, 0.5, 8)
     assert cfg.run.rounds == 2 and cfg.pairs.length_unit == "chars"
     assert cfg.run_dir == Path("runs/selfalign")
+
+
+ONE_HOOK = "selfalign.tasks.toy:checker_reward"
+TWO_HOOKS = f"{ONE_HOOK},selfalign.tasks.toy:readability_reward"
+
+
+def test_hpo_reward_weights_take_a_number_or_a_list(tmp_path):
+    def weights(value, hooks=ONE_HOOK):
+        return load_config(DEMO, {"train.loss": "hpo", "train.hpo_rewards": hooks,
+                                  "train.hpo_reward_weights": value}).train.hpo_reward_list()
+
+    assert weights(2) == [(ONE_HOOK, 2.0)]
+    assert weights(0.5) == [(ONE_HOOK, 0.5)]
+    assert weights([1, 0.25], TWO_HOOKS) == [(ONE_HOOK, 1.0), ("selfalign.tasks.toy:readability_reward", 0.25)]
+    assert weights("1,0.25", TWO_HOOKS)[1][1] == 0.25
+    # the same from the command line and from a preset file
+    cfg = load_config(DEMO, ["--train.loss=hpo", f"--train.hpo_rewards={ONE_HOOK}", "--train.hpo_reward_weights=3"])
+    assert cfg.train.hpo_reward_weights == "3" and cfg.train.hpo_reward_list() == [(ONE_HOOK, 3.0)]
+    preset = tmp_path / "p.yaml"
+    preset.write_text(DEMO.read_text().replace("../../", str(ROOT) + "/").replace(
+        "train:\n", f"train:\n  loss: hpo\n  hpo_rewards: {TWO_HOOKS}\n  hpo_reward_weights: [2, 1.5e-1]\n"))
+    assert [w for _, w in load_config(preset).train.hpo_reward_list()] == [2.0, 0.15]
+    # a number for two rewards: the message says what is expected
+    with pytest.raises(ConfigError, match=r"train.hpo_reward_weights: '2' must give one weight per reward in "
+                                          r"train.hpo_rewards \(2\), comma-separated"):
+        weights(2, TWO_HOOKS)
+    with pytest.raises(ConfigError, match=r"train.hpo_reward_weights: expected numbers, got \['a', 1\]"):
+        weights(["a", 1], TWO_HOOKS)
+    with pytest.raises(ConfigError, match="train.hpo_reward_weights: 'nan' must be finite numbers"):
+        weights("nan")
+    with pytest.raises(ConfigError, match=r"'1;2' must be comma-separated numbers, one per reward .* e.g. '1.0,1.0'"):
+        weights("1;2", TWO_HOOKS)
+    with pytest.raises(ConfigError, match="train.hpo_reward_weights: expected a string, got True"):
+        weights(True)
+
+
+def test_mrpo_references_resolve_relative_to_the_preset(tmp_path):
+    sub = tmp_path / "presets"
+    sub.mkdir()
+    preset = sub / "p.yaml"
+    preset.write_text(DEMO.read_text().replace("../../", str(ROOT) + "/").replace(
+        "train:\n", "train:\n  loss: mrpo\n  mrpo_references: ../refs/a, org/hub-model,./b\n"
+                     "  mrpo_tokenizers: ../toks/a,,\n"))
+    t = load_config(preset).train
+    assert t.mrpo_reference_list() == [(str(tmp_path / "refs" / "a"), str(tmp_path / "toks" / "a")),
+                                       ("org/hub-model", ""), (str(sub / "b"), "")]
+    # overrides on the command line stay relative to the working directory, as for every path key
+    t = load_config(preset, ["--train.mrpo_references=./c", "--train.mrpo_tokenizers="]).train
+    assert t.mrpo_references == "./c"

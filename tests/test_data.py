@@ -2,6 +2,7 @@
 folders; every class of bad row named by file, row and field (or dropped and counted under
 data.on_bad_row=skip); lengths checked against the model's context before any stage starts."""
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -219,6 +220,96 @@ def test_datasets_folders_and_hub_ids(tmp_path):
         load_pairs("nobody/no-such-dataset")
 
 
+def split_folder(root, fmt):
+    """A dataset laid out as on the hub: per-split files (train/test), and a second config (`tiny`)
+    declared in the README's YAML header, as `datasets.load_dataset` reads a hub repository."""
+    root.mkdir()
+    (root / "data").mkdir()
+    (root / "tiny").mkdir()
+    ext = ".parquet" if fmt == "parquet" else ".jsonl"
+    train = [Q | {"id": f"tr{i}", "rejected": str(i)} for i in range(3)]
+    test = [Q | {"id": f"te{i}", "rejected": str(10 + i)} for i in range(2)]
+    write(root / "data" / f"train-00000-of-00001{ext}", train)
+    write(root / "data" / f"test-00000-of-00001{ext}", test)
+    write(root / "tiny" / f"test{ext}", [Q | {"id": "tiny0"}])
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  default: true\n  data_files:\n"
+        f"  - split: train\n    path: data/train-*{ext}\n  - split: test\n    path: data/test-*{ext}\n"
+        f"- config_name: tiny\n  data_files:\n  - split: test\n    path: tiny/test{ext}\n---\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
+def test_splits_and_configs_of_a_dataset_folder(tmp_path, fmt):
+    """A local folder goes through `datasets.load_dataset` exactly as a hub id does (nothing is
+    downloaded: HF_HUB_OFFLINE is set for the tests)."""
+    folder = split_folder(tmp_path / "uf", fmt)
+    assert [r["id"] for r in load_pairs(folder)] == ["tr0", "tr1", "tr2"]  # default: split train
+    assert [r["id"] for r in load_pairs(folder, split="train")] == ["tr0", "tr1", "tr2"]
+    assert [r["id"] for r in load_pairs(folder, split="test")] == ["te0", "te1"]
+    assert [r["id"] for r in load_pairs(folder, split="train[:2]")] == ["tr0", "tr1"]
+    assert [r["id"] for r in load_pairs(folder, split="test", config="tiny")] == ["tiny0"]
+    assert [r["prompt"] for r in load_prompts(folder, split="test")] == [Q["prompt"]] * 2
+    with pytest.raises(DataError, match=r"uf \(split 'validation'\): folder cannot be loaded .*validation"):
+        load_pairs(folder, split="validation")
+    with pytest.raises(DataError, match=r"uf \(config 'nope', split 'test'\): folder cannot be loaded"):
+        load_pairs(folder, split="test", config="nope")
+    # a bad row is named with the split it is in
+    bad = split_folder(tmp_path / "bad", fmt)
+    write(Path(bad) / "data" / f"test-00000-of-00001{'.parquet' if fmt == 'parquet' else '.jsonl'}",
+          [Q, Q | {"id": "b", "chosen": "3", "rejected": "3"}])
+    with pytest.raises(DataError, match=r"bad \(split 'test'\): row 2, field 'rejected': identical"):
+        load_pairs(bad, split="test")
+
+
+def test_splits_of_saved_folders_and_single_files(tmp_path):
+    import datasets
+
+    rows = [P, {"id": "b", "prompt": "q"}]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:1]),
+                          "test": datasets.Dataset.from_list(rows[1:])}).save_to_disk(str(tmp_path / "dict"))
+    assert load_prompts(str(tmp_path / "dict"), split="test") == rows[1:]
+    assert load_prompts(str(tmp_path / "dict")) == rows[:1]
+    with pytest.raises(DataError, match=r"dict \(split 'dev'\): the dataset has no 'dev' split \(splits: train, test\)"):
+        load_prompts(str(tmp_path / "dict"), split="dev")
+    with pytest.raises(DataError, match="written by save_to_disk has no configs"):
+        load_prompts(str(tmp_path / "dict"), split="test", config="x")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(DataError, match="holds a single Dataset, not splits"):
+        load_prompts(str(tmp_path / "one"), split="test")
+    f = write(tmp_path / "p.jsonl", rows)
+    with pytest.raises(DataError, match="a single file has no splits or configs"):
+        load_prompts(f, split="test")
+
+
+def test_split_keys_reach_the_loaders(tmp_path, tiny_model):
+    from selfalign.flows.config import ConfigError, load_config
+
+    folder = split_folder(tmp_path / "uf", "parquet")
+    prompts = write(tmp_path / "prompts.jsonl", [P])
+    base = {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": prompts,
+            "data.eval_prompts": folder, "data.offline_pairs": folder, "data.heldout_pairs": folder,
+            "data.eval_prompts_split": "test", "data.heldout_pairs_split": "test",
+            "data.offline_pairs_split": "train[1:]"}
+    data = load_data(load_config(None, base))
+    assert [r["id"] for r in data.offline_pairs] == ["tr1", "tr2"]
+    assert [r["id"] for r in data.heldout_pairs] == ["te0", "te1"]
+    assert [r["id"] for r in data.eval_prompts] == ["te0", "te1"]
+    data = load_data(load_config(None, base | {"data.heldout_pairs_config": "tiny"}))
+    assert [r["id"] for r in data.heldout_pairs] == ["tiny0"]
+    # checked at load time: only a dataset with splits takes them
+    for key, value, says in [
+            ("data.prompts_split", "test", "data.prompts_split: 'test' applies to a hub id or a dataset folder, "
+                                           f"but data.prompts {prompts!r} is a single file"),
+            ("data.prompts_config", "x", "data.prompts_config: 'x' applies to a hub id or a dataset folder"),
+            ("data.heldout_pairs_split", " test", "data.heldout_pairs_split: ' test' must not start or end with spaces")]:
+        with pytest.raises(ConfigError) as e:
+            load_config(None, base | {key: value})
+        assert says in str(e.value)
+    with pytest.raises(ConfigError, match="data.heldout_pairs_split: 'test' is set but data.heldout_pairs is empty"):
+        load_config(None, base | {"data.heldout_pairs": ""})
+
+
 def test_context_length_and_load_data(tmp_path, tiny_model):
     from selfalign.flows.config import load_config
 
@@ -322,3 +413,56 @@ def test_hooks():
     for spec in ("just_a_name", ".relative:fn", "a..b:fn", "mod:two words", "mod:"):
         with pytest.raises(ValueError, match="package.module:function"):
             load_hook(spec, "pairs.validity")
+
+
+def test_cli_prints_a_data_error_without_a_traceback(tmp_path):
+    """The real command line: a bad row stops `selfalign run` with the message and status 2, before
+    Prefect or any engine starts."""
+    import os
+    import subprocess
+    import sys
+
+    bad = write(tmp_path / "prompts.jsonl", [P, {"id": "b", "prompt": "  "}])
+    env = os.environ | {"SELFALIGN_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    demo = Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml"
+    proc = subprocess.run([sys.executable, "-m", "selfalign.flows.cli", "run", str(demo), f"--data.prompts={bad}",
+                           f"--run.dir={tmp_path / 'run'}"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"data error: {bad}: row 2, field 'prompt': is empty or whitespace only"
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_cli_catches_project_errors_raised_inside_a_command(monkeypatch, capsys):
+    from selfalign.flows import cli, pipeline
+    from selfalign.flows.config import ConfigError
+    from selfalign.tasks import data
+
+    monkeypatch.setattr(cli, "prepare_environment", lambda run_dir: None)
+    monkeypatch.setattr(data, "load_data", lambda cfg: None)
+    demo = str(Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml")
+    for exc, says in [(DataError("x.jsonl: the file is empty"), "run: data error: x.jsonl: the file is empty"),
+                      (ConfigError("train.beta: -1.0 must be > 0"), "run: config error: train.beta: -1.0 must be > 0")]:
+        def run_flow(config, exc=exc):
+            raise exc
+        monkeypatch.setattr(pipeline, "run_flow", run_flow)
+        assert cli.main(["run", demo]) == 2
+        assert capsys.readouterr().err.strip() == says
+    # the policy's tokenizer unreadable: named, status 2
+    def unreadable(cfg):
+        raise OSError("no tokenizer files")
+    monkeypatch.setattr(data, "load_data", unreadable)
+    assert cli.main(["run", demo]) == 2
+    assert "model.policy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--prefect-port=0"], "server: --prefect-port 0 must be a port (1-65535)"),
+    (["--mlflow-port=70000"], "server: --mlflow-port 70000 must be a port (1-65535)"),
+    (["--mlflow-workers=0"], "server: --mlflow-workers 0 must be at least 1"),
+    (["--prefect-port=5000"], "server: --prefect-port and --mlflow-port are both 5000"),
+])
+def test_cli_server_arguments_are_checked(args, says, capsys):
+    from selfalign.flows.cli import main
+
+    assert main(["server", *args]) == 2
+    assert capsys.readouterr().err.strip() == says

@@ -61,3 +61,15 @@ def test_gpu_presets_state_their_memory():
         assert "Expected memory" in text and stage in text and "gpu_memory_utilization" in text, name
     cfg = load_config(ROOT / "deploy" / "presets" / "h100_1b.yaml")
     assert (cfg.train.zero_stage, cfg.train.nproc, cfg.model.dtype) == (2, 1, "bfloat16")
+
+
+@pytest.mark.parametrize("name", ["h100_1b.yaml", "8gpu_8b.yaml"])
+def test_gpu_presets_hold_out_the_test_split_and_guard_on_it(name):
+    cfg = load_config(ROOT / "deploy" / "presets" / name)
+    d = cfg.data
+    # held-out pairs: the test split of the dataset the offline (replay) pairs come from, train split
+    assert d.heldout_pairs == d.offline_pairs == "trl-lib/ultrafeedback_binarized"
+    assert (d.offline_pairs_split, d.heldout_pairs_split) == ("", "test")
+    assert (d.eval_prompts, d.eval_prompts_split) == ("HuggingFaceH4/no_robots", "test")
+    # the guard acts whenever held-out pairs are given (flows/pipeline.py): on, at the default threshold
+    assert d.heldout_pairs and 0 < cfg.guard.min_pair_accuracy <= 1
