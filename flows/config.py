@@ -132,6 +132,22 @@ class TrainConfig:
     checkpoint_every: int = 50     # DeepSpeed checkpoint every N optimiser steps in round_<r>/train (0 = off);
                                    # a rerun resumes from the latest; only the latest is kept
     keep_checkpoints: bool = False # keep the latest checkpoint after the round's model is saved
+    # LoRA (peft): train low-rank adapters instead of the weights. The reference is the same model
+    # with its adapter disabled (no second copy); the round's model is saved with the adapter merged.
+    lora_enabled: bool = False     # parameter-efficient training with LoRA adapters (off: full weights)
+    lora_r: int = 16               # adapter rank
+    lora_alpha: float = 32.0       # adapter scaling: its update is multiplied by lora_alpha / lora_r
+    lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
+    lora_target_modules: str = "all-linear"  # comma-separated module names (e.g. q_proj,v_proj) or
+                                   # all-linear: every linear layer but the output layer
+
+    def lora_spec(self) -> dict[str, Any] | None:
+        """What the training worker needs of the LoRA keys; None when LoRA is off."""
+        if not self.lora_enabled:
+            return None
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "target_modules": "all-linear" if names == ["all-linear"] else names}
 
     def mrpo_reference_list(self) -> list[tuple[str, str]]:
         """(model, tokenizer or "") of each additional MRPO reference, in order."""
@@ -361,6 +377,7 @@ def validate(cfg: Config) -> None:
     if t.loss == "cdpo" and t.label_smoothing == 0:
         raise ConfigError("train.label_smoothing: 0.0 must be > 0 for train.loss=cdpo")
     _validate_mrpo_hpo(t)
+    _validate_lora(t)
 
 
 def _validate_mrpo_hpo(t: TrainConfig) -> None:
@@ -407,6 +424,36 @@ def _validate_mrpo_hpo(t: TrainConfig) -> None:
                              ("hpo_value_lr", t.hpo_value_lr > 0, "must be > 0")]:
             if not ok:
                 raise bad(key, why)
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][\w.]*", re.ASCII)
+
+
+def _validate_lora(t: TrainConfig) -> None:
+    """Keys of LoRA training: checked only when it is on. The training reference is always the
+    start-of-round policy, which is the adapted model with its adapter disabled, so every loss works
+    with LoRA; module names are checked against the model by the training worker."""
+    if not t.lora_enabled:
+        return
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"train.{key}: {getattr(t, key)!r} {why}")
+
+    names = [m.strip() for m in t.lora_target_modules.split(",")]
+    for key, ok, why in [("lora_r", t.lora_r >= 1, "must be >= 1"),
+                         ("lora_alpha", t.lora_alpha > 0, "must be > 0"),
+                         ("lora_dropout", 0 <= t.lora_dropout < 1, "must be in [0, 1)")]:
+        if not ok:
+            raise bad(key, why)
+    if not any(names):
+        raise bad("lora_target_modules", "must name at least one module (comma-separated, e.g. q_proj,v_proj) "
+                                         "or be all-linear")
+    if "all-linear" in names and len(names) > 1:
+        raise bad("lora_target_modules", "all-linear already selects every linear layer: give it alone")
+    for name in names:
+        if name != "all-linear" and not _MODULE_NAME.fullmatch(name):
+            raise bad("lora_target_modules", f"has {name!r}, which is not a module name (comma-separated names "
+                                             f"such as q_proj,v_proj, or all-linear)")
 
 
 def parse_override(arg: str) -> tuple[str, Any]:
