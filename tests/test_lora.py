@@ -254,15 +254,26 @@ def test_lora_training_stage_checkpoints_resumes_and_merges(tiny_model, tmp_path
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=1e-6)
 
+    # ZeRO-3 (partitioned base weights, gathered for the merge) trains and saves the same model, and
+    # the next round starts a fresh adapter on the merged model: its first loss is ln 2 again
     z3 = tmp_path / "z3" / "model"
     z3.parent.mkdir()
-    z3_steps = run_train(_cfg(tiny_model, tmp_path, **{"train.zero_stage": 3, "train.checkpoint_every": 0}),
-                         tiny_model, pairs, z3, seed=0, log=lambda m: None)
+    z3_cfg = _cfg(tiny_model, tmp_path, **{"train.zero_stage": 3, "train.checkpoint_every": 0})
+    z3_steps = run_train(z3_cfg, tiny_model, pairs, z3, seed=0, log=lambda m: None)
     for s, r in zip(z3_steps, ref_steps):
         assert s["loss"] == pytest.approx(r["loss"], abs=1e-5)
     got = load_file(z3 / "model.safetensors")
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
+    r2 = tmp_path / "round2" / "model"
+    r2.parent.mkdir()
+    r2_steps = run_train(z3_cfg, str(ref_out), pairs, r2, seed=0, log=lambda m: None)
+    assert r2_steps[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    # same seed, same first batch: round 2 starts from what round 1 learned (chosen over rejected)
+    gap = lambda s: s["logps/chosen"] - s["logps/rejected"]
+    assert gap(r2_steps[0]) > gap(ref_steps[0]) + 1.0
+    got = load_file(r2 / "model.safetensors")
+    assert {k for k in got if not torch.equal(got[k], ref[k])} == targeted
 
 
 ROOT = Path(__file__).resolve().parents[1]
