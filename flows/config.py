@@ -377,7 +377,7 @@ def validate(cfg: Config) -> None:
     if t.loss == "cdpo" and t.label_smoothing == 0:
         raise ConfigError("train.label_smoothing: 0.0 must be > 0 for train.loss=cdpo")
     _validate_mrpo_hpo(t)
-    _validate_lora(t)
+    _validate_lora(t, cfg.model)
 
 
 def _validate_mrpo_hpo(t: TrainConfig) -> None:
@@ -429,10 +429,11 @@ def _validate_mrpo_hpo(t: TrainConfig) -> None:
 _MODULE_NAME = re.compile(r"[A-Za-z_][\w.]*", re.ASCII)
 
 
-def _validate_lora(t: TrainConfig) -> None:
+def _validate_lora(t: TrainConfig, model: ModelConfig) -> None:
     """Keys of LoRA training: checked only when it is on. The training reference is always the
     start-of-round policy, which is the adapted model with its adapter disabled, so every loss works
-    with LoRA; module names are checked against the model by the training worker."""
+    with LoRA. Module names are checked against model.policy when it is a local folder (built
+    without its weights; every round's model has its architecture), else by the training worker."""
     if not t.lora_enabled:
         return
 
@@ -454,6 +455,13 @@ def _validate_lora(t: TrainConfig) -> None:
         if name != "all-linear" and not _MODULE_NAME.fullmatch(name):
             raise bad("lora_target_modules", f"has {name!r}, which is not a module name (comma-separated names "
                                              f"such as q_proj,v_proj, or all-linear)")
+    if (Path(model.policy).expanduser() / "config.json").is_file():
+        from selfalign.tasks.train_worker import check_lora_targets
+
+        try:
+            check_lora_targets(str(Path(model.policy).expanduser()), t.lora_spec(), model.trust_remote_code)
+        except ValueError as e:
+            raise ConfigError(f"{e} (model.policy: {model.policy})") from None
 
 
 def parse_override(arg: str) -> tuple[str, Any]:

@@ -186,6 +186,21 @@ def wrap_lora(model, lora: dict):
     return peft_model
 
 
+def check_lora_targets(model_path: str, lora: dict, trust_remote_code: bool = False) -> None:
+    """`wrap_lora`'s checks at config load time, on the model built on the meta device (no weights
+    read): a ValueError naming train.lora_target_modules if the adapters would not fit. A model
+    that cannot be built here is left to the training worker, which checks the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - not this check's to report: loading the model fails on its own
+        return
+    wrap_lora(model, lora)
+
+
 def lora_reference(peft_model):
     """Context in which the policy model computes the reference: the start-of-round weights, i.e.
     the adapter disabled (a no-op context without LoRA)."""

@@ -54,6 +54,16 @@ def test_bad_lora_values_are_named(key, value, match):
         load_config(None, BASE_KEYS | {"train.lora_enabled": "yes"})
 
 
+def test_target_modules_are_checked_against_a_local_policy_at_load_time(tiny_model):
+    keys = BASE_KEYS | {"model.policy": tiny_model, "train.lora_enabled": True}
+    assert load_config(None, keys | {"train.lora_target_modules": "q_proj,v_proj"}).train.lora_enabled
+    with pytest.raises(ConfigError, match=r"train\.lora_target_modules: \['q_prj'\] does not fit this model: .*"
+                                          r"\(model\.policy: .*tiny"):
+        load_config(None, keys | {"train.lora_target_modules": "q_prj"})
+    with pytest.raises(ConfigError, match=r"puts an adapter on the output embeddings \(lm_head\)"):
+        load_config(None, keys | {"train.lora_target_modules": "lm_head"})
+
+
 # ---- the worker's pieces, in process -----------------------------------------------------------
 
 def _rows(tmp: Path, tok) -> list[dict]:
