@@ -147,6 +147,22 @@ class TrainConfig:
     keep_checkpoints: bool = False # keep the latest checkpoint after the round's model is saved
     ref_cache: str = "auto"        # on-disk cache of replay pairs' reference log-probs, keyed by model
                                    # content hash, dtype and text: auto (~/.cache/selfalign/ref-logps) | off | a path
+    # LoRA (peft): train low-rank adapters instead of the weights. The reference is the same model
+    # with its adapter disabled (no second copy); the round's model is saved with the adapter merged.
+    lora_enabled: bool = False     # parameter-efficient training with LoRA adapters (off: full weights)
+    lora_r: int = 16               # adapter rank
+    lora_alpha: float = 32.0       # adapter scaling: its update is multiplied by lora_alpha / lora_r
+    lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
+    lora_target_modules: str = "all-linear"  # comma-separated module names (e.g. q_proj,v_proj) or
+                                   # all-linear: every linear layer but the output layer
+
+    def lora_spec(self) -> dict[str, Any] | None:
+        """What the training worker needs of the LoRA keys; None when LoRA is off."""
+        if not self.lora_enabled:
+            return None
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                "target_modules": "all-linear" if names == ["all-linear"] else names}
 
     def mrpo_reference_list(self) -> list[tuple[str, str]]:
         """(model, tokenizer or "") of each additional MRPO reference, in order."""
@@ -416,6 +432,7 @@ def validate(cfg: Config) -> None:
     if t.loss == "cdpo" and t.label_smoothing == 0:
         raise ConfigError("train.label_smoothing: 0.0 must be > 0 for train.loss=cdpo")
     _validate_mrpo_hpo(t)
+    _validate_lora(t, cfg.model)
     _validate_tracking(cfg)
 
 
@@ -479,6 +496,44 @@ def _validate_mrpo_hpo(t: TrainConfig) -> None:
                              ("hpo_value_lr", t.hpo_value_lr > 0, "must be > 0")]:
             if not ok:
                 raise bad(key, why)
+
+
+_MODULE_NAME = re.compile(r"[A-Za-z_][\w.]*", re.ASCII)
+
+
+def _validate_lora(t: TrainConfig, model: ModelConfig) -> None:
+    """Keys of LoRA training: checked only when it is on. The training reference is always the
+    start-of-round policy, which is the adapted model with its adapter disabled, so every loss works
+    with LoRA. Module names are checked against model.policy when it is a local folder (built
+    without its weights; every round's model has its architecture), else by the training worker."""
+    if not t.lora_enabled:
+        return
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"train.{key}: {getattr(t, key)!r} {why}")
+
+    names = [m.strip() for m in t.lora_target_modules.split(",")]
+    for key, ok, why in [("lora_r", t.lora_r >= 1, "must be >= 1"),
+                         ("lora_alpha", t.lora_alpha > 0, "must be > 0"),
+                         ("lora_dropout", 0 <= t.lora_dropout < 1, "must be in [0, 1)")]:
+        if not ok:
+            raise bad(key, why)
+    if not any(names):
+        raise bad("lora_target_modules", "must name at least one module (comma-separated, e.g. q_proj,v_proj) "
+                                         "or be all-linear")
+    if "all-linear" in names and len(names) > 1:
+        raise bad("lora_target_modules", "all-linear already selects every linear layer: give it alone")
+    for name in names:
+        if name != "all-linear" and not _MODULE_NAME.fullmatch(name):
+            raise bad("lora_target_modules", f"has {name!r}, which is not a module name (comma-separated names "
+                                             f"such as q_proj,v_proj, or all-linear)")
+    if (Path(model.policy).expanduser() / "config.json").is_file():
+        from selfalign.tasks.train_worker import check_lora_targets
+
+        try:
+            check_lora_targets(str(Path(model.policy).expanduser()), t.lora_spec(), model.trust_remote_code)
+        except ValueError as e:
+            raise ConfigError(f"{e} (model.policy: {model.policy})") from None
 
 
 def parse_override(arg: str) -> tuple[str, Any]:

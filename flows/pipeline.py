@@ -120,7 +120,8 @@ _SAVING_KEYS = ("checkpoint_every", "keep_checkpoints", "ref_cache")
 def train_config_hash(cfg: Config) -> str:
     """`section_hash("model", "train")` without the keys that only decide what training saves."""
     d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in _SAVING_KEYS}
+    d["train"] = {k: v for k, v in d["train"].items() if k not in _SAVING_KEYS
+                  and not (k.startswith("lora_") and not cfg.train.lora_enabled)}
     blob = json.dumps({s: d[s] for s in ("model", "train")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -50,6 +50,11 @@ def checkpoint_dir(out_dir: Path) -> Path:
     return out_dir.parent / "train" / "checkpoints"
 
 
+def adapter_dir(out_dir: Path) -> Path:
+    """Where LoRA training keeps its adapter alone (peft format), beside the merged model."""
+    return out_dir.parent / "train" / "adapter"
+
+
 def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=print,
               key: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Trains pi_r from pi_{r-1} (= `model`) on the round's pairs; writes `out_dir` (HF format).
@@ -79,6 +84,8 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         "hpo_on_rejected": t.hpo_on_rejected, "hpo_value_lr": t.hpo_value_lr,
         "ref_cache": str(d) if (d := refcache.resolve_dir(t.ref_cache)) else None,
     }
+    if t.lora_enabled:  # only then: the spec (and checkpoints' stamp) of full training is unchanged
+        spec["lora"] = t.lora_spec() | {"adapter_output": str(adapter_dir(out_dir))}
     # Checkpoints are resumed only by the same training: same spec (config, model, seed) and the
     # same stage key (the contents of the pairs and the model).
     ckpt = checkpoint_dir(out_dir)
@@ -93,6 +100,8 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     spec |= {"checkpoints": str(ckpt), "checkpoint_every": t.checkpoint_every}
     spec_path = work / "spec.json"
     artifacts.write_json(spec_path, spec)
+    if adapter_dir(out_dir).exists():
+        shutil.rmtree(adapter_dir(out_dir))  # a former attempt's; the worker writes it at the end
     cmd = launch_command(t.launcher, t.nproc, spec_path)
     log(f"train: launching {t.nproc} process(es) with {t.launcher}, ZeRO-{t.zero_stage}")
     with open(work / "worker.log", "w") as logf:

@@ -16,6 +16,9 @@ policy's gradient clipping). Rank 0 writes one JSON line of TRL-named metrics pe
 Every `checkpoint_every` steps the worker saves a DeepSpeed checkpoint (plus the step, RNG and loss
 state) and, started again, resumes from the latest; a NaN or inf loss or gradient norm stops it
 (exit 3) before anything of that step is saved.
+With LoRA (`spec["lora"]`, peft) only the adapters train; the reference is the same model with its
+adapter disabled, never a second copy; checkpoints hold the trainable state only, and the round's
+model is saved with the adapter merged (the adapter alone beside it).
 
 Usage: python -m selfalign.tasks.train_worker <spec.json>   (under torchrun / deepspeed)"""
 from __future__ import annotations
@@ -155,6 +158,53 @@ def _ds_config(spec: dict, world: int) -> dict:
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def wrap_lora(model, lora: dict):
+    """Injects LoRA adapters (peft) into `model` in place and freezes every other parameter; returns
+    the PeftModel. Adapters start at zero (B = 0), so the adapted model equals the base model until
+    the first update. Adapters on the input or output embeddings are refused: the fused LM head
+    reads the output layer's weight directly, and a merged adapter there would untie tied weights."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora["target_modules"], bias="none")
+    embeddings = {id(model.get_input_embeddings()): "input", id(model.get_output_embeddings()): "output"}
+    names = {id(m): n for n, m in model.named_modules()}
+    try:
+        # adapters in the model's own dtype: DeepSpeed keeps one dtype per parameter group
+        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
+    except ValueError as e:
+        raise ValueError(f"train.lora_target_modules: {lora['target_modules']!r} does not fit this model: {e}") from None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer) and id(module.get_base_layer()) in embeddings:
+            which = embeddings[id(module.get_base_layer())]
+            raise ValueError(f"train.lora_target_modules: {lora['target_modules']!r} puts an adapter on the {which} "
+                             f"embeddings ({names[id(module.get_base_layer())]}); name other modules")
+    return peft_model
+
+
+def check_lora_targets(model_path: str, lora: dict, trust_remote_code: bool = False) -> None:
+    """`wrap_lora`'s checks at config load time, on the model built on the meta device (no weights
+    read): a ValueError naming train.lora_target_modules if the adapters would not fit. A model
+    that cannot be built here is left to the training worker, which checks the same."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - not this check's to report: loading the model fails on its own
+        return
+    wrap_lora(model, lora)
+
+
+def lora_reference(peft_model):
+    """Context in which the policy model computes the reference: the start-of-round weights, i.e.
+    the adapter disabled (a no-op context without LoRA)."""
+    return peft_model.disable_adapter() if peft_model is not None else nullcontext()
 
 
 def _shared(todo: list[int], compute, rank: int, world: int) -> dict[int, Any]:
@@ -324,7 +374,9 @@ def _save_checkpoint(engine, spec: dict, step: int, client_state: dict, rank: in
     """A DeepSpeed checkpoint of `step` (all ranks), then the pointer to it; older ones are deleted."""
     ckpt_dir = Path(spec["checkpoints"])
     tag = f"step-{step:06d}"
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    # LoRA: the frozen base weights are the start-of-round model's, loaded again on resume
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
+                           exclude_frozen_parameters=bool(spec.get("lora")))
     dist.barrier()
     if rank == 0:
         artifacts.write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step})
@@ -339,7 +391,8 @@ def _resume(engine, spec: dict, objective: "Objective", vhead, vopt) -> int:
     latest = _latest_checkpoint(spec.get("checkpoints", ""))
     if latest is None:
         return 0
-    load_path, state = engine.load_checkpoint(spec["checkpoints"], tag=latest["tag"])
+    load_path, state = engine.load_checkpoint(spec["checkpoints"], tag=latest["tag"],
+                                              load_module_strict=not spec.get("lora"))
     if load_path is None:
         raise RuntimeError(f"train: could not load the checkpoint {spec['checkpoints']}/{latest['tag']}")
     torch.set_rng_state(state["torch_rng"])
@@ -402,8 +455,15 @@ def main(spec_path: str) -> None:
             r["rejected_ids"] = encode_response(tok, r["rejected"])
     if not rows:
         raise SystemExit("train: the round has no pairs")
-    _fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"], spec["packing"],
-                          cache=_open_cache(spec, spec["model"], rank, world, device_name))
+    lora = wrap_lora(model, spec["lora"]) if spec.get("lora") else None
+    if lora is not None and rank == 0:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"train: LoRA r={spec['lora']['r']} alpha={spec['lora']['alpha']} on {spec['lora']['target_modules']}: "
+              f"{n_train} trainable parameters of {n_all} ({100 * n_train / n_all:.2f}%)", flush=True)
+    with lora_reference(lora):  # the adapter disabled: the start-of-round model, whose cache this is
+        _fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"], spec["packing"],
+                              cache=_open_cache(spec, spec["model"], rank, world, device_name))
     loss_name = spec["loss"]
     if loss_name == "mrpo":
         _fill_mrpo_reference_logps(rows, spec, tok, rank, world, device_name)
@@ -414,7 +474,8 @@ def main(spec_path: str) -> None:
     hidden_size = model.get_output_embeddings().weight.shape[1]
     path = packing_path(model) if spec["packing"] else ""
     policy = Policy(model, fused, zero3=spec["zero_stage"] == 3, packing=path)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
+    trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
+    optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=spec["weight_decay"])
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=_ds_config(spec, world))
     vhead = vopt = None
     if loss_name == "hpo":
@@ -521,13 +582,13 @@ def main(spec_path: str) -> None:
             _save_checkpoint(engine, spec, step + 1, _client_state(step + 1, objective, vhead, vopt), rank)
             saved = step + 1
 
-    _save(engine, spec, tok, rank)
+    _save(engine, spec, tok, rank, lora)
     dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
-def _save(engine, spec: dict, tok, rank: int) -> None:
+def _save(engine, spec: dict, tok, rank: int, lora=None) -> None:
     import deepspeed
 
     out = Path(spec["output"])
@@ -536,8 +597,21 @@ def _save(engine, spec: dict, tok, rank: int) -> None:
     ctx = deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None) if spec["zero_stage"] == 3 else nullcontext()
     with ctx:
         if rank == 0:
-            lm.save_pretrained(out, safe_serialization=True)
-            tok.save_pretrained(out)
+            if lora is not None:
+                save_lora(lora, out, tok, spec["lora"]["adapter_output"])
+            else:
+                lm.save_pretrained(out, safe_serialization=True)
+                tok.save_pretrained(out)
+
+
+def save_lora(peft_model, out: Path, tok, adapter_out: str | Path) -> None:
+    """The adapter alone (peft format, small) in `adapter_out`, then the model with the adapter
+    merged into its weights in `out`, a plain checkpoint like full training's: generation, scoring
+    and the next round load it without peft. `peft_model` is left merged and unwrapped."""
+    peft_model.save_pretrained(str(adapter_out), safe_serialization=True)
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
 
 
 if __name__ == "__main__":
