@@ -261,11 +261,12 @@ class GradGuard:
     def __init__(self, named: list[tuple[str, torch.nn.Parameter]], device, rank: int, world: int):
         self.names, self.rank, self.world = [n for n, _ in named], rank, world
         self.norms = torch.zeros(len(named), dtype=torch.float32, device=device)
-        self.fault_step = int(os.environ.get(FAULT_INF_GRAD_STEP, 0))
-        target = os.environ.get(FAULT_INF_GRAD_PARAM) or self.names[0]
-        if self.fault_step and target not in self.names:
-            raise ValueError(f"{FAULT_INF_GRAD_PARAM}: {target!r} is not a trainable parameter")
-        self.target, self.step = self.names.index(target), 0
+        self.fault_step, self.target, self.step = int(os.environ.get(FAULT_INF_GRAD_STEP, 0)), -1, 0
+        if self.fault_step:
+            target = os.environ.get(FAULT_INF_GRAD_PARAM) or self.names[0]
+            if target not in self.names:
+                raise ValueError(f"{FAULT_INF_GRAD_PARAM}: {target!r} is not a trainable parameter")
+            self.target = self.names.index(target)
         for i, (_, p) in enumerate(named):
             p.register_hook(lambda g, i=i: self._hook(i, g))
 

@@ -54,7 +54,7 @@ def _spec(cfg, model: str, pairs: Path, out: Path, monkeypatch) -> Path:
 class Recorder:
     """Runs the worker's `main` as the only rank of a fresh process (DeepSpeed keeps its process
     groups in module globals: one training per process), recording the weights at the start of
-    every optimiser step and at the end, every AdamW step taken and the error raised; `python
+    every optimiser step and at the end, every AdamW step taken in the training loop and the error raised; `python
     tests/test_faults.py SPEC OUT [--no-guard]` writes them to OUT (torch.save)."""
 
     def __init__(self):
@@ -80,8 +80,9 @@ class Recorder:
             return real_begin(guard, step)
 
         def adam_step(opt, *a, **kw):
-            key = id(opt.param_groups[0]["params"][0])
-            self.adam_steps[key] = self.adam_steps.get(key, 0) + 1
+            if self.at_begin:  # in the training loop (DeepSpeed's bf16 optimizer steps once at set-up)
+                key = id(opt.param_groups[0]["params"][0])
+                self.adam_steps[key] = self.adam_steps.get(key, 0) + 1
             return real_adam(opt, *a, **kw)
 
         deepspeed.initialize, train_worker.value_head, train_worker.GradGuard.begin = initialize, head, begin
@@ -123,14 +124,16 @@ def _record(spec: Path, out: Path, *args: str, **env: str) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage,hpo,target", [
-    (0, False, ""), (1, False, ""), (2, False, ""), (3, False, ""),
-    (3, True, "lm.model.embed_tokens.weight"), (2, True, "value_head.weight"), (0, True, "value_head.bias"),
+@pytest.mark.parametrize("zero_stage,dtype,hpo,target", [
+    (0, "float32", False, ""), (1, "float32", False, ""), (2, "float32", False, ""), (3, "float32", False, ""),
+    (0, "bfloat16", False, ""), (3, "bfloat16", False, ""),
+    (3, "float32", True, "lm.model.embed_tokens.weight"), (2, "float32", True, "value_head.weight"),
+    (0, "float32", True, "value_head.bias"),
 ])
 def test_inf_gradient_stops_before_any_optimizer_step(tiny_model, tmp_path, replay_pairs, monkeypatch,
-                                                      zero_stage, hpo, target):
-    over = _overrides(tiny_model, tmp_path, **{"train.zero_stage": zero_stage, "train.checkpoint_every": 2},
-                      **(_hpo() if hpo else {}))
+                                                      zero_stage, dtype, hpo, target):
+    over = _overrides(tiny_model, tmp_path, **{"train.zero_stage": zero_stage, "train.checkpoint_every": 2,
+                                               "model.dtype": dtype}, **(_hpo() if hpo else {}))
     spec = _spec(load_config(None, over), tiny_model, replay_pairs(), tmp_path / "round_1" / "model", monkeypatch)
     rec = _record(spec, tmp_path / "record.pt", **{FAULT_INF_GRAD_STEP: "3", FAULT_INF_GRAD_PARAM: target})
     name = target or "lm.model.embed_tokens.weight"  # the first trainable parameter
