@@ -11,7 +11,6 @@
 """
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +54,7 @@ class Recorder:
     """Runs the worker's `main` as the only rank of a fresh process (DeepSpeed keeps its process
     groups in module globals: one training per process), recording the weights at the start of
     every optimiser step and at the end, every AdamW step taken in the training loop and the error raised; `python
-    tests/test_faults.py SPEC OUT [--no-guard]` writes them to OUT (torch.save)."""
+    tests/test_faults.py record SPEC OUT [--no-guard]` writes them to OUT (torch.save)."""
 
     def __init__(self):
         import deepspeed
@@ -117,7 +116,7 @@ class Recorder:
 
 def _record(spec: Path, out: Path, *args: str, **env: str) -> dict:
     clean = {k: v for k, v in os.environ.items() if k not in (FAULT_NAN_STEP, FAULT_INF_GRAD_STEP, FAULT_INF_GRAD_PARAM)}
-    proc = subprocess.run([sys.executable, __file__, str(spec), str(out), *args], env=clean | env,
+    proc = subprocess.run([sys.executable, __file__, "record", str(spec), str(out), *args], env=clean | env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-5000:]
     return torch.load(out, weights_only=True)
@@ -188,7 +187,8 @@ def test_inf_gradient_on_one_rank_stops_both_ranks(tiny_model, tmp_path, replay_
         run_train(cfg, tiny_model, replay_pairs(), out, seed=0, log=lambda m: None)
     log = (tmp_path / "round_1" / "train" / "worker.log").read_text()
     # both ranks took the decision (each raised the same message), none was torn down by the other
-    assert log.count("train: non-finite gradient (norm inf) of lm.model.embed_tokens.weight on rank 1 at step 2/4") == 2, log
+    said = "train: non-finite gradient (norm inf) of lm.model.embed_tokens.weight on rank 1 at step 2/4"
+    assert log.count(said) == 2, log
     assert time.time() - t0 < 300
     assert not out.exists()
     assert json.loads((checkpoint_dir(out) / "latest.json").read_text())["step"] == 1
@@ -197,12 +197,8 @@ def test_inf_gradient_on_one_rank_stops_both_ranks(tiny_model, tmp_path, replay_
 # ---- HPO: value head and its optimizer across a kill -------------------------------------------
 
 def _stage_script(cfg_over: dict, pairs: Path, out: Path) -> list[str]:
-    code = ("import json, sys; from selfalign.flows.config import load_config; "
-            "from selfalign.tasks.train import run_train; "
-            f"run_train(load_config(None, json.loads({json.dumps(json.dumps(cfg_over))})), "
-            f"{str(cfg_over['model.policy'])!r}, __import__('pathlib').Path({str(pairs)!r}), "
-            f"__import__('pathlib').Path({str(out)!r}), seed=0, log=lambda m: print(m, flush=True))")
-    return [sys.executable, "-c", code]
+    """The training stage alone, in a process of its own (`python tests/test_faults.py stage ...`)."""
+    return [sys.executable, __file__, "stage", json.dumps(cfg_over), str(pairs), str(out)]
 
 
 @pytest.mark.slow
@@ -258,7 +254,12 @@ def test_hpo_training_killed_after_a_checkpoint_resumes_with_the_same_value_head
 
 
 if __name__ == "__main__":
-    recorder = Recorder()
-    if "--no-guard" in sys.argv:
-        train_worker.GradGuard.check = lambda *a: None
-    recorder.run(sys.argv[1], sys.argv[2])
+    if sys.argv[1] == "stage":  # stage OVERRIDES_JSON PAIRS OUT
+        over = json.loads(sys.argv[2])
+        run_train(load_config(None, over), over["model.policy"], Path(sys.argv[3]), Path(sys.argv[4]), seed=0,
+                  log=lambda m: print(m, flush=True))
+    else:  # record SPEC OUT [--no-guard]
+        recorder = Recorder()
+        if "--no-guard" in sys.argv:
+            train_worker.GradGuard.check = lambda *a: None
+        recorder.run(sys.argv[2], sys.argv[3])
