@@ -107,14 +107,16 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     with open(work / "worker.log", "w") as logf:
         proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
+        fault = []  # every rank names the fault; the launcher's report after them can outgrow the tail
         for line in proc.stdout:
             logf.write(line)
             tail = (tail + [line.rstrip()])[-40:]
+            if "train: non-finite" in line:
+                fault.append(line[line.index("train: non-finite") + 7:].rstrip())
             if line.startswith("train:"):
                 log(line.rstrip())
         rc = proc.wait()
     if rc != 0:
-        fault = [line[line.index("train: non-finite") + 7:] for line in tail if "train: non-finite" in line]
         if fault:
             raise NonFiniteTraining(f"{fault[-1]} (log: {work / 'worker.log'})")
         raise RuntimeError(f"training failed (exit {rc}); log: {work / 'worker.log'}\n" + "\n".join(tail))

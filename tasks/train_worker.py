@@ -14,8 +14,9 @@ rewards are evaluated here on every pair's chosen and rejected response, and its
 trained alongside the policy (outside the DeepSpeed engine, so that its loss never enters the
 policy's gradient clipping). Rank 0 writes one JSON line of TRL-named metrics per optimiser step.
 Every `checkpoint_every` steps the worker saves a DeepSpeed checkpoint (plus the step, RNG and loss
-state) and, started again, resumes from the latest; a NaN or inf loss or gradient norm stops it
-(exit 3) before anything of that step is saved.
+state) and, started again, resumes from the latest; a NaN or inf loss stops it (exit 3) before
+anything of that step is saved, and so does a NaN or inf gradient on any rank (`GradGuard`), before
+the optimizer steps of the policy and of the value head.
 With LoRA (`spec["lora"]`, peft) only the adapters train; the reference is the same model with its
 adapter disabled, never a second copy; checkpoints hold the trainable state only, and the round's
 model is saved with the adapter merged (the adapter alone beside it).
@@ -349,6 +350,60 @@ def _index_stream(n: int, total: int, seed: int) -> list[int]:
 
 # Test-only fault injection: the loss of this optimiser step becomes NaN (tests/test_resume.py).
 FAULT_NAN_STEP = "SELFALIGN_FAULT_NAN_STEP"
+# Test-only fault injection: at this optimiser step one element of one parameter's gradient becomes
+# inf on the last rank, the loss untouched (as an overflow in backward would); the parameter is the
+# first trainable one of the policy unless FAULT_INF_GRAD_PARAM names another (e.g. value_head.weight).
+FAULT_INF_GRAD_STEP = "SELFALIGN_FAULT_INF_GRAD_STEP"
+FAULT_INF_GRAD_PARAM = "SELFALIGN_FAULT_INF_GRAD_PARAM"
+
+
+class GradGuard:
+    """Stops training on a NaN or inf gradient before any optimizer applies it, whatever the ZeRO
+    stage. A hook on every trainable parameter (policy and HPO value head) sees that parameter's
+    gradient as backward produces it on this rank, before DeepSpeed reduces, partitions or clips it
+    (after which a non-finite value would spread, or under ZeRO-0 turn into NaN through the clipping
+    coefficient), and adds its norm to a per-parameter total for the optimiser step; nothing leaves
+    the device there. `check`, called by every rank after the step's last backward and before
+    `engine.step()`, gathers the totals of all ranks, so every rank takes the same decision and raises
+    the same message. A gradient that is finite on every rank can still overflow in the reduction;
+    DeepSpeed's global norm, checked after the step, catches that case (ZeRO-1/2 skip the update)."""
+
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], device, rank: int, world: int):
+        self.names, self.rank, self.world = [n for n, _ in named], rank, world
+        self.norms = torch.zeros(len(named), dtype=torch.float32, device=device)
+        self.fault_step, self.target, self.step = int(os.environ.get(FAULT_INF_GRAD_STEP, 0)), -1, 0
+        if self.fault_step:
+            target = os.environ.get(FAULT_INF_GRAD_PARAM) or self.names[0]
+            if target not in self.names:
+                raise ValueError(f"{FAULT_INF_GRAD_PARAM}: {target!r} is not a trainable parameter")
+            self.target = self.names.index(target)
+        for i, (_, p) in enumerate(named):
+            p.register_hook(lambda g, i=i: self._hook(i, g))
+
+    def _hook(self, i: int, g: torch.Tensor):
+        if i == self.target and self.step + 1 == self.fault_step and self.rank == self.world - 1:
+            g = g.clone()
+            g.view(-1)[0] = math.inf
+        self.norms[i] += torch.linalg.vector_norm(g).float()
+        return g
+
+    def begin(self, step: int) -> None:
+        self.step = step
+        self.norms.zero_()
+
+    def check(self, steps: int, kept: str) -> None:
+        parts = [self.norms]
+        if self.world > 1:
+            parts = [torch.empty_like(self.norms) for _ in range(self.world)]
+            dist.all_gather(parts, self.norms)
+        norms = torch.stack(parts).cpu()  # (rank, parameter)
+        bad = (~torch.isfinite(norms)).nonzero().tolist()
+        if bad:
+            r, i = bad[0]
+            more = f" (and {len(bad) - 1} more parameter gradient(s))" if len(bad) > 1 else ""
+            raise NonFiniteLoss(f"train: non-finite gradient (norm {norms[r, i].item()}) of {self.names[i]} on rank "
+                                f"{r} at step {self.step + 1}/{steps}{more}, loss finite; the optimizer step was not "
+                                f"taken and the round's model is not written; {kept}")
 
 
 def _latest_checkpoint(ckpt_dir: str) -> dict | None:
@@ -481,6 +536,10 @@ def main(spec_path: str) -> None:
     if loss_name == "hpo":
         vhead = value_head(hidden_size, engine.device)
         vopt = torch.optim.AdamW(vhead.parameters(), lr=spec["hpo_value_lr"], weight_decay=0.0)
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    if vhead is not None:
+        trainable += [(f"value_head.{n}", p) for n, p in vhead.named_parameters()]
+    guard = GradGuard(trainable, engine.device, rank, world)
     B, mb = spec["batch_size"], spec["micro_batch_size"]
     steps = spec["max_steps"] or max(1, math.ceil(spec["epochs"] * len(rows) / B))
     stream = _index_stream(len(rows), steps * B, spec["seed"])
@@ -504,6 +563,7 @@ def main(spec_path: str) -> None:
         step_idx = stream[step * B:(step + 1) * B][rank::world]
         n_micro = max(1, math.ceil(len(step_idx) / mb))
         acc = torch.zeros(len(names), dtype=torch.float64)
+        guard.begin(step)
         for m in range(0, len(step_idx), mb):
             batch = [rows[i] for i in step_idx[m:m + mb]]
             seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in batch] + [(r["prompt_ids"], r["rejected_ids"]) for r in batch]
@@ -550,11 +610,17 @@ def main(spec_path: str) -> None:
                                     f"(micro-batch {m // mb + 1} of {n_micro}); the round's model is not "
                                     f"written; {kept()}")
             engine.backward(loss)
+            if m + mb >= len(step_idx):  # the step's last backward: the optimizers step next
+                guard.check(steps, kept())
             engine.step()
             acc += torch.tensor([loss.item(), cr.mean().item(), rj.mean().item(), (cr - rj).mean().item(),
                                  (cr > rj).float().mean().item(), pc.mean().item(), pr.mean().item(), *extra],
                                 dtype=torch.float64)
         acc /= n_micro
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteLoss(f"train: non-finite gradient norm {float(grad_norm)} at step {step + 1}/{steps}; "
+                                f"the round's model is not written; {kept()}")
         if vopt is not None:
             if world > 1:
                 for p in vhead.parameters():
@@ -565,10 +631,6 @@ def main(spec_path: str) -> None:
         if world > 1:
             dist.all_reduce(acc)
             acc /= world
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise NonFiniteLoss(f"train: non-finite gradient norm {float(grad_norm)} at step {step + 1}/{steps}; "
-                                f"the round's model is not written; {kept()}")
         if metrics_f:
             rec = {"step": step + 1, **dict(zip(names, acc.tolist())),
                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
@@ -583,6 +645,8 @@ def main(spec_path: str) -> None:
             saved = step + 1
 
     _save(engine, spec, tok, rank, lora)
+    if vhead is not None and rank == 0:
+        _save_value_head(vhead, Path(spec["metrics"]).with_name("value_head.safetensors"))
     dist.barrier()
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -612,6 +676,15 @@ def save_lora(peft_model, out: Path, tok, adapter_out: str | Path) -> None:
     merged = peft_model.merge_and_unload()
     merged.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+
+
+def _save_value_head(vhead, path: Path) -> None:
+    """HPO's trained value head (`weight`, `bias`) beside the metrics; the next round starts a fresh one."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({n: p.detach().cpu().contiguous() for n, p in vhead.named_parameters()}, str(tmp))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 - Training saves a DeepSpeed checkpoint every `train.checkpoint_every` steps and a rerun resumes from
   the latest one (weights, optimiser, data-stream position, RNG, loss state); a NaN loss stops
-  training with the step and the value named, keeps the last good checkpoint and writes no model.
+  training with the step and the value named, keeps the last good checkpoint and writes no model;
+  so does an inf gradient with a finite loss, before the optimizer step (tests/test_faults.py has
+  the per-stage and 2-rank checks of that, this file the CLI end to end).
 - Kill tests: the real CLI on the demo preset (tiny sizes) is killed with SIGKILL (its whole process
   group) in the middle of generate, of score and of train, at a moment read from its files or log,
   then rerun with the same command. The rerun finishes, redoes no finished stage (its log and the
@@ -34,7 +36,7 @@ from safetensors.torch import load_file
 
 from selfalign.flows.config import load_config
 from selfalign.tasks.train import NonFiniteTraining, checkpoint_dir, run_train
-from selfalign.tasks.train_worker import FAULT_NAN_STEP
+from selfalign.tasks.train_worker import FAULT_INF_GRAD_PARAM, FAULT_INF_GRAD_STEP, FAULT_NAN_STEP
 
 
 def _cfg(tiny_model, tmp_path, **over):
@@ -100,7 +102,8 @@ TABLES = ["round_0/eval_greedy.parquet", "round_0/eval_sampled.parquet", "round_
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", FAULT_NAN_STEP)}  # CI=true hides progress lines
+    faults = (FAULT_NAN_STEP, FAULT_INF_GRAD_STEP, FAULT_INF_GRAD_PARAM)
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", *faults)}  # CI=true hides progress lines
     return env | {"SELFALIGN_HOME": str(home), "HF_HUB_OFFLINE": "1"} | extra
 
 
@@ -267,6 +270,43 @@ def test_nan_in_training_fails_the_round_and_the_rerun_resumes_from_the_last_goo
     assert states == {"demo": "FAILED", "round-1": "FAILED"}
 
     # the same command again: training resumes from step 2, never from a half-trained model
+    rerun = run_to_end(run, home)
+    assert "train: resuming from the checkpoint of step 2" in rerun
+    assert_same_artifacts(run, reference)
+
+
+def _assert_failed_in_tracking(run: Path, home: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("selfalign").experiment_id])
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("demo", "FAILED"), ("round_1", "FAILED")]
+    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
+        states = dict(db.execute("select name, state_type from flow_run"))
+    assert states == {"demo": "FAILED", "round-1": "FAILED"}
+
+
+@pytest.mark.slow
+def test_inf_gradient_in_training_fails_the_round_and_the_rerun_resumes_from_the_last_good_checkpoint(reference, tmp_path):
+    """The loss stays finite; one element of the embedding's gradient becomes inf at step 3."""
+    run, home = tmp_path / "run", tmp_path / "home"
+    _seed_run(reference, run, ["samples.parquet", "generate.stats.json", "scores.parquet", "score.stats.json",
+                               "pairs.parquet", "pairs.stats.json", "alpha_sweep.json"])
+    policy = ROOT / "assets" / "demo" / "dpo"  # round 1's input: the last good published model
+    before = {p.name: p.read_bytes() for p in policy.iterdir() if p.is_file()}
+    out = run_to_end(run, home, expect=3, **{FAULT_INF_GRAD_STEP: "3"})
+    assert ("run failed: non-finite gradient (norm inf) of lm.model.embed_tokens.weight on rank 0 at step 3/3, "
+            "loss finite; the optimizer step was not taken") in out, out[-3000:]
+    assert "last good checkpoint (step 2)" in out
+    assert not (run / "round_1" / "model").exists() and not (run / "round_1" / "model.partial").exists()
+    assert json.loads((run / "round_1/train/checkpoints/latest.json").read_text())["step"] == 2
+    assert [json.loads(line)["step"] for line in (run / "round_1/train/metrics.jsonl").read_text().splitlines()] == [1, 2]
+    kept = torch.load(run / "round_1/train/checkpoints/step-000002/mp_rank_00_model_states.pt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in kept["module"].values())
+    assert {p.name: p.read_bytes() for p in policy.iterdir() if p.is_file()} == before
+    _assert_failed_in_tracking(run, home)
+
+    # the same command again: training resumes from step 2 and ends as if nothing had happened
     rerun = run_to_end(run, home)
     assert "train: resuming from the checkpoint of step 2" in rerun
     assert_same_artifacts(run, reference)
