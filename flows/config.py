@@ -71,6 +71,10 @@ class GenerateConfig:
     max_model_len: int = 0         # 0 = the model's own limit
     shard_size: int = 256          # prompts per shard: each is written when drawn, so a crash loses at most
                                    # one and a rerun draws only the missing ones (0 = one shard per stage)
+    shards: int = 1                # concurrent generation workers, each a process with its own vLLM engine on
+                                   # tensor_parallel_size GPUs of its own; the shards still to draw are dealt
+                                   # among them; the samples are the same, bit for bit, for any number
+                                   # of workers (evaluate then no longer draws the next round's samples)
 
 
 @dataclass
@@ -79,6 +83,8 @@ class ScoreConfig:
                                    # initial: pi_0 from round 2 on (the SFT model in round 1)
     batch_tokens: int = 16384      # tokens per scoring forward (padded ones too, unless packing)
     packing: bool = True           # padding-free rows: sequences back to back, attention kept inside each
+    shards: int = 1                # concurrent scoring workers, each a process (one GPU each on GPUs) scoring
+                                   # every other batch; the merged scores equal one worker's
 
 
 @dataclass
@@ -138,8 +144,13 @@ class TrainConfig:
     micro_batch_size: int = 4      # pairs per forward pass per process
     grad_clip: float = 1.0
     zero_stage: int = 2            # DeepSpeed ZeRO stage
-    nproc: int = 1                 # training processes on this node
-    launcher: str = "torchrun"     # torchrun | deepspeed
+    nproc: int = 1                 # training processes on this node (with train.hostfile: the hosts' slots)
+    launcher: str = "local"        # local: the stage starts the processes, rendezvous on 127.0.0.1 only |
+                                   # deepspeed (required for train.hostfile) | torchrun (its agent's store
+                                   # listens on all interfaces)
+    hostfile: str = ""             # DeepSpeed hostfile ("host slots=N" per line): train across its hosts
+    master_addr: str = ""          # with a hostfile: the address every node reaches rank 0 at ("" = first host)
+    master_port: int = 0           # rendezvous port (0 = a free one on this node; 29500 with a hostfile)
     threads: int = 0               # torch threads per process (0 = cores / nproc)
     packing: bool = True           # a micro-batch's chosen and rejected sequences in one padding-free row
     checkpoint_every: int = 50     # DeepSpeed checkpoint every N optimiser steps in round_<r>/train (0 = off);
@@ -240,20 +251,22 @@ class Config:
 
 # Keys that change no stage's output (the judge reads the eval answers, it has a stage key of its own):
 # left out of the section hashes, so setting them reruns no evaluation.
-_NOT_HASHED = {"evaluate": {"judge_url", "judge_model", "judge_api_key_env"}}
+_NOT_HASHED = {"evaluate": {"judge_url", "judge_model", "judge_api_key_env"},
+               # how many workers draw or score the shards: the tables are the same for any number
+               "generate": {"shards"}, "score": {"shards"}}
 _CHOICES = {
     "model.dtype": {"float32", "bfloat16"},
     "data.on_bad_row": {"error", "skip"},
     "score.reference": {"previous", "sft", "initial"},
     "pairs.length_unit": {"chars", "tokens"},
-    "train.launcher": {"torchrun", "deepspeed"},
+    "train.launcher": {"local", "torchrun", "deepspeed"},
     "train.alpha_mode": {"stable", "official"},
     "train.zero_stage": {0, 1, 2, 3},
 }
 _REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs"]
 # Values given relative to a preset file ("./x", "../x") are resolved against the preset's folder.
 _PATH_KEYS = {"model.policy", "model.reference", "data.prompts", "data.eval_prompts",
-              "data.offline_pairs", "data.heldout_pairs", "run.dir"}
+              "data.offline_pairs", "data.heldout_pairs", "run.dir", "train.hostfile"}
 # Comma-separated lists of paths or hub ids, each entry resolved the same way.
 _PATH_LIST_KEYS = {"train.mrpo_references", "train.mrpo_tokenizers"}
 # Comma-separated lists of numbers that may also be given as one number or a YAML list of numbers.
@@ -383,6 +396,8 @@ def validate(cfg: Config) -> None:
         ("generate.tensor_parallel_size", cfg.generate.tensor_parallel_size >= 1, "must be >= 1"),
         ("generate.max_model_len", cfg.generate.max_model_len >= 0, "must be >= 0 (0 = the model's own limit)"),
         ("generate.shard_size", cfg.generate.shard_size >= 0, "must be >= 0 (0 = one shard)"),
+        ("generate.shards", cfg.generate.shards >= 1, "must be >= 1"),
+        ("score.shards", cfg.score.shards >= 1, "must be >= 1"),
         ("score.batch_tokens", cfg.score.batch_tokens >= 1, "must be >= 1"),
         ("pairs.min_valid", 2 <= cfg.pairs.min_valid <= cfg.generate.k, f"must be in [2, generate.k={cfg.generate.k}]"),
         ("pairs.gamma", 0 <= cfg.pairs.gamma <= 1, "must be in [0, 1]"),
@@ -408,6 +423,7 @@ def validate(cfg: Config) -> None:
         ("train.batch_size", cfg.train.micro_batch_size * cfg.train.nproc <= 0
          or cfg.train.batch_size % (cfg.train.micro_batch_size * cfg.train.nproc) == 0,
          f"must be a multiple of micro_batch_size * nproc = {cfg.train.micro_batch_size * cfg.train.nproc}"),
+        ("train.master_port", 0 <= cfg.train.master_port < 65536, "must be in [0, 65535] (0 = a free port)"),
         ("guard.min_pair_accuracy", 0 <= cfg.guard.min_pair_accuracy <= 1, "must be in [0, 1]"),
         ("evaluate.samples", cfg.evaluate.samples >= 0, "must be >= 0"),
         ("evaluate.max_tokens", cfg.evaluate.max_tokens >= 0, "must be >= 0 (0 = generate.max_tokens)"),
@@ -434,6 +450,8 @@ def validate(cfg: Config) -> None:
     _validate_mrpo_hpo(t)
     _validate_lora(t, cfg.model)
     _validate_tracking(cfg)
+    if t.hostfile:
+        _validate_hostfile(t)
 
 
 def _validate_tracking(cfg: Config) -> None:
@@ -446,6 +464,22 @@ def _validate_tracking(cfg: Config) -> None:
         check_options(tr.log_model, tr.registered_model_name, resolve_uri(tr.uri, cfg.run_dir))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def _validate_hostfile(t: TrainConfig) -> None:
+    """Multi-node training: the deepspeed launcher, a well-formed hostfile, a batch that splits evenly."""
+    from selfalign.tasks.train import HostfileError, read_hostfile
+
+    if t.launcher != "deepspeed":
+        raise ConfigError(f"train.hostfile: {t.hostfile!r} needs train.launcher=deepspeed (got {t.launcher!r})")
+    try:
+        hosts = read_hostfile(t.hostfile)
+    except HostfileError as e:
+        raise ConfigError(f"train.hostfile: {e}") from None
+    world = sum(hosts.values())
+    if t.batch_size % (t.micro_batch_size * world):
+        raise ConfigError(f"train.batch_size: {t.batch_size} must be a multiple of micro_batch_size * the hostfile's "
+                          f"slots = {t.micro_batch_size} * {world}")
 
 
 def _validate_mrpo_hpo(t: TrainConfig) -> None:

@@ -9,6 +9,10 @@ when the stage's manifest shows its output came from the same inputs and config.
         guard: stop if the reward misranks held-out pairs
         pi_r    = train(pi_{r-1}, pairs)                 DPO, reference pi_{r-1} (DeepSpeed)
         metrics = evaluate(pi_r)                         held-out prompts
+
+generate.shards / score.shards > 1: the stage task maps a worker task over its workers (Prefect task
+mapping on the flow's thread-pool task runner; each worker is a process of its own), waits for all of
+them and joins their parts; with no Prefect server the flow's temporary one records them as usual.
 """
 from __future__ import annotations
 
@@ -20,17 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from selfalign.flows.config import Config, from_dict
 from selfalign.tasks import artifacts, plots
 from selfalign.tasks.data import load_data
 from selfalign.tasks.evaluate import run_evaluate
-from selfalign.tasks.generate import run_generate
+from selfalign.tasks.generate import run_generate, run_vllm
 from selfalign.tasks.judge import Judge, judge_round
 from selfalign.tasks.pairs import run_pairs
-from selfalign.tasks.score import extra_references, run_score
+from selfalign.tasks.score import extra_references, run_score, run_score_worker
 from selfalign.tasks.tracking import (MetricLogger, check_options, local_uri, log_round_model, make_logger,
                                       resolve_uri)
 from selfalign.tasks.train import checkpoint_dir, run_train
@@ -56,12 +60,38 @@ def generate_key(cfg: Config, r: int, model: str, prompts: list[dict[str, str]])
             "prompts": [p["id"] for p in prompts], "seed": cfg.run.seed + r}
 
 
+@task(name="generate-worker", cache_policy=NO_CACHE, task_run_name="generate-worker-{worker}")
+def generate_worker_task(job: dict, job_path: Path, kv_cache_gib: float, worker: int) -> int:
+    """One generation worker: its vLLM engine draws its shards (each written with its manifest)."""
+    return sum(map(len, run_vllm(job, job_path, kv_cache_gib, _log())))
+
+
+@task(name="score-worker", cache_policy=NO_CACHE, task_run_name="score-worker-{worker}")
+def score_worker_task(job: dict, job_path: Path, worker: int) -> Path:
+    """One scoring worker: its share of the batches, under every model of the score stage."""
+    return run_score_worker(job, job_path, _log())
+
+
+def _map_generate(kv_cache_gib: float):
+    def run(calls: list[tuple[dict, Path]]) -> list[int]:
+        futures = generate_worker_task.map([c[0] for c in calls], [c[1] for c in calls], unmapped(kv_cache_gib),
+                                           list(range(len(calls))))
+        return [f.result() for f in futures]  # waits for all; raises the first failure
+    return run
+
+
+def _map_score(calls: list[tuple[dict, Path]]) -> list[Path]:
+    futures = score_worker_task.map([c[0] for c in calls], [c[1] for c in calls], list(range(len(calls))))
+    return [f.result() for f in futures]
+
+
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> tuple[Path, dict]:
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "samples.parquet"
     key = generate_key(cfg, r, model, prompts)
-    stats = _stage(out, key, lambda: run_generate(cfg, model, prompts, out, rd, r, key, _log()),
+    stats = _stage(out, key, lambda: run_generate(cfg, model, prompts, out, rd, r, key, _log(),
+                                                  map_workers=_map_generate(cfg.generate.kv_cache_gib)),
                    rd / "generate.stats.json")
     artifacts.remove_shards(out)
     return out, stats
@@ -82,8 +112,8 @@ def score_task(cfg: Config, r: int, samples: Path, policy: str, reference: str,
     key = {"config": cfg.section_hash("model", "score", "data"), "samples": artifacts.input_token(samples),
            "policy": artifacts.input_token(policy), "reference": artifacts.input_token(reference)}
     key |= _mrpo_key(cfg)
-    stats = _stage(out, key, lambda: run_score(cfg, samples, policy, reference, heldout, out, _log()),
-                   rd / "score.stats.json")
+    stats = _stage(out, key, lambda: run_score(cfg, samples, policy, reference, heldout, out, _log(),
+                                               map_workers=_map_score), rd / "score.stats.json")
     return out, stats
 
 
@@ -113,12 +143,13 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path) -> tuple[Path, list
 
 
 # How often training saves checkpoints, whether they are kept, and where reference log-probs are
-# cached do not change the model.
-_SAVING_KEYS = ("checkpoint_every", "keep_checkpoints", "ref_cache")
+# cached do not change the model; nor does how its processes are started and where they meet.
+_SAVING_KEYS = ("checkpoint_every", "keep_checkpoints", "ref_cache", "launcher", "master_addr", "master_port")
 
 
 def train_config_hash(cfg: Config) -> str:
-    """`section_hash("model", "train")` without the keys that only decide what training saves."""
+    """`section_hash("model", "train")` without the keys that only decide what training saves or how
+    its processes are started."""
     d = cfg.to_dict()
     d["train"] = {k: v for k, v in d["train"].items() if k not in _SAVING_KEYS
                   and not (k.startswith("lora_") and not cfg.train.lora_enabled)}
@@ -129,13 +160,14 @@ def train_config_hash(cfg: Config) -> str:
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> dict:
     """Evaluates the model that round r produced (r = 0: pi_0). When round r+1 follows, the same
-    vLLM engine also draws its samples and records them as round r+1's finished generate stage."""
+    vLLM engine also draws its samples and records them as round r+1's finished generate stage
+    (not with generate.shards > 1: round r+1's generate stage then draws them on its workers)."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "eval_greedy.parquet"
     key = {"config": cfg.section_hash("model", "generate", "evaluate"), "model": artifacts.input_token(model),
            "prompts": [p["id"] for p in prompts]}
     nxt = None
-    if r < cfg.run.rounds:
+    if r < cfg.run.rounds and cfg.generate.shards == 1:
         nd = artifacts.round_dir(cfg.run_dir, r + 1)
         next_prompts = round_prompts(load_data(cfg).prompts, cfg.data.prompts_per_round, r + 1)
         next_key = generate_key(cfg, r + 1, model, next_prompts)

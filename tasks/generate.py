@@ -8,6 +8,11 @@ shard in progress, and a rerun draws only the missing shards. Each shard samples
 own (`shard_seed`), so the joined `samples.parquet` is the same, bit for bit, however many times the
 stage was interrupted.
 
+With `generate.shards` = N > 1 the shards still to draw are dealt round-robin to N workers, each a
+process with a vLLM engine of its own (on GPUs: its own `tensor_parallel_size` devices), run
+concurrently (`map_workers`: Prefect task mapping in the pipeline, threads otherwise). Since a shard's
+samples depend on its prompts and seed only, the joined table is the same for any N.
+
 Run as a module (`python -m selfalign.tasks.generate <job.json>`) it is the vLLM worker."""
 from __future__ import annotations
 
@@ -88,13 +93,23 @@ def engine_env(kv_cache_gib: float, model: str | None = None) -> dict[str, str]:
 
 
 def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print) -> list[list[dict[str, Any]]]:
-    """Run one vLLM job in a subprocess; returns the sample rows of each of its runs."""
+    """Run one vLLM job in a subprocess; returns the sample rows of each of its runs. A job of one of
+    several workers carries the GPUs it may use (`devices`, CUDA_VISIBLE_DEVICES) or, on CPU, the
+    cores its process is pinned to (`cpus`)."""
     artifacts.write_json(job_path, job)
     t0 = time.time()
+    env = engine_env(kv_cache_gib, job["model"])
+    if job.get("devices") is not None:
+        env["CUDA_VISIBLE_DEVICES"] = job["devices"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "selfalign.tasks.generate", str(job_path)],
-        env=engine_env(kv_cache_gib, job["model"]), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    if job.get("cpus") and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(proc.pid, job["cpus"])  # before the engine starts: vLLM binds within it
+        except OSError:
+            pass  # the worker already ended: its exit status says why
     tail: list[str] = []
     for line in proc.stdout:
         tail = (tail + [line.rstrip()])[-40:]
@@ -181,15 +196,88 @@ def join_shards(out_path: Path, paths: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def thread_map(fn, items: list) -> list:
+    """`fn` over `items` concurrently, one thread each (the work is in subprocesses); results in
+    order, the first exception raised once all have ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, len(items))) as ex:
+        futures = [ex.submit(fn, item) for item in items]
+    return [f.result() for f in futures]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES, else every device torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_resources(n: int, per_worker: int, key: str) -> list[dict[str, Any]]:
+    """What each of `n` concurrent workers may use: on GPUs `per_worker` devices of its own
+    (`devices`, an error naming `key` when there are too few); on CPU a share of this process's
+    cores (`cpus`), so that engines binding their threads do not all pick the same core."""
+    gpus = visible_gpus()
+    if gpus:
+        if n * per_worker > len(gpus):
+            raise ValueError(f"{key}: {n} workers x {per_worker} GPU(s) each need {n * per_worker} GPUs, "
+                             f"{len(gpus)} are visible")
+        return [{"devices": ",".join(gpus[w * per_worker:(w + 1) * per_worker])} for w in range(n)]
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < n:
+        return [{} for _ in range(n)]
+    return [{"cpus": cpus[w::n]} for w in range(n)]
+
+
+def worker_jobs(job: dict[str, Any], n: int) -> list[dict[str, Any]]:
+    """Splits a job of shard runs among `n` workers (fewer when there are fewer runs): run i goes to
+    worker i mod n, with only the prompts of its own runs (`first` re-based)."""
+    n = max(1, min(n, len(job["runs"])))
+    if n == 1:
+        return [job]
+    jobs = []
+    for w in range(n):
+        prompts, runs = [], []
+        for run in job["runs"][w::n]:
+            first = run.get("first", 0)
+            count = run.get("count", len(job["prompts"]))
+            runs.append(run | {"first": len(prompts), "count": count})
+            prompts += job["prompts"][first:first + count]
+        jobs.append(job | {"prompts": prompts, "runs": runs})
+    return jobs
+
+
+def run_workers(cfg, job: dict[str, Any], work_dir: Path, log=print, map_workers=None) -> None:
+    """Runs a job of shard runs on `generate.shards` concurrent vLLM workers (one: in one engine, as
+    before). `map_workers(calls)` runs `run_vllm(job, job_path, kv_cache_gib)` for each call
+    (job, job_path) concurrently; default `thread_map`."""
+    g = cfg.generate
+    jobs = worker_jobs(job, g.shards)
+    if len(jobs) == 1:
+        run_vllm(job, work_dir / "generate_job.json", g.kv_cache_gib, log)
+        return
+    for j, res in zip(jobs, worker_resources(len(jobs), g.tensor_parallel_size, "generate.shards")):
+        j.update(res)
+    calls = [(j, work_dir / f"generate_job.worker-{w}.json") for w, j in enumerate(jobs)]
+    log(f"generate: {len(job['runs'])} shards on {len(jobs)} workers")
+    if map_workers is None:
+        thread_map(lambda c: run_vllm(c[0], c[1], g.kv_cache_gib, log), calls)
+    else:
+        map_workers(calls)
+
+
 def run_generate(cfg, model: str, prompts: list[dict[str, str]], out_path: Path, work_dir: Path, r: int,
-                 key: dict[str, Any], log=print) -> dict[str, Any]:
+                 key: dict[str, Any], log=print, map_workers=None) -> dict[str, Any]:
     """K samples per prompt at the configured temperature/top_p/max_tokens -> `out_path`, drawn in
-    shards (one engine start for all the missing ones)."""
+    shards (one engine start for all the missing ones, or one per worker: `run_workers`)."""
     t0 = time.time()
     paths, runs = plan_shards(cfg, prompts, out_path, r, key, log)
     if runs:
         job = build_job(cfg, model, prompts, runs, cfg.run.seed + r)
-        run_vllm(job, work_dir / "generate_job.json", cfg.generate.kv_cache_gib, log)
+        run_workers(cfg, job, work_dir, log, map_workers)
     rows = join_shards(out_path, paths)
     return generate_stats(rows, len(prompts), cfg.generate.k, time.time() - t0, log)
 

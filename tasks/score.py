@@ -2,11 +2,21 @@
     score(x, y) = S_policy(y | x) - S_reference(y | x),
 with S the summed log-prob of the response tokens (prompt masked, end-of-turn token counted), no beta
 and no length normalisation (ALGORITHMS.md §2.4). The same pass scores the held-out offline pairs, so
-the round knows how well this reward ranks pairs a human labelled (the guard reads it)."""
+the round knows how well this reward ranks pairs a human labelled (the guard reads it).
+
+With `score.shards` = N > 1 the stage runs N worker processes (`python -m selfalign.tasks.score
+<job.json>`; on GPUs one device each), concurrently through `map_workers` (Prefect task mapping in the
+pipeline). Every worker plans the same batches as a single scorer would and computes batches w, w+N,
+w+2N, ... of them under every model; the stage merges the parts. A sequence is computed in the same
+batch either way, so the merged scores are those of one worker."""
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import time
 import weakref
 from contextlib import contextmanager
@@ -225,18 +235,24 @@ def packing_path(model) -> str:
 @torch.inference_mode()
 def logps_of(model, seqs: Sequence[Seq], pad_id: int, batch_tokens: int = 16384,
              progress: Callable[[int, int], None] | None = None, fused: bool | None = None,
-             packing: bool = False) -> list[float]:
+             packing: bool = False, part: tuple[int, int] | None = None) -> list[float]:
     """Summed response log-prob of every (prompt, response) under `model`, in input order.
     packing=False: padded batches of at most `batch_tokens` (longest x count), sorted by length;
     packing=True: rows of at most `batch_tokens` real tokens, no padding (where `packing_path`
-    allows it for this model)."""
+    allows it for this model). part=(w, n): only batches w, w+n, ... of that plan; the others'
+    sequences are None."""
     device = next(model.parameters()).device
     fused = fused_head_ok(model) if fused is None else fused
     path = packing_path(model) if packing else ""
     lengths = [len(p) + len(r) for p, r in seqs]
     out = [math.nan] * len(seqs)
+    batches = pack_rows(lengths, batch_tokens) if path else token_budget_batches(lengths, batch_tokens)
+    if part is not None:
+        out = [None] * len(seqs)
+        batches = batches[part[0]::part[1]]
+        seqs_total = sum(map(len, batches))
     done = 0
-    for batch in pack_rows(lengths, batch_tokens) if path else token_budget_batches(lengths, batch_tokens):
+    for batch in batches:
         if path:
             sums, _, _ = packed_logps(model, pack([seqs[i] for i in batch], device), fused, path)
         else:
@@ -245,7 +261,7 @@ def logps_of(model, seqs: Sequence[Seq], pad_id: int, batch_tokens: int = 16384,
             out[i] = v
         done += len(batch)
         if progress:
-            progress(done, len(seqs))
+            progress(done, len(seqs) if part is None else seqs_total)
     return out
 
 
@@ -265,7 +281,7 @@ Item = tuple[str, str, Sequence[int], Sequence[int]]
 def reference_logps(model_path: str, tokenizer_path: str, policy_tok, items: Sequence[Item], *,
                     dtype: str = "float32", trust_remote_code: bool = False, batch_tokens: int = 16384,
                     device: str | None = None, progress: Callable[[int, int], None] | None = None,
-                    packing: bool = False) -> list[float]:
+                    packing: bool = False, part: tuple[int, int] | None = None) -> list[float]:
     """Summed response log-probs of `items` under an additional (MRPO) reference model.
 
     A reference with the policy's tokenizer scores the policy's own ids (for generated samples: the
@@ -284,7 +300,7 @@ def reference_logps(model_path: str, tokenizer_path: str, policy_tok, items: Seq
                 prompts[prompt] = encode_prompt(tok, prompt)
             seqs.append((prompts[prompt], encode_response(tok, response)))
     model = load_model(model_path, dtype, trust_remote_code, device)
-    out = logps_of(model, seqs, tok.pad_token_id, batch_tokens, progress, packing=packing)
+    out = logps_of(model, seqs, tok.pad_token_id, batch_tokens, progress, packing=packing, part=part)
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -304,12 +320,24 @@ def extra_references(cfg) -> list[tuple[str, str]]:
 
 
 def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: list[dict[str, str]],
-              out_path: Path, log=print) -> dict[str, Any]:
+              out_path: Path, log=print, map_workers=None) -> dict[str, Any]:
     """Adds `policy_logp`, `ref_logp`, `score` to every finished sample (NaN for truncated ones,
     which the pair stage drops anyway) and scores the held-out pairs with the same reward. With
-    train.loss=mrpo also `mrpo_ref_logps`: one summed log-prob per additional reference."""
+    train.loss=mrpo also `mrpo_ref_logps`: one summed log-prob per additional reference. With
+    score.shards > 1 the log-probs come from that many worker processes (`score_workers`)."""
     t0 = time.time()
     samples = artifacts.read_table(samples_path)
+    if cfg.score.shards > 1:
+        tok, live, seqs = score_sequences(cfg, samples, heldout, policy)
+        values = score_workers(cfg, samples_path, policy, reference, heldout, out_path.parent, log, map_workers)
+    else:
+        tok, live, seqs, values = score_values(cfg, samples, policy, reference, heldout, log)
+    return _write_scores(samples, live, seqs, values, extra_references(cfg), heldout, out_path, t0, log)
+
+
+def score_sequences(cfg, samples: list[dict[str, Any]], heldout: list[dict[str, str]], policy: str):
+    """(policy tokenizer, indices of the finished samples, the sequences to score: those samples'
+    then each held-out pair's chosen and rejected)."""
     tok = load_tokenizer(policy, cfg.model.trust_remote_code)
     prompt_ids = {}
     def pids(prompt: str) -> list[int]:
@@ -322,7 +350,15 @@ def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: lis
     for h in heldout:
         seqs.append((pids(h["prompt"]), encode_response(tok, h["chosen"])))
         seqs.append((pids(h["prompt"]), encode_response(tok, h["rejected"])))
+    return tok, live, seqs
 
+
+def score_values(cfg, samples: list[dict[str, Any]], policy: str, reference: str, heldout: list[dict[str, str]],
+                 log=print, part: tuple[int, int] | None = None):
+    """The log-probs of `score_sequences` under policy, reference and MRPO's additional references:
+    (tok, live, seqs, {"policy": [...], "ref": [...], "extra": [[...] per reference]}). part=(w, n):
+    only worker w's batches of n (others None)."""
+    tok, live, seqs = score_sequences(cfg, samples, heldout, policy)
     result = {}
     for name, path in (("policy", policy), ("ref", reference)):
         model = load_model(path, cfg.model.dtype, cfg.model.trust_remote_code)
@@ -331,7 +367,7 @@ def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: lis
             if done == total or done // every != (done - 1) // every:
                 log(f"score[{name}]: {done}/{total} sequences")
         result[name] = logps_of(model, seqs, tok.pad_token_id, cfg.score.batch_tokens, progress,
-                                packing=cfg.score.packing)
+                                packing=cfg.score.packing, part=part)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -345,8 +381,13 @@ def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: lis
         log(f"score[mrpo ref {k}]: {path}")
         extra_logps.append(reference_logps(path, tok_path, tok, items, dtype=cfg.model.dtype,
                                            trust_remote_code=cfg.model.trust_remote_code,
-                                           batch_tokens=cfg.score.batch_tokens, packing=cfg.score.packing))
+                                           batch_tokens=cfg.score.batch_tokens, packing=cfg.score.packing,
+                                           part=part))
+    return tok, live, seqs, {"policy": result["policy"], "ref": result["ref"], "extra": extra_logps}
 
+
+def _write_scores(samples, live, seqs, result, extra, heldout, out_path: Path, t0: float, log) -> dict[str, Any]:
+    extra_logps = result["extra"]
     for s in samples:
         s["policy_logp"] = s["ref_logp"] = s["score"] = math.nan
         if extra:
@@ -367,3 +408,87 @@ def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: lis
     log(f"score: {len(seqs)} sequences in {stats['score/seconds']:.1f}s; "
         f"implicit reward ranks {acc:.3f} of {len(heldout)} held-out pairs correctly")
     return stats
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' parts (`score_values` with part=(w, n)) as one: every value from the one worker
+    that computed it."""
+    def merge(lists: list[list], what: str) -> list[float]:
+        out = []
+        for i, vals in enumerate(zip(*lists)):
+            have = [v for v in vals if v is not None]
+            if len(have) != 1:
+                raise RuntimeError(f"score: sequence {i} of {what} was computed by {len(have)} workers, not 1")
+            out.append(have[0])
+        return out
+
+    return {"policy": merge([p["policy"] for p in parts], "the policy"),
+            "ref": merge([p["ref"] for p in parts], "the reference"),
+            "extra": [merge([p["extra"][k] for p in parts], f"MRPO reference {k + 1}")
+                      for k in range(len(parts[0]["extra"]))]}
+
+
+def score_workers(cfg, samples_path: Path, policy: str, reference: str, heldout: list[dict[str, str]],
+                  work_dir: Path, log=print, map_workers=None) -> dict[str, Any]:
+    """The stage's log-probs from `score.shards` worker processes, merged. `map_workers(calls)`
+    runs `run_score_worker(job, job_path)` for each call concurrently (default: threads)."""
+    from selfalign.tasks.generate import thread_map, worker_resources
+
+    n = cfg.score.shards
+    calls = []
+    for w, res in enumerate(worker_resources(n, 1, "score.shards")):
+        job = {"config": cfg.to_dict(), "samples": str(samples_path), "policy": policy, "reference": reference,
+               "heldout": heldout, "part": [w, n], "output": str(work_dir / f"score_part.worker-{w}.json")} | res
+        calls.append((job, work_dir / f"score_job.worker-{w}.json"))
+    log(f"score: {n} workers")
+    outputs = thread_map(lambda c: run_score_worker(c[0], c[1], log), calls) if map_workers is None \
+        else map_workers(calls)
+    parts = [artifacts.read_json(p) for p in outputs]
+    for p in outputs:
+        Path(p).unlink(missing_ok=True)
+    return merge_parts(parts)
+
+
+def run_score_worker(job: dict[str, Any], job_path: Path, log=print) -> Path:
+    """One scoring worker in a process of its own (on GPUs: the device in `devices`; on CPU: pinned to
+    `cpus`, one torch thread each); returns the path of its part."""
+    from selfalign.tasks.generate import PROGRESS
+
+    artifacts.write_json(job_path, job)
+    env = dict(os.environ)
+    if job.get("devices") is not None:
+        env["CUDA_VISIBLE_DEVICES"] = job["devices"]
+    proc = subprocess.Popen([sys.executable, "-m", "selfalign.tasks.score", str(job_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if job.get("cpus") and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(proc.pid, job["cpus"])
+        except OSError:
+            pass  # the worker already ended: its exit status says why
+    tail: list[str] = []
+    for line in proc.stdout:
+        tail = (tail + [line.rstrip()])[-40:]
+        if line.startswith(PROGRESS):
+            log(line[len(PROGRESS):].rstrip())
+    rc = proc.wait()
+    if rc != 0:
+        raise RuntimeError(f"scoring worker {job['part'][0]} failed (exit {rc}):\n" + "\n".join(tail))
+    return Path(job["output"])
+
+
+def _worker(job: dict[str, Any]) -> None:
+    from selfalign.flows.config import from_dict
+    from selfalign.tasks.generate import PROGRESS
+
+    if job.get("cpus"):
+        torch.set_num_threads(len(job["cpus"]))
+    cfg = from_dict(job["config"])
+    w, n = job["part"]
+    log = lambda m: print(f"{PROGRESS}[worker {w}] {m}", flush=True)
+    samples = artifacts.read_table(Path(job["samples"]))
+    _, _, _, values = score_values(cfg, samples, job["policy"], job["reference"], job["heldout"], log, part=(w, n))
+    artifacts.write_json(Path(job["output"]), values)
+
+
+if __name__ == "__main__":
+    _worker(json.loads(Path(sys.argv[1]).read_text()))

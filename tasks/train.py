@@ -1,6 +1,13 @@
-"""Train stage: launches the DeepSpeed worker (`train_worker.py`) in processes of its own, with
-torchrun or the `deepspeed` launcher, then publishes the round's model atomically and returns the
-per-step metrics the worker wrote."""
+"""Train stage: launches the DeepSpeed worker (`train_worker.py`) in processes of its own, then
+publishes the round's model atomically and returns the per-step metrics the worker wrote.
+
+Launchers (`train.launcher`): `local` starts the `train.nproc` processes itself (this module run as
+`python -m selfalign.tasks.train`); `torchrun`; `deepspeed`, also across the nodes of a hostfile
+(`train.hostfile`). On one node every rendezvous socket listens on 127.0.0.1 only: rank 0 creates the
+store on a loopback socket (`train_worker.init_process_group`) and gloo/NCCL are pinned to the loopback
+interface; with `local` and `deepspeed` nothing else listens (torchrun's agent hosts a store of its
+own, which torch binds to every interface). Across nodes the store must be reachable: it listens
+on all interfaces of rank 0's node, at `train.master_addr`:`train.master_port`."""
 from __future__ import annotations
 
 import json
@@ -24,8 +31,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(launcher: str, nproc: int, spec_path: Path) -> list[str]:
-    port = str(_free_port())
+class HostfileError(ValueError):
+    """A hostfile line is malformed; the message names the file and the line."""
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    """{host: slots} of a DeepSpeed hostfile: one `host slots=N` per line, `#` comments and blank
+    lines ignored. Anything else is an error naming the file, the line number and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise HostfileError(f"{str(path)!r} does not exist")
+    hosts: dict[str, int] = {}
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        where = f"{path}, line {n} ({raw.strip()!r})"
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots="):
+            raise HostfileError(f"{where}: expected 'hostname slots=N'")
+        host, slots = parts[0], parts[1][len("slots="):]
+        if not slots.isdigit() or int(slots) < 1:
+            raise HostfileError(f"{where}: slots must be a positive integer, got {slots!r}")
+        if host in hosts:
+            raise HostfileError(f"{where}: host {host!r} is listed twice")
+        hosts[host] = int(slots)
+    if not hosts:
+        raise HostfileError(f"{path} lists no host")
+    return hosts
+
+
+def launch_command(launcher: str, nproc: int, spec_path: Path, *, hostfile: str = "", master_addr: str = "",
+                   master_port: int = 0) -> list[str]:
+    """The command that starts the training processes. Without a hostfile: `nproc` processes on this
+    node, rendezvous at 127.0.0.1 (`master_port`, or a free port). With one (deepspeed launcher
+    only): the hostfile's slots on each of its hosts, rank 0 reached at `master_addr` (default: the
+    first host) and `master_port` (default 29500)."""
+    if hostfile:
+        if launcher != "deepspeed":
+            raise ValueError(f"train.hostfile needs train.launcher=deepspeed, not {launcher!r}")
+        hosts = read_hostfile(hostfile)
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                "--master_addr", master_addr or next(iter(hosts)), "--master_port", str(master_port or 29500),
+                "--module", "selfalign.tasks.train_worker", str(spec_path)]
+    port = str(master_port or _free_port())
+    if launcher == "local":
+        return [sys.executable, "-m", "selfalign.tasks.train", "--nproc", str(nproc), "--master_port", port,
+                str(spec_path)]
     if launcher == "deepspeed":
         flag = "--num_gpus" if torch.cuda.is_available() else "--num_accelerators"
         return [sys.executable, "-m", "deepspeed.launcher.runner", flag, str(nproc), "--master_addr", "127.0.0.1",
@@ -34,12 +86,53 @@ def launch_command(launcher: str, nproc: int, spec_path: Path) -> list[str]:
             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "selfalign.tasks.train_worker", str(spec_path)]
 
 
-def worker_env() -> dict[str, str]:
+def loopback_interface() -> str:
+    """The name of the network interface that carries 127.0.0.1 ("lo" on Linux)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
+            return name
+    return "lo"
+
+
+def worker_env(single_node: bool = True) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfalign" / "torch_extensions"))
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
+    if single_node:
+        # gloo and NCCL otherwise listen on the address the host name resolves to
+        lo = loopback_interface()
+        env.setdefault("GLOO_SOCKET_IFNAME", lo)
+        env.setdefault("NCCL_SOCKET_IFNAME", lo)
     return env
+
+
+def local_launch(nproc: int, master_port: int, worker_args: list[str]) -> int:
+    """The `local` launcher: `nproc` worker processes on this node, ranks 0..nproc-1, rendezvous at
+    127.0.0.1:`master_port` (rank 0 hosts the store on a loopback socket). When one fails the others
+    are stopped; the exit status is the first failure's (0 when all succeed). The workers die with
+    this process (`train_worker._die_with_parent`)."""
+    import signal
+
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
+                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+        procs.append(subprocess.Popen([sys.executable, "-u", "-m", "selfalign.tasks.train_worker", *worker_args],
+                                      env=env))
+    rc = 0
+    while any(p.poll() is None for p in procs):
+        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+        if failed and rc == 0:
+            rc = failed[0]
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+        time.sleep(0.1)
+    failed = [p.returncode for p in procs if p.returncode != 0]
+    return rc or (failed[0] if failed else 0)
 
 
 class NonFiniteTraining(RuntimeError):
@@ -102,10 +195,13 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     artifacts.write_json(spec_path, spec)
     if adapter_dir(out_dir).exists():
         shutil.rmtree(adapter_dir(out_dir))  # a former attempt's; the worker writes it at the end
-    cmd = launch_command(t.launcher, t.nproc, spec_path)
-    log(f"train: launching {t.nproc} process(es) with {t.launcher}, ZeRO-{t.zero_stage}")
+    cmd = launch_command(t.launcher, t.nproc, spec_path, hostfile=t.hostfile, master_addr=t.master_addr,
+                         master_port=t.master_port)
+    where = f"the hosts of {t.hostfile}" if t.hostfile else f"{t.nproc} process(es)"
+    log(f"train: launching {where} with {t.launcher}, ZeRO-{t.zero_stage}")
     with open(work / "worker.log", "w") as logf:
-        proc = subprocess.Popen(cmd, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, env=worker_env(single_node=not t.hostfile), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
         fault = []  # every rank names the fault; the launcher's report after them can outgrow the tail
         for line in proc.stdout:
@@ -124,3 +220,14 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     log(f"train: {len(rows)} steps in {time.time() - t0:.1f}s -> {out_dir}")
     return rows
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the local launcher: train_worker processes on this node")
+    ap.add_argument("--nproc", type=int, required=True)
+    ap.add_argument("--master_port", type=int, required=True)
+    ap.add_argument("spec")
+    a = ap.parse_args()
+    sys.exit(local_launch(a.nproc, a.master_port, [a.spec]))

@@ -483,19 +483,54 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
+def init_process_group(backend: str) -> None:
+    """The process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT). On one
+    node (MASTER_ADDR a loopback address, no torchrun agent store) rank 0 hosts the rendezvous store
+    on a socket bound to 127.0.0.1 (TCPStore alone listens on every interface). Otherwise nothing
+    here: `deepspeed.init_distributed` then meets at MASTER_ADDR, reachable from the other nodes."""
+    import datetime
+    import ipaddress
+    import socket
+
+    addr = os.environ.get("MASTER_ADDR", "")
+    try:
+        loopback = addr == "localhost" or ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return
+    rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
+    timeout = datetime.timedelta(minutes=30)
+    if rank == 0:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise RuntimeError(f"train: the rendezvous port 127.0.0.1:{port} is not free ({e})") from None
+        sock.listen(128)
+        store = dist.TCPStore("127.0.0.1", port, world, True, timeout, master_listen_fd=sock.detach())
+    else:
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+
+
 def main(spec_path: str) -> None:
     import deepspeed
 
     _die_with_parent()
     spec = json.loads(Path(spec_path).read_text())
     on_gpu = torch.cuda.is_available()
+    init_process_group("nccl" if on_gpu else "gloo")
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # processes on this node (torchrun and local: LOCAL_WORLD_SIZE; the deepspeed launcher: LOCAL_SIZE)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)
     if on_gpu:
         torch.cuda.set_device(local_rank)
     else:
-        torch.set_num_threads(spec["threads"] or max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(spec["threads"] or max(1, (os.cpu_count() or 1) // local_world))
     torch.manual_seed(spec["seed"])
 
     tok = load_tokenizer(spec["model"], spec["trust_remote_code"])
