@@ -89,8 +89,11 @@ def test_transformers_flavour_loads_back_and_rounds_become_registered_versions(t
         assert str(client.get_logged_model(x["model_id"]).status) == "READY"
     assert logged[0]["model_id"] != logged[1]["model_id"]
 
-    # models:/ URIs resolve through the process-wide tracking URI: the user's side.
+    # models:/ URIs resolve through the process-wide tracking URI: the user's side. Set it
+    # explicitly (an earlier mlflow.set_tracking_uri in this process would outrank the variable).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     for r, model in enumerate(models, 1):
         pipe = mlflow.transformers.load_model(f"models:/selfalign-demo/{r}")
         original = AutoModelForCausalLM.from_pretrained(model)
