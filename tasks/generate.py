@@ -92,6 +92,25 @@ def engine_env(kv_cache_gib: float, model: str | None = None) -> dict[str, str]:
     return env
 
 
+def run_worker_process(module: str, job_path: Path, env: dict[str, str], cpus, log) -> tuple[int, list[str]]:
+    """Runs `python -m module job_path` and waits: pinned to `cpus` when given (before the worker's
+    engine starts: vLLM binds within it), its PROGRESS lines passed to `log`. Returns the exit
+    status and the last 40 lines of output."""
+    proc = subprocess.Popen([sys.executable, "-m", module, str(job_path)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(proc.pid, cpus)
+        except OSError:
+            pass  # the worker already ended: its exit status says why
+    tail: list[str] = []
+    for line in proc.stdout:
+        tail = (tail + [line.rstrip()])[-40:]
+        if line.startswith(PROGRESS):
+            log(line[len(PROGRESS):].rstrip())
+    return proc.wait(), tail
+
+
 def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print) -> list[list[dict[str, Any]]]:
     """Run one vLLM job in a subprocess; returns the sample rows of each of its runs. A job of one of
     several workers carries the GPUs it may use (`devices`, CUDA_VISIBLE_DEVICES) or, on CPU, the
@@ -101,21 +120,7 @@ def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print
     env = engine_env(kv_cache_gib, job["model"])
     if job.get("devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = job["devices"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "selfalign.tasks.generate", str(job_path)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    if job.get("cpus") and hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(proc.pid, job["cpus"])  # before the engine starts: vLLM binds within it
-        except OSError:
-            pass  # the worker already ended: its exit status says why
-    tail: list[str] = []
-    for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-40:]
-        if line.startswith(PROGRESS):
-            log(line[len(PROGRESS):].rstrip())
-    rc = proc.wait()
+    rc, tail = run_worker_process("selfalign.tasks.generate", job_path, env, job.get("cpus"), log)
     if rc != 0:
         raise RuntimeError(f"vLLM worker failed (exit {rc}) for {job['model']}:\n" + "\n".join(tail))
     out = [artifacts.read_table(Path(r["output"])) for r in job["runs"]]

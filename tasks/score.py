@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import time
 import weakref
@@ -452,25 +451,13 @@ def score_workers(cfg, samples_path: Path, policy: str, reference: str, heldout:
 def run_score_worker(job: dict[str, Any], job_path: Path, log=print) -> Path:
     """One scoring worker in a process of its own (on GPUs: the device in `devices`; on CPU: pinned to
     `cpus`, one torch thread each); returns the path of its part."""
-    from selfalign.tasks.generate import PROGRESS
+    from selfalign.tasks.generate import run_worker_process
 
     artifacts.write_json(job_path, job)
     env = dict(os.environ)
     if job.get("devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = job["devices"]
-    proc = subprocess.Popen([sys.executable, "-m", "selfalign.tasks.score", str(job_path)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if job.get("cpus") and hasattr(os, "sched_setaffinity"):
-        try:
-            os.sched_setaffinity(proc.pid, job["cpus"])
-        except OSError:
-            pass  # the worker already ended: its exit status says why
-    tail: list[str] = []
-    for line in proc.stdout:
-        tail = (tail + [line.rstrip()])[-40:]
-        if line.startswith(PROGRESS):
-            log(line[len(PROGRESS):].rstrip())
-    rc = proc.wait()
+    rc, tail = run_worker_process("selfalign.tasks.score", job_path, env, job.get("cpus"), log)
     if rc != 0:
         raise RuntimeError(f"scoring worker {job['part'][0]} failed (exit {rc}):\n" + "\n".join(tail))
     return Path(job["output"])
