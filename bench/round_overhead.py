@@ -12,7 +12,7 @@ from what the stages write into the run directory:
              skipped when round 0's evaluation engine already drew the samples: no double count)
   score      round_1/score.stats.json       score/seconds
   pairs      round_1/pairs.stats.json       pairs/seconds
-  train      the stage's own line "train: N steps in X s" (torchrun worker start, DeepSpeed, model
+  train      the stage's own line "train: N steps in X s" (worker process start, DeepSpeed, model
              load and save included); round_1/train.steps.json gives the optimiser loop alone
 
 Outside = CLI wall - sum of the stages. It is split by the CLI's log timestamps into: before the

@@ -1,5 +1,6 @@
 """The DeepSpeed training stage on CPU (gloo): one process vs two processes give the same model
-(same global batch, gradients averaged across ranks), with torchrun and the deepspeed launcher;
+(same global batch, gradients averaged across ranks), with the stage's own launcher (`local`),
+torchrun and the deepspeed launcher;
 replay pairs get their reference log-probs from the start-of-round weights."""
 import math
 
@@ -27,6 +28,7 @@ def test_two_processes_train_the_same_model_as_one(tiny_model, tmp_path, replay_
     steps1, w1 = _train(tiny_model, tmp_path, replay_pairs, "one")
     steps2, w2 = _train(tiny_model, tmp_path, replay_pairs, "two", **{"train.nproc": 2, "train.micro_batch_size": 2})
     steps3, w3 = _train(tiny_model, tmp_path, replay_pairs, "ds", **{"train.launcher": "deepspeed"})
+    steps4, w4 = _train(tiny_model, tmp_path, replay_pairs, "trun", **{"train.launcher": "torchrun", "train.nproc": 2})
     # round start: policy == reference, so the first loss is ln 2 for every pair (ALGORITHMS.md 8.6)
     assert steps1[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert steps1[-1]["loss"] < steps1[0]["loss"]
@@ -35,6 +37,7 @@ def test_two_processes_train_the_same_model_as_one(tiny_model, tmp_path, replay_
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(w3[k], w1[k], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(w4[k], w2[k], atol=1e-6, rtol=1e-6)
     assert any(not torch.equal(w1[k], load_file(f"{tiny_model}/model.safetensors")[k]) for k in w1)
 
 
