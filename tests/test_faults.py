@@ -45,7 +45,7 @@ def _hpo(**over) -> dict:
 def _spec(cfg, model: str, pairs: Path, out: Path, monkeypatch) -> Path:
     """The worker spec the train stage writes, without launching the worker (a launch that exits 9)."""
     with monkeypatch.context() as m, pytest.raises(RuntimeError, match=r"exit 9"):
-        m.setattr(train_stage, "launch_command", lambda *a: [sys.executable, "-c", "raise SystemExit(9)"])
+        m.setattr(train_stage, "launch_command", lambda *a, **kw: [sys.executable, "-c", "raise SystemExit(9)"])
         run_train(cfg, model, pairs, out, seed=0, log=lambda m: None)
     return out.parent / "train" / "spec.json"
 
