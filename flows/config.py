@@ -571,12 +571,16 @@ def _validate_lora(t: TrainConfig, model: ModelConfig) -> None:
 
 
 def parse_override(arg: str) -> tuple[str, Any]:
-    """`--section.key=value` -> ("section.key", value); the value is parsed as YAML (numbers, bools)."""
+    """`--section.key=value` -> ("section.key", value); the value is parsed as YAML (numbers, bools).
+    `--section.group.key=value` is the grouped spelling of section.group_key."""
     if not arg.startswith("--") or "=" not in arg:
         raise ConfigError(f"override {arg!r} must look like --section.key=value")
     key, _, text = arg[2:].partition("=")
+    if key.count(".") == 2 and all(key.split(".")):
+        section, group, name = key.split(".")
+        key = f"{section}.{group}_{name}"
     if key.count(".") != 1:
-        raise ConfigError(f"override key {key!r} must be section.key")
+        raise ConfigError(f"override key {key!r} must be section.key (or section.group.key)")
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -608,17 +612,37 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | dict[st
         if not isinstance(raw, dict):
             raise ConfigError(f"preset {str(path)!r} must be a mapping of sections")
         base = path.resolve().parent
-        raw = _resolve_paths(raw, base)
+        raw = _resolve_paths(_flatten_groups(raw), base)
     items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides or [])
     for key, value in items:
+        if key.count(".") == 2:  # section.group.key, e.g. train.lora.r: the flat key train.lora_r
+            section, group, name = key.split(".")
+            key = f"{section}.{group}_{name}"
         if key.count(".") != 1:
-            raise ConfigError(f"override key {key!r} must be section.key")
+            raise ConfigError(f"override key {key!r} must be section.key (or section.group.key)")
         section, name = key.split(".")
         sec = raw.setdefault(section, {})
         if not isinstance(sec, dict):
             raise ConfigError(f"{section}: expected a mapping, got {sec!r}")
         sec[name] = value
     return _build(raw)
+
+
+def _flatten_groups(raw: dict[str, Any]) -> dict[str, Any]:
+    """A mapping inside a section is a group of keys sharing a prefix: `train: {lora: {r: 8}}` is
+    `train.lora_r` (as `--train.lora.r=8` is on the command line)."""
+    out = {}
+    for section, sec in raw.items():
+        if isinstance(sec, dict) and any(isinstance(v, dict) for v in sec.values()):
+            flat: dict[str, Any] = {}
+            for k, v in sec.items():
+                if isinstance(v, dict):
+                    flat.update({f"{k}_{name}": x for name, x in v.items()})
+                else:
+                    flat[k] = v
+            sec = flat
+        out[section] = sec
+    return out
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:

@@ -204,3 +204,17 @@ def test_mrpo_references_resolve_relative_to_the_preset(tmp_path):
     # overrides on the command line stay relative to the working directory, as for every path key
     t = load_config(preset, ["--train.mrpo_references=./c", "--train.mrpo_tokenizers="]).train
     assert t.mrpo_references == "./c"
+
+
+def test_grouped_keys_spell_the_flat_ones(tmp_path):
+    """`train: {lora: {r: 8}}` in a preset and `--train.lora.r=8` on the command line are train.lora_r."""
+    preset = tmp_path / "p.yaml"
+    preset.write_text("model: {policy: m, reference: m}\ndata: {prompts: p, eval_prompts: e, offline_pairs: o}\n"
+                      "train:\n  beta: 0.2\n  lora:\n    enabled: true\n    r: 8\n    target_modules: q_proj,v_proj\n"
+                      "  mrpo:\n    references: ./ref\n")
+    cfg = load_config(preset, ["--train.lora.alpha=4", "--train.lora.r=4"])
+    t = cfg.train
+    assert (t.beta, t.lora_enabled, t.lora_r, t.lora_alpha, t.lora_target_modules) == (0.2, True, 4, 4.0, "q_proj,v_proj")
+    assert t.mrpo_references == str((tmp_path / "ref").resolve())  # grouped path keys resolve like flat ones
+    with pytest.raises(ConfigError, match="lora_rank"):
+        load_config(preset, ["--train.lora.rank=4"])
