@@ -239,18 +239,24 @@ def _open_cache(spec: dict, model: str, rank: int, world: int, device: str, toke
     return refcache.LogpCache(root, fp[0], spec["dtype"], torch.device(device).type)
 
 
-def _cached(cache, rows: list[dict], missing: list[int], keys) -> tuple[list[int], dict[int, Any]]:
-    """Splits `missing` into rows still to compute and rows whose values the cache holds."""
-    if cache is None:
-        return missing, {}
+def _cached(caches: list, rows: list[dict], missing: list[int]) -> tuple[list[int], dict[int, Any]]:
+    """Splits `missing` into rows still to compute and rows that every cache (one per reference
+    model) holds: {row: ([chosen value per cache], [rejected value per cache])}."""
     todo, found = [], {}
     for i in missing:
-        vals = [cache.get(k) for k in keys(rows[i])]
-        if any(v is None for v in vals):
-            todo.append(i)
-        else:
+        vals = [[c.get(k) if c is not None else None for c in caches] for k in _pair_keys(rows[i])]
+        if caches and all(v is not None for side in vals for v in side):
             found[i] = vals
+        else:
+            todo.append(i)
     return todo, found
+
+
+def _store(caches: list, rows: list[dict], computed: dict[int, Any]) -> None:
+    """Rank 0 adds computed values ({row: ([chosen per cache], [rejected per cache])}) to the caches."""
+    for j, cache in enumerate(caches):
+        if cache is not None:
+            cache.put({k: side[j] for i, vals in computed.items() for k, side in zip(_pair_keys(rows[i]), vals)})
 
 
 def _pair_keys(r: dict) -> tuple[str, str]:
@@ -273,12 +279,15 @@ def _fill_reference_logps(model, rows: list[dict], pad_id: int, rank: int, world
         return [(vals[2 * j], vals[2 * j + 1]) for j in range(len(idx))]
 
     missing = [i for i, r in enumerate(rows) if not math.isfinite(r["ref_chosen_logp"])]
-    todo, found = _cached(cache, rows, missing, _pair_keys)
+    caches = [cache] if cache is not None else []
+    todo, found = _cached(caches, rows, missing)
     computed = _shared(todo, compute, rank, world)
-    for i, (c, r) in (found | computed).items():
+    for i, (c, r) in computed.items():
         rows[i]["ref_chosen_logp"], rows[i]["ref_rejected_logp"] = c, r
-    if cache is not None and rank == 0:
-        cache.put({k: v for i, vals in computed.items() for k, v in zip(_pair_keys(rows[i]), vals)})
+    for i, ([c], [r]) in found.items():
+        rows[i]["ref_chosen_logp"], rows[i]["ref_rejected_logp"] = c, r
+    if rank == 0:
+        _store(caches, rows, {i: ([c], [r]) for i, (c, r) in computed.items()})
     if missing and rank == 0:
         print(f"train: reference log-probs of {len(missing)} replay pairs: {len(found)} from the cache, "
               f"{len(todo)} computed", flush=True)
@@ -306,21 +315,12 @@ def _fill_mrpo_reference_logps(rows: list[dict], spec: dict, tok, rank: int, wor
 
     caches = [_open_cache(spec, path, rank, world, device, tok_path) for path, tok_path in refs]
     missing = [i for i, r in enumerate(rows) if not complete(r)]
-    todo, found = [], {}
-    for i in missing:
-        keys = _pair_keys(rows[i])
-        vals = [[c.get(k) if c is not None else None for c in caches] for k in keys]
-        if all(v is not None for side in vals for v in side):
-            found[i] = vals
-        else:
-            todo.append(i)
+    todo, found = _cached(caches, rows, missing)
     computed = _shared(todo, compute, rank, world)
     for i, (c, r) in (found | computed).items():
         rows[i]["mrpo_ref_chosen_logps"], rows[i]["mrpo_ref_rejected_logps"] = c, r
     if rank == 0:
-        for j, cache in enumerate(caches):
-            if cache is not None:
-                cache.put({k: side[j] for i, vals in computed.items() for k, side in zip(_pair_keys(rows[i]), vals)})
+        _store(caches, rows, computed)
 
 
 def _fill_aux_rewards(rows: list[dict], spec: dict, rank: int, world: int) -> None:
