@@ -206,3 +206,24 @@ def test_mrpo_and_hpo_keys_are_validated_with_key_and_value(overrides, needle):
     with pytest.raises(ConfigError) as e:
         load_config(DEMO, overrides)
     assert needle in str(e.value)
+
+
+def test_worker_takes_mrpo_references_of_replay_pairs_from_the_cache(tiny_model, other_reference, tmp_path, monkeypatch):
+    from selfalign.tasks import train_worker
+
+    tok = load_tokenizer(tiny_model)
+    spec = {"mrpo_references": [[tiny_model, ""], [other_reference, ""]], "dtype": "float32",
+            "trust_remote_code": False, "batch_tokens": 4096, "ref_cache": str(tmp_path / "cache")}
+    first = _pair_rows(tok)
+    train_worker._fill_mrpo_reference_logps(first, spec, tok, rank=0, world=1, device="cpu")
+    assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 2  # one file per reference model
+
+    def no_forward(*a, **kw):
+        raise AssertionError("a reference forward despite the cache")
+
+    monkeypatch.setattr(train_worker, "reference_logps", no_forward)
+    again = _pair_rows(tok)
+    train_worker._fill_mrpo_reference_logps(again, spec, tok, rank=0, world=1, device="cpu")
+    for a, b in zip(first, again):
+        assert b["mrpo_ref_chosen_logps"] == a["mrpo_ref_chosen_logps"]
+        assert b["mrpo_ref_rejected_logps"] == a["mrpo_ref_rejected_logps"]
