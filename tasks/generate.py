@@ -361,4 +361,10 @@ def _worker(job: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    from selfalign.tasks.procs import children_alive, exit_now
+
     _worker(json.loads(Path(sys.argv[1]).read_text()))
+    # Every output is written and marked done: skip the interpreter's seconds of teardown, unless
+    # the engine left worker processes (multi-GPU) that a normal exit shuts down.
+    if not children_alive():
+        exit_now(0)

@@ -733,3 +733,6 @@ if __name__ == "__main__":
     except NonFiniteLoss as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(3)
+    from selfalign.tasks.procs import exit_now
+
+    exit_now(0)  # the model is saved and the process group destroyed: skip the interpreter's teardown

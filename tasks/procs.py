@@ -1,0 +1,45 @@
+"""Process exits without the interpreter's teardown.
+
+A Python process that has imported torch, transformers, DeepSpeed or vLLM spends seconds after its
+last line in the interpreter's finalisation: every module's objects freed one by one, then the C++
+extensions' static destructors (measured here: 3.6 s for the vLLM worker, 2 s for a training rank,
+3 s for the command line; 0.5 s for a bare `import torch`). Nothing of ours depends on that work: the
+workers' outputs are written atomically and marked done before they return. `exit_now` does what the
+interpreter does at exit that matters (threads' exit hooks, `atexit` handlers, flushed streams),
+then ends the process."""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+from typing import NoReturn
+
+
+def exit_now(code: int = 0) -> NoReturn:
+    """Ends the process with `code` after the exit hooks threads registered (Prefect's log and event
+    workers drain there), waiting for the non-daemon threads, the `atexit` handlers and flushed
+    stdout/stderr; the per-object teardown of the loaded modules is skipped."""
+    try:
+        shutdown = getattr(threading, "_shutdown", None)  # what the interpreter calls first at exit
+        if shutdown is not None:
+            shutdown()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # closed or a broken pipe: nothing more can be written
+                pass
+        os._exit(code)
+
+
+def children_alive() -> bool:
+    """Whether this process still has live child processes (vLLM's multi-GPU workers, say), which a
+    skipped teardown would leave running."""
+    try:
+        import psutil
+    except ImportError:  # cannot tell: assume there are
+        return True
+    return any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
+               for c in psutil.Process().children(recursive=True))
