@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from selfalign.flows.compare import CompareError, compare, format_markdown, format_table, write_csv
@@ -49,13 +50,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     prepare_environment(cfg.run_dir)
-    from selfalign.flows.pipeline import run_flow, tracking_uri
+    server = start_temporary_prefect()
+    try:
+        summary = _run(cfg, server)
+    finally:
+        if server is not None:
+            stop_temporary_prefect(server)
+    if isinstance(summary, int):
+        return summary
+    print()
+    print(format_table(summary["rounds"]))
+    if summary["stopped"]:
+        print(f"\nstopped early: {summary['stopped']}")
+    print(f"\nfinal model: {summary['final_model']}")
+    from selfalign.flows.pipeline import tracking_uri
+
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:"):
+        print(f"compare rounds: mlflow ui --backend-store-uri {uri}")
+    if uri != "none":
+        print(f"round table from MLflow: selfalign compare {cfg.run.name} --uri {uri}")
+    return 0
+
+
+def _run(cfg, server) -> dict | int:
+    """The run flow, or the exit status of an error found before or during it."""
+    from selfalign.flows.pipeline import run_flow
     from selfalign.tasks.data import load_data
     from selfalign.tasks.train import NonFiniteTraining
 
     try:
-        # Every dataset read and checked here, before Prefect and the engines start (the flow reuses
-        # what was loaded), so a bad file or row is one message rather than a failed flow run.
+        # Every dataset read and checked here, before the engines start (the flow reuses what was
+        # loaded), so a bad file or row is one message rather than a failed flow run.
         load_data(cfg)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
@@ -63,24 +89,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as e:  # the policy's tokenizer or config cannot be read
         print(f"model.policy {cfg.model.policy!r} cannot be loaded: {e}", file=sys.stderr)
         return 2
+    if server is not None:
+        try:
+            server.wait()
+        except RuntimeError as e:
+            print(f"prefect: {e}", file=sys.stderr)
+            return 1
     try:
-        summary = run_flow(cfg.to_dict())
+        with server.settings() if server is not None else nullcontext():
+            return run_flow(cfg.to_dict())
     except NonFiniteTraining as e:
         print(f"\nrun failed: {e}\nThe round is marked failed and its model was not written. Rerunning the same "
               "command resumes from the last good checkpoint, if any; a changed train config (say a lower train.lr) starts "
               "the round's training again from its input model.", file=sys.stderr)
         return 3
-    print()
-    print(format_table(summary["rounds"]))
-    if summary["stopped"]:
-        print(f"\nstopped early: {summary['stopped']}")
-    print(f"\nfinal model: {summary['final_model']}")
-    uri = tracking_uri(cfg)
-    if uri.startswith("sqlite:"):
-        print(f"compare rounds: mlflow ui --backend-store-uri {uri}")
-    if uri != "none":
-        print(f"round table from MLflow: selfalign compare {cfg.run.name} --uri {uri}")
-    return 0
+
+
+def start_temporary_prefect():
+    """Without a Prefect API configured (PREFECT_API_URL, a profile, prefect.toml), starts the
+    run's temporary Prefect server now, in the background (`flows.server.TemporaryPrefect`);
+    otherwise None, and the flows go to the configured server."""
+    from prefect.settings import get_current_settings
+
+    from selfalign.flows.server import TemporaryPrefect
+
+    settings = get_current_settings()
+    if settings.api.url:
+        return None
+    server = TemporaryPrefect(Path(os.environ.get("PREFECT_HOME") or settings.home),
+                              timeout=float(settings.server.ephemeral.startup_timeout_seconds))
+    server.start()
+    print(f"prefect: temporary server on {server.api_url} (log {server.service.log})", flush=True)
+    return server
+
+
+def stop_temporary_prefect(server) -> None:
+    """Sends what Prefect's background workers still hold (the last log lines, events) to the
+    server, then stops it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    with server.settings():
+        for worker in (APILogWorker, EventsWorker):
+            worker.drain_all(timeout=10)
+    server.stop()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -192,5 +244,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The `selfalign` console script: `main`, then an exit that skips the interpreter's teardown
+    of torch, transformers and the rest (seconds; `tasks.procs.exit_now`)."""
+    from selfalign.tasks.procs import exit_now
+
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -190,3 +190,91 @@ def serve(home: Path, host: str = "127.0.0.1", prefect_port: int = 4200, mlflow_
         for s, h in old.items():
             signal.signal(s, h)
     return status
+
+
+class TemporaryPrefect:
+    """The temporary Prefect server of one `selfalign run` that has no Prefect API configured: the
+    same server Prefect starts by itself in that case (its API app under uvicorn on a free loopback
+    port, no UI), but started by the command line at its first step, so that its start (the server's
+    imports, and on a new home the database's migrations: 6-12 s on 2 cores) overlaps the command
+    line's own imports and dataset checks instead of following them.
+
+    `start` returns at once; `wait` blocks until the API answers (or raises with the server's log);
+    `settings` gives the Prefect settings that point this process's flows at it; `stop` ends it.
+    The server process dies with this one (Linux) should the command line be killed."""
+
+    def __init__(self, home: Path, timeout: float = 90.0):
+        self.home = home
+        self.timeout = timeout
+        self.port = 0
+        self.service: Service | None = None
+        self.ready = False
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def start(self) -> None:
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1",
+                   PREFECT__SERVER_FINAL="1")
+        env.pop("PREFECT_API_URL", None)
+        cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
+        self.service = Service("prefect", cmd, env, f"{self.api_url}/health", self.home / "temporary-server.log")
+        self.service.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.service.log, "wb") as f:  # this run's lines only
+            self.service.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+
+    def wait(self) -> None:
+        svc = self.service
+        deadline = time.time() + self.timeout
+        while not svc.healthy():
+            if not svc.alive():
+                raise RuntimeError(f"the temporary Prefect server exited during start-up (exit "
+                                   f"{svc.proc.returncode}); last lines of {svc.log}:\n{svc.log_tail()}")
+            if time.time() > deadline:
+                self.stop()
+                raise RuntimeError(f"the temporary Prefect server did not answer within {self.timeout:.0f} s "
+                                   f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); see {svc.log}")
+            time.sleep(0.1)
+        self.ready = True
+
+    def settings(self):
+        """A context in which this process's Prefect client uses the server (whatever Prefect read
+        from the environment when it was imported). Flow-run heartbeats are off: they let a
+        long-lived server mark a crashed run, while this one ends with the run; and each flow's end
+        waits up to a second for its heartbeat thread."""
+        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+        return temporary_settings({PREFECT_API_URL: self.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+    def stop(self) -> None:
+        """SIGTERM once it served (uvicorn then shuts down cleanly); SIGKILL while it is still
+        starting, when uvicorn would finish its start-up first (a bad dataset found by the command
+        line, say). A database migration cut short is rolled back: SQLite's DDL is transactional."""
+        proc = self.service.proc if self.service is not None else None
+        if proc is None or proc.poll() is not None:
+            return
+        if self.ready:
+            proc.terminate()
+            try:
+                proc.wait(10)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        proc.kill()
+        proc.wait(10)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux ends it with SIGTERM when the parent goes."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -438,6 +438,7 @@ def test_cli_catches_project_errors_raised_inside_a_command(monkeypatch, capsys)
     from selfalign.tasks import data
 
     monkeypatch.setattr(cli, "prepare_environment", lambda run_dir: None)
+    monkeypatch.setattr(cli, "start_temporary_prefect", lambda: None)  # no flow runs here
     monkeypatch.setattr(data, "load_data", lambda cfg: None)
     demo = str(Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml")
     for exc, says in [(DataError("x.jsonl: the file is empty"), "run: data error: x.jsonl: the file is empty"),

@@ -168,3 +168,78 @@ def test_server_layout_and_printed_urls_hide_passwords(tmp_path):
     assert mlflow.health == "http://127.0.0.1:5001/health"
     assert _safe("postgresql://me:secret@db:5432/mlflow") == "postgresql://me:***@db:5432/mlflow"
     assert _safe("sqlite:////x/mlflow.db") == "sqlite:////x/mlflow.db"
+
+
+# The temporary server of a `selfalign run` without a configured Prefect API (flows.server.TemporaryPrefect)
+
+def test_temporary_prefect_records_a_flow_run_and_stops(tmp_path, monkeypatch):
+    from prefect import flow
+    from prefect.settings import get_current_settings
+
+    from selfalign.flows.server import TemporaryPrefect
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    server = TemporaryPrefect(tmp_path / "prefect")
+    server.start()
+    try:
+        server.wait()
+
+        @flow(name="temporary-probe")
+        def probe(x: int) -> int:
+            return x + 1
+
+        with server.settings():
+            assert get_current_settings().api.url == server.api_url
+            assert get_current_settings().flows.heartbeat_frequency is None
+            assert probe(41) == 42
+        assert get_current_settings().api.url != server.api_url  # the context ended
+        req = urllib.request.Request(f"{server.api_url}/flow_runs/filter", data=b"{}",
+                                     headers={"Content-Type": "application/json"})
+        runs = json.loads(urllib.request.urlopen(req, timeout=10).read())
+        assert [r["state_type"] for r in runs] == ["COMPLETED"]
+        assert (tmp_path / "prefect" / "prefect.db").exists()  # its database is in the given home
+    finally:
+        server.stop()
+    assert server.service.proc.poll() is not None
+    assert not listening(server.port)
+
+
+def test_temporary_prefect_ends_with_the_process_that_started_it(tmp_path):
+    import psutil
+
+    code = ("import sys, time\nfrom pathlib import Path\nfrom selfalign.flows.server import TemporaryPrefect\n"
+            f"s = TemporaryPrefect(Path({str(tmp_path / 'prefect')!r}))\ns.start()\n"
+            "print(s.service.proc.pid, flush=True)\ntime.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    assert psutil.pid_exists(pid)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 20
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.time() < deadline, "the temporary server outlived the killed command line"
+        time.sleep(0.2)
+
+
+def test_run_with_a_bad_dataset_stops_its_temporary_server(tmp_path, monkeypatch, capsys):
+    import psutil
+
+    from selfalign.flows import cli
+
+    monkeypatch.setenv("SELFALIGN_HOME", str(tmp_path / "home"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "  "}\n')
+    assert cli.main(["run", str(ROOT / "deploy" / "presets" / "demo.yaml"), f"--data.prompts={bad}",
+                     f"--run.dir={tmp_path / 'run'}"]) == 2
+    assert "data error" in capsys.readouterr().err
+    left = [p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline())]
+    assert left == []
+
+
+def test_no_temporary_server_when_a_prefect_api_is_configured():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from selfalign.flows.cli import start_temporary_prefect
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        assert start_temporary_prefect() is None
