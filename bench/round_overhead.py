@@ -24,9 +24,12 @@ Last line: JSON with ours = the outside share in %, baseline = the 10% goal, rat
     .venv/bin/python bench/round_overhead.py
     .venv/bin/python bench/round_overhead.py --data.prompts_per_round=96    # more work per round
     .venv/bin/python bench/round_overhead.py --full     # the demo preset's own sizes (384 prompts x 8)
+    .venv/bin/python bench/round_overhead.py --prefect-server   # against a Prefect server already running
+                                                                # (a deployment's case), started before the clock
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -71,6 +74,29 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+@contextlib.contextmanager
+def running_prefect(home: Path, wanted: bool):
+    """A Prefect server started (and healthy) before the timed run, as a deployment has one; its
+    API URL, or None when not wanted."""
+    if not wanted:
+        yield None
+        return
+    from selfalign.flows.server import services
+
+    port = common.free_port()
+    prefect = services(home, "127.0.0.1", port, common.free_port())[0]
+    prefect.start()
+    try:
+        deadline = time.time() + 180
+        while not prefect.healthy():
+            if not prefect.alive() or time.time() > deadline:
+                raise SystemExit(f"the Prefect server did not start:\n{prefect.log_tail()}")
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        prefect.stop()
+
+
 def main() -> None:
     extra = sys.argv[1:]
     if any(a in ("-h", "--help") for a in extra):
@@ -80,14 +106,20 @@ def main() -> None:
     if "--full" in extra:  # the demo preset's own sizes, one round
         extra.remove("--full")
         small = ["--run.rounds=1"]
-    with tempfile.TemporaryDirectory() as tmp:
+    with_server = "--prefect-server" in extra
+    if with_server:
+        extra.remove("--prefect-server")
+    with tempfile.TemporaryDirectory() as tmp, running_prefect(Path(tmp) / "server", with_server) as api:
         tmp = Path(tmp)
         run = tmp / "run"
         env = dict(os.environ, SELFALIGN_HOME=str(tmp / "home"), HF_HUB_OFFLINE="1")
+        if api:
+            env["PREFECT_API_URL"] = api
         cmd = [sys.executable, "-m", "selfalign.flows.cli", "run", str(ROOT / "deploy" / "presets" / "demo.yaml"),
                *small, f"--run.dir={run}", *extra]
-        print(f"# round_overhead: {' '.join(['selfalign run deploy/presets/demo.yaml', *small, *extra])}; "
-              f"load average {common.load_average():.1f}", flush=True)
+        print(f"# round_overhead: {' '.join(['selfalign run deploy/presets/demo.yaml', *small, *extra])}"
+              f"{' against a running Prefect server' if api else ''}; load average {common.load_average():.1f}",
+              flush=True)
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         t1 = time.time()
@@ -114,7 +146,7 @@ def main() -> None:
     outside = total - staged
     flow_begin = _first(stamps, "Beginning flow run")
     flow_end = _last(stamps, "Finished in state")
-    phases = {"before the flow (imports, Prefect server)": flow_begin - t0,
+    phases = {"before the flow (imports, Prefect server start)": flow_begin - t0,
               "in the flow, outside the stages": (flow_end - flow_begin) - staged,
               "after the flow": t1 - flow_end}
     print(f"  CLI wall {total:7.1f} s   (round 0 {rounds.get(0, float('nan')):.1f} s, round 1 "
@@ -131,6 +163,7 @@ def main() -> None:
                 ratio_is="goal / ours (> 1: within the goal)", total_s=round(total, 1), outside_s=round(outside, 1),
                 stages_s={k: round(v, 1) for k, v in stages.items()},
                 phases_s={k: round(v, 1) for k, v in phases.items()}, overrides=small + extra,
+                prefect_server="running" if with_server else "temporary",
                 load_average=round(common.load_average(), 1))
 
 

@@ -108,17 +108,26 @@ def _run(cfg, server) -> dict | int:
 def start_temporary_prefect():
     """Without a Prefect API configured (PREFECT_API_URL, a profile, prefect.toml), starts the
     run's temporary Prefect server now, in the background (`flows.server.TemporaryPrefect`);
-    otherwise None, and the flows go to the configured server."""
-    from prefect.settings import get_current_settings
-
+    otherwise None, and the flows go to the configured server. Unless the environment names an
+    API, the server is started before Prefect's settings are read (importing Prefect takes a
+    second), and stopped again at once should they name one."""
     from selfalign.flows.server import TemporaryPrefect
 
-    settings = get_current_settings()
-    if settings.api.url:
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        server = TemporaryPrefect(Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect"),
+                                  timeout=float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90)))
+        server.start()
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        if server is not None:
+            server.stop()
         return None
-    server = TemporaryPrefect(Path(os.environ.get("PREFECT_HOME") or settings.home),
-                              timeout=float(settings.server.ephemeral.startup_timeout_seconds))
-    server.start()
+    if server is None:  # PREFECT_API_URL set but empty
+        server = TemporaryPrefect(get_current_settings().home,
+                                  timeout=float(get_current_settings().server.ephemeral.startup_timeout_seconds))
+        server.start()
     print(f"prefect: temporary server on {server.api_url} (log {server.service.log})", flush=True)
     return server
 

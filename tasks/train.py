@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from selfalign.tasks import artifacts, refcache
 
 
@@ -79,6 +77,8 @@ def launch_command(launcher: str, nproc: int, spec_path: Path, *, hostfile: str 
         return [sys.executable, "-m", "selfalign.tasks.train", "--nproc", str(nproc), "--master_port", port,
                 str(spec_path)]
     if launcher == "deepspeed":
+        import torch
+
         flag = "--num_gpus" if torch.cuda.is_available() else "--num_accelerators"
         return [sys.executable, "-m", "deepspeed.launcher.runner", flag, str(nproc), "--master_addr", "127.0.0.1",
                 "--master_port", port, "--module", "selfalign.tasks.train_worker", str(spec_path)]
@@ -99,6 +99,8 @@ def loopback_interface() -> str:
 def worker_env(single_node: bool = True) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfalign" / "torch_extensions"))
+    import torch  # here, not at the top: the local launcher (this module run as a script) needs none
+
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     if single_node:

@@ -241,5 +241,8 @@ def test_no_temporary_server_when_a_prefect_api_is_configured():
 
     from selfalign.flows.cli import start_temporary_prefect
 
-    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+    import psutil
+
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # as a profile would
         assert start_temporary_prefect() is None
+    assert [p for p in psutil.Process().children(recursive=True) if "uvicorn" in " ".join(p.cmdline())] == []
