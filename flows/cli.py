@@ -90,6 +90,10 @@ def _run(cfg, server) -> dict | int:
         print(f"model.policy {cfg.model.policy!r} cannot be loaded: {e}", file=sys.stderr)
         return 2
     if server is not None:
+        if not server.service.healthy():  # work the flow would do, done while the server starts
+            from selfalign.tasks.tracking import create_local_store, resolve_uri
+
+            create_local_store(resolve_uri(cfg.tracking.uri, cfg.run_dir))
         try:
             server.wait()
         except RuntimeError as e:

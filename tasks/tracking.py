@@ -233,6 +233,18 @@ def local_uri(run_dir: Path) -> str:
     return f"sqlite:///{(Path(run_dir) / 'mlflow.db').resolve()}"
 
 
+def create_local_store(uri: str) -> None:
+    """Creates the run's own SQLite store (MLflow's import and its schema migrations, 1-3 s) if it
+    is that and does not exist yet; the command line does it while its temporary Prefect server is
+    still starting, instead of in the flow."""
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.tracking import MlflowClient
+
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 def make_logger(uri: str, experiment: str, run_name: str, artifact_location: str | None = None) -> MlflowLogger | NullLogger:
     if uri == "none":
         return NullLogger()

@@ -249,3 +249,21 @@ def test_round_flow_logs_and_registers_each_rounds_model(tiny_model, tmp_path, m
         logged = mlflow.artifacts.download_artifacts(artifact_uri=f"{v.source}/model/model.safetensors",
                                                      dst_path=str(tmp_path / f"v{v.version}"))
         assert Path(logged).read_bytes() == (model / "model.safetensors").read_bytes()
+
+
+def test_create_local_store_makes_a_usable_store_once(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from selfalign.tasks.tracking import create_local_store, local_uri
+
+    uri = local_uri(tmp_path / "run")
+    create_local_store(uri)
+    db = tmp_path / "run" / "mlflow.db"
+    assert db.exists()
+    exp = MlflowClient(uri).create_experiment("e")
+    stamp = db.stat().st_mtime_ns
+    create_local_store(uri)  # an existing store is left alone
+    assert db.stat().st_mtime_ns == stamp and MlflowClient(uri).get_experiment(exp).name == "e"
+    for other in ("none", "http://127.0.0.1:9", f"file://{tmp_path / 'runs'}"):
+        create_local_store(other)  # nothing to create, nothing contacted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
