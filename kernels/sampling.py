@@ -1,0 +1,167 @@
+"""Top-p (nucleus) filtering of sampling logits without sorting the vocabulary.
+
+Rule (the one vLLM and HF transformers implement with a sort). For a row of logits z in R^V, already
+divided by the temperature, and probabilities q = softmax(z), a token v is kept iff the probability
+mass of the tokens ranked strictly above it is below p:
+
+    keep(v)  <=>  sum_{u : q_u > q_v} q_u < p.
+
+The left side is non-increasing in q_v, so the kept set is {v : q_v >= t} for a single threshold t:
+the smallest probability x with f(x) = sum_{u : q_u > x} q_u < p. Removed tokens get logit -inf.
+
+* Ties at the boundary are all kept: every token whose probability equals t's survives. A sort-based
+  version keeps an arbitrary subset of such a tie (the ones its sort happens to place first), so
+  on tied rows this one keeps a superset of theirs; on rows without such a tie the sets are equal.
+* At least one token is always kept (the most probable ones: f(max q) = 0). p <= 0 acts as the
+  smallest positive p: only the most probable token(s) survive.
+* Rows with p >= 1 are returned untouched (no softmax is computed for them). Tokens already at
+  -inf have probability 0 and stay at -inf. Rows without a finite softmax (every logit -inf, a
+  +inf or NaN logit) are returned untouched: there is no distribution to cut.
+* Probabilities and per-bucket sums are float32 (the precision of vLLM's float32 cumsum); bucket
+  totals are combined in float64.
+
+Algorithm. Probabilities are in [0, 1], and non-negative float32 numbers order like their int32 bit
+patterns (< 2^30 here). So t is found by a radix select over those bit patterns, 10 bits at a time,
+with histograms of probability mass instead of a sort:
+
+1. Fast path: ``topk`` of the ``fast_k`` largest probabilities per row (a partial selection, far
+   cheaper than a sort). Where their mass reaches p, t is among them (the cumulative mass strictly
+   above each one, in descending order, gives it directly). This is the usual case: a trained model
+   puts p = 0.9 of its mass on a few dozen tokens.
+2. Remaining rows: a mass histogram of bits >> 20 (1024 buckets, one ``scatter_add_`` pass over the
+   row) gives, per bucket, the mass strictly above it; the bucket holding t is the first whose mass
+   above is < p. Its members are gathered (``nonzero``) and split on bits 10..19, then on bits 0..9,
+   which pins t's bit pattern exactly. Each level touches only the members of the previous level's
+   bucket, so the cost is one pass over the row plus small work.
+
+Cost on one thread (float32): at (64, 32000) about 135 ms for vLLM's sort-based version, against a
+few ms here; the numbers for both shapes and distributions are in the README's benchmark section.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["top_p_filter", "top_p_threshold", "DEFAULT_FAST_K"]
+
+# Candidates of the fast path. A trained model's p = 0.9 nucleus is almost always within a few
+# hundred tokens; rows that are not fall through to the histogram search.
+DEFAULT_FAST_K = 256
+
+_LEVEL_BITS = 10
+_BUCKETS = 1 << _LEVEL_BITS
+_MASK = _BUCKETS - 1
+
+
+def _check(logits: torch.Tensor, top_p: torch.Tensor) -> None:
+    if logits.dim() != 2:
+        raise ValueError(f"top_p_filter: logits must be (batch, vocab), got shape {tuple(logits.shape)}")
+    if logits.dtype != torch.float32:
+        raise ValueError(f"top_p_filter: logits must be float32, got {logits.dtype}")
+    if top_p.shape != (logits.shape[0],):
+        raise ValueError(f"top_p_filter: top_p must have shape ({logits.shape[0]},) to match the logits' "
+                         f"rows, got {tuple(top_p.shape)}")
+    if top_p.is_floating_point() and torch.isnan(top_p).any():
+        row = int(torch.isnan(top_p).nonzero()[0])
+        raise ValueError(f"top_p_filter: top_p of row {row} is NaN")
+
+
+def _bucket_above(hist: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """Mass strictly above each bucket: base (mass above the whole range) + the buckets after it."""
+    hist = hist.double()
+    suffix = hist.flip(-1).cumsum(-1).flip(-1)  # mass of bucket j and every bucket after it
+    return suffix - hist + base.unsqueeze(1)
+
+
+def _threshold_fast(probs: torch.Tensor, p: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(found, threshold bits) from the k largest probabilities of each row."""
+    vals, _ = probs.topk(k, dim=-1, sorted=True)
+    cum = vals.double().cumsum(-1)
+    above = cum - vals.double()  # mass strictly before each candidate, in descending order
+    found = cum[:, -1] >= p
+    # The last candidate with mass above < p; ties in front of it have the same value.
+    last = (above < p.unsqueeze(1)).sum(-1).clamp(min=1) - 1
+    t = vals.gather(1, last.unsqueeze(1)).squeeze(1)
+    return found, t.view(torch.int32)
+
+
+def _threshold_radix(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Threshold bit patterns by a 3-level radix select over the bit patterns of `probs`."""
+    rows = probs.shape[0]
+    bits = probs.view(torch.int32)
+    pcol = p.unsqueeze(1)
+    # Level 1: bits 20..29, every element.
+    top = bits >> (2 * _LEVEL_BITS)
+    hist = torch.zeros(rows, _BUCKETS, dtype=torch.float32).scatter_add_(1, top, probs)
+    above = _bucket_above(hist, torch.zeros(rows, dtype=torch.float64))
+    b1 = (above >= pcol).sum(-1)  # first bucket whose mass above is < p; < 1024 as above[-1] = 0 < p
+    base = above.gather(1, b1.unsqueeze(1)).squeeze(1)
+    r, c = (top == b1.to(torch.int32).unsqueeze(1)).nonzero(as_tuple=True)
+    mbits, mvals = bits[r, c], probs[r, c]
+    t = b1.to(torch.int32) << (2 * _LEVEL_BITS)
+    # Levels 2 and 3: bits 10..19, then 0..9, of the members of the bucket found so far.
+    for shift in (_LEVEL_BITS, 0):
+        digit = (mbits >> shift) & _MASK
+        hist = torch.zeros(rows * _BUCKETS, dtype=torch.float32)
+        hist.index_add_(0, r * _BUCKETS + digit, mvals)
+        above = _bucket_above(hist.view(rows, _BUCKETS), base)
+        b = (above >= pcol).sum(-1).clamp(max=_MASK)
+        base = above.gather(1, b.unsqueeze(1)).squeeze(1)
+        t = t | (b.to(torch.int32) << shift)
+        if shift:
+            keep = digit == b.to(torch.int32)[r]
+            r, mbits, mvals = r[keep], mbits[keep], mvals[keep]
+    return t
+
+
+def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor, fast_k: int = DEFAULT_FAST_K) -> torch.Tensor:
+    """The smallest kept probability of each row, as float32 (the rule in the module docstring).
+
+    `probs`: (B, V) float32 probabilities, each row a distribution (non-negative, finite);
+    `top_p`: (B,) values in (0, 1] (smaller values act as the smallest positive p). `fast_k`: the
+    candidates of the topk fast path (0: histogram search for every row)."""
+    rows, vocab = probs.shape
+    probs = probs.contiguous()
+    p = top_p.to(device=probs.device, dtype=torch.float64).clamp(min=torch.finfo(torch.float64).tiny)
+    t = torch.empty(rows, dtype=torch.int32, device=probs.device)
+    todo = torch.ones(rows, dtype=torch.bool, device=probs.device)
+    k = min(fast_k, vocab)
+    if rows and k > 0:
+        found, tf = _threshold_fast(probs, p, k)
+        t = torch.where(found, tf, t)
+        todo = ~found
+    if bool(todo.all()):
+        t = _threshold_radix(probs, p)
+    elif bool(todo.any()):
+        idx = todo.nonzero().squeeze(1)
+        t[idx] = _threshold_radix(probs.index_select(0, idx), p.index_select(0, idx))
+    return t.view(torch.float32)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor, *, fast_k: int = DEFAULT_FAST_K,
+                 inplace: bool = False) -> torch.Tensor:
+    """Logits with the tokens outside each row's top-p nucleus set to -inf.
+
+    `logits`: (B, V) float32, already divided by the temperature; `top_p`: (B,) per-row p (a
+    tensor, any float dtype). Rows with p >= 1 are untouched; see the module docstring for the rule,
+    ties and edge cases. With `inplace` the logits tensor itself is modified and returned."""
+    _check(logits, top_p)
+    out = logits if inplace else logits.clone()
+    p = top_p.to(device=logits.device, dtype=torch.float64)
+    active = (p < 1).nonzero().squeeze(1)
+    if active.numel() == 0 or logits.shape[1] == 0:
+        return out
+    sub = logits.index_select(0, active) if active.numel() < logits.shape[0] else logits
+    probs = torch.softmax(sub, dim=-1)
+    ok = torch.isfinite(probs[:, 0])
+    if not bool(ok.all()):
+        keep_rows = ok.nonzero().squeeze(1)
+        active, sub, probs = active[keep_rows], sub[keep_rows], probs[keep_rows]
+        if active.numel() == 0:
+            return out
+    t = top_p_threshold(probs, p.index_select(0, active), fast_k)
+    cut = probs < t.unsqueeze(1)
+    if active.numel() == logits.shape[0]:
+        out.masked_fill_(cut, float("-inf"))
+    else:
+        out[active] = sub.masked_fill(cut, float("-inf"))
+    return out
