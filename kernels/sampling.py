@@ -45,11 +45,10 @@ __all__ = ["top_p_filter", "top_p_threshold", "DEFAULT_FAST_K"]
 
 # Candidates of the fast path. A trained model's p = 0.9 nucleus is almost always within a few
 # hundred tokens; rows that are not fall through to the histogram search.
-DEFAULT_FAST_K = 256
+DEFAULT_FAST_K = 64
 
-_LEVEL_BITS = 10
-_BUCKETS = 1 << _LEVEL_BITS
-_MASK = _BUCKETS - 1
+# Radix levels over the bit patterns of probabilities in [0, 1] (< 2^30): (shift, bits).
+_LEVELS = ((18, 12), (8, 10), (0, 8))
 
 
 def _check(logits: torch.Tensor, top_p: torch.Tensor) -> None:
@@ -85,31 +84,35 @@ def _threshold_fast(probs: torch.Tensor, p: torch.Tensor, k: int) -> tuple[torch
 
 
 def _threshold_radix(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Threshold bit patterns by a 3-level radix select over the bit patterns of `probs`."""
+    """Threshold bit patterns by a radix select over the bit patterns of `probs` (< 2^30): bits
+    18..29 (4065 buckets, 1/32 of an octave each), then 8..17, then 0..7. Level 1 touches every
+    element; later levels only the members of the bucket chosen so far."""
     rows = probs.shape[0]
     bits = probs.view(torch.int32)
     pcol = p.unsqueeze(1)
-    # Level 1: bits 20..29, every element.
-    top = bits >> (2 * _LEVEL_BITS)
-    hist = torch.zeros(rows, _BUCKETS, dtype=torch.float32).scatter_add_(1, top, probs)
-    above = _bucket_above(hist, torch.zeros(rows, dtype=torch.float64))
-    b1 = (above >= pcol).sum(-1)  # first bucket whose mass above is < p; < 1024 as above[-1] = 0 < p
-    base = above.gather(1, b1.unsqueeze(1)).squeeze(1)
-    r, c = (top == b1.to(torch.int32).unsqueeze(1)).nonzero(as_tuple=True)
-    mbits, mvals = bits[r, c], probs[r, c]
-    t = b1.to(torch.int32) << (2 * _LEVEL_BITS)
-    # Levels 2 and 3: bits 10..19, then 0..9, of the members of the bucket found so far.
-    for shift in (_LEVEL_BITS, 0):
-        digit = (mbits >> shift) & _MASK
-        hist = torch.zeros(rows * _BUCKETS, dtype=torch.float32)
-        hist.index_add_(0, r * _BUCKETS + digit, mvals)
-        above = _bucket_above(hist.view(rows, _BUCKETS), base)
-        b = (above >= pcol).sum(-1).clamp(max=_MASK)
+    base = torch.zeros(rows, dtype=torch.float64)
+    t = torch.zeros(rows, dtype=torch.int32)
+    r = c = None
+    for level, (shift, width) in enumerate(_LEVELS):
+        if level == 0:
+            digit = (bits >> shift).long()
+            hist = torch.zeros(rows, 1 << width, dtype=torch.float32).scatter_add_(1, digit, probs)
+        else:
+            digit = (rel >> shift) & ((1 << width) - 1)
+            hist = torch.zeros(rows << width, dtype=torch.float32)
+            hist.index_add_(0, (r << width) + digit, vals)
+            hist = hist.view(rows, 1 << width)
+        above = _bucket_above(hist, base)
+        # The first bucket whose mass above is < p (the last bucket's is `base` < p).
+        b = (above >= pcol).sum(-1).clamp(max=(1 << width) - 1)
         base = above.gather(1, b.unsqueeze(1)).squeeze(1)
         t = t | (b.to(torch.int32) << shift)
-        if shift:
+        if level == 0:
+            r, c = (digit == b.unsqueeze(1)).nonzero(as_tuple=True)
+            rel, vals = bits[r, c], probs[r, c]
+        elif shift:
             keep = digit == b.to(torch.int32)[r]
-            r, mbits, mvals = r[keep], mbits[keep], mvals[keep]
+            r, rel, vals = r[keep], rel[keep], vals[keep]
     return t
 
 
@@ -126,9 +129,15 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor, fast_k: int = DEFA
     todo = torch.ones(rows, dtype=torch.bool, device=probs.device)
     k = min(fast_k, vocab)
     if rows and k > 0:
-        found, tf = _threshold_fast(probs, p, k)
-        t = torch.where(found, tf, t)
-        todo = ~found
+        # k candidates hold at most k * max: rows where that is < p (flat ones) skip the topk.
+        hopeful = (probs.amax(-1).double() * k >= p).nonzero().squeeze(1)
+        if hopeful.numel() == rows:
+            found, t = _threshold_fast(probs, p, k)
+            todo = ~found
+        elif hopeful.numel():
+            found, tf = _threshold_fast(probs.index_select(0, hopeful), p.index_select(0, hopeful), k)
+            t[hopeful] = tf
+            todo[hopeful[found]] = False
     if bool(todo.all()):
         t = _threshold_radix(probs, p)
     elif bool(todo.any()):

@@ -15,7 +15,7 @@ import torch
 from selfalign.kernels.sampling import top_p_filter, top_p_threshold
 
 MARGIN = 1e-5
-FAST_KS = (256, 0, 3)
+FAST_KS = (64, 0, 3)
 
 
 def reference_keep(logits: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
