@@ -41,11 +41,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["top_p_filter", "top_p_threshold", "DEFAULT_FAST_K"]
+__all__ = ["top_p_filter", "top_p_threshold", "DEFAULT_FAST_K", "DEFAULT_CHUNK_ELEMENTS"]
 
 # Candidates of the fast path. A trained model's p = 0.9 nucleus is almost always within a few
 # hundred tokens; rows that are not fall through to the histogram search.
 DEFAULT_FAST_K = 64
+# Rows per block of work: V-element rows, at most this many elements (at least one row). Every step
+# makes a pass over the block; a block that stays in cache between passes, and whose temporaries are
+# small enough to be reused by the allocator instead of mapped fresh, is several times faster.
+DEFAULT_CHUNK_ELEMENTS = 1 << 18
 
 # Radix levels over the bit patterns of probabilities in [0, 1] (< 2^30): (shift, bits).
 _LEVELS = ((18, 12), (8, 10), (0, 8))
@@ -146,31 +150,41 @@ def top_p_threshold(probs: torch.Tensor, top_p: torch.Tensor, fast_k: int = DEFA
     return t.view(torch.float32)
 
 
+def _filter_rows(x: torch.Tensor, p: torch.Tensor, fast_k: int) -> None:
+    """Top-p of the rows of `x` in place (p < 1 in every row)."""
+    probs = torch.softmax(x, dim=-1)
+    bad = ~torch.isfinite(probs[:, 0])  # NaN in one element is NaN in all: no distribution
+    if bool(bad.any()):
+        probs[bad] = 0.0
+    t = top_p_threshold(probs, p, fast_k)
+    if bool(bad.any()):
+        t[bad] = 0.0  # keep everything
+    x.masked_fill_(probs < t.unsqueeze(1), float("-inf"))
+
+
 def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor, *, fast_k: int = DEFAULT_FAST_K,
-                 inplace: bool = False) -> torch.Tensor:
+                 inplace: bool = False, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
     """Logits with the tokens outside each row's top-p nucleus set to -inf.
 
     `logits`: (B, V) float32, already divided by the temperature; `top_p`: (B,) per-row p (a
     tensor, any float dtype). Rows with p >= 1 are untouched; see the module docstring for the rule,
-    ties and edge cases. With `inplace` the logits tensor itself is modified and returned."""
+    ties and edge cases. With `inplace` the logits tensor itself is modified and returned. Rows are
+    processed `chunk_elements // V` at a time (at least one)."""
     _check(logits, top_p)
     out = logits if inplace else logits.clone()
-    p = top_p.to(device=logits.device, dtype=torch.float64)
+    rows, vocab = out.shape
+    p = top_p.to(device=out.device, dtype=torch.float64)
     active = (p < 1).nonzero().squeeze(1)
-    if active.numel() == 0 or logits.shape[1] == 0:
+    if active.numel() == 0 or vocab == 0:
         return out
-    sub = logits.index_select(0, active) if active.numel() < logits.shape[0] else logits
-    probs = torch.softmax(sub, dim=-1)
-    ok = torch.isfinite(probs[:, 0])
-    if not bool(ok.all()):
-        keep_rows = ok.nonzero().squeeze(1)
-        active, sub, probs = active[keep_rows], sub[keep_rows], probs[keep_rows]
-        if active.numel() == 0:
-            return out
-    t = top_p_threshold(probs, p.index_select(0, active), fast_k)
-    cut = probs < t.unsqueeze(1)
-    if active.numel() == logits.shape[0]:
-        out.masked_fill_(cut, float("-inf"))
-    else:
-        out[active] = sub.masked_fill(cut, float("-inf"))
+    step = max(1, chunk_elements // vocab)
+    whole = active.numel() == rows and out.is_contiguous()
+    for first in range(0, active.numel(), step):
+        if whole:  # a view of `out`, filtered in place
+            _filter_rows(out[first:first + step], p[first:first + step], fast_k)
+        else:
+            idx = active[first:first + step]
+            x = out.index_select(0, idx)
+            _filter_rows(x, p.index_select(0, idx), fast_k)
+            out.index_copy_(0, idx, x)
     return out

@@ -6,7 +6,7 @@ mass strictly before it is < p. On rows without a tie at the boundary the kept s
 except for tokens whose mass before them is within MARGIN of p: the filter sums in float32, which
 may round such a knife-edge decision either way (as vLLM's float32 cumsum does). Those tokens are
 counted, so a test cannot pass by excusing every token. Each case runs on the topk fast path, on the
-histogram search alone (fast_k=0), and on a mix (fast_k small)."""
+histogram search alone (fast_k=0), and on a mix (fast_k small) one row per block."""
 from __future__ import annotations
 
 import pytest
@@ -15,7 +15,8 @@ import torch
 from selfalign.kernels.sampling import top_p_filter, top_p_threshold
 
 MARGIN = 1e-5
-FAST_KS = (64, 0, 3)
+PATHS = {"fast": {"fast_k": 64}, "radix": {"fast_k": 0}, "mixed-rowwise": {"fast_k": 3, "chunk_elements": 1}}
+paths = pytest.mark.parametrize("path", PATHS.values(), ids=PATHS.keys())
 
 
 def reference_keep(logits: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,13 +56,13 @@ def distributions(seed: int = 0) -> dict[str, torch.Tensor]:
     return {"random": random, "peaked": peaked, "near_uniform": near_uniform, "masked": masked}
 
 
-@pytest.mark.parametrize("fast_k", FAST_KS)
+@paths
 @pytest.mark.parametrize("name", ["random", "peaked", "near_uniform", "masked"])
-def test_kept_set_equals_the_sorting_reference(name, fast_k):
+def test_kept_set_equals_the_sorting_reference(name, path):
     logits = distributions()[name]
     x, p = rows_with_several_p(logits, [1e-4, 0.1, 0.3, 0.5, 0.7, 0.9, 0.95, 0.99, 0.999])
     before = x.clone()
-    out = top_p_filter(x, p, fast_k=fast_k)
+    out = top_p_filter(x, p, **path)
     assert torch.equal(x, before)  # not in place unless asked
     ref, dist = reference_keep(x, p)
     got = kept(out)
@@ -75,21 +76,21 @@ def test_kept_set_equals_the_sorting_reference(name, fast_k):
     assert (got.sum(-1) >= 1).all()
 
 
-@pytest.mark.parametrize("fast_k", FAST_KS)
-def test_threshold_is_the_smallest_kept_probability(fast_k):
+@paths
+def test_threshold_is_the_smallest_kept_probability(path):
     logits = torch.cat(list(distributions(1).values()))
     x, p = rows_with_several_p(logits, [0.2, 0.6, 0.9])
     probs = torch.softmax(x, -1)
     ref, dist = reference_keep(x, p)
-    t = top_p_threshold(probs, p, fast_k=fast_k)
+    t = top_p_threshold(probs, p, fast_k=path["fast_k"])
     smallest = torch.where(ref, probs, torch.tensor(float("inf"))).min(-1).values
     clear = (dist > MARGIN).all(-1)  # rows with no knife-edge token
     assert clear.float().mean() > 0.5
     assert torch.equal(t[clear], smallest[clear])
 
 
-@pytest.mark.parametrize("fast_k", FAST_KS)
-def test_a_tie_at_the_boundary_is_kept_whole(fast_k):
+@paths
+def test_a_tie_at_the_boundary_is_kept_whole(path):
     """Probabilities 0.4 (one token), then 5 tokens tied at 0.1, then a tail. With p = 0.55 the
     tokens after the first need 0.15 more: a sort keeps two of the tie (which two is arbitrary),
     this filter keeps all five."""
@@ -98,7 +99,7 @@ def test_a_tie_at_the_boundary_is_kept_whole(fast_k):
     logits = probs.log().unsqueeze(0)
     logits = logits[:, torch.randperm(logits.shape[1], generator=torch.Generator().manual_seed(3))]
     p = torch.tensor([0.55])
-    out = top_p_filter(logits, p, fast_k=fast_k)
+    out = top_p_filter(logits, p, **path)
     q = torch.softmax(logits, -1)
     tied = (q - 0.1).abs() < 1e-6
     assert tied.sum() == 5
@@ -108,38 +109,38 @@ def test_a_tie_at_the_boundary_is_kept_whole(fast_k):
     # ties at the top: p tiny keeps every token tied for the largest probability
     flat = torch.zeros(1, 50)
     flat[0, [7, 21, 33]] = 2.0
-    out = top_p_filter(flat, torch.tensor([1e-9]), fast_k=fast_k)
+    out = top_p_filter(flat, torch.tensor([1e-9]), **path)
     assert kept(out).nonzero()[:, 1].tolist() == [7, 21, 33]
 
 
-@pytest.mark.parametrize("fast_k", FAST_KS)
-def test_p_one_rows_are_untouched_and_tiny_p_keeps_the_argmax(fast_k):
+@paths
+def test_p_one_rows_are_untouched_and_tiny_p_keeps_the_argmax(path):
     logits = torch.cat(list(distributions(2).values()))
     logits[3, 5] = float("nan")  # no distribution: returned as is, whatever its p
     n = logits.shape[0]
     p = torch.tensor([1.0, 1.5, 1e-12, 0.0, -0.5] * n)[:n]
-    out = top_p_filter(logits, p, fast_k=fast_k)
+    out = top_p_filter(logits, p, **path)
     untouched = (p >= 1) | (torch.arange(n) == 3)
     assert torch.equal(out[untouched].nan_to_num(), logits[untouched].nan_to_num())
     for row in (~untouched).nonzero().squeeze(1).tolist():
         assert kept(out[row]).nonzero().squeeze(1).tolist() == [int(logits[row].argmax())]
     # every row at p = 1: the very same values, no work done
-    same = top_p_filter(logits, torch.ones(n), fast_k=fast_k)
+    same = top_p_filter(logits, torch.ones(n), **path)
     assert torch.equal(same.nan_to_num(), logits.nan_to_num())
 
 
-@pytest.mark.parametrize("fast_k", FAST_KS)
-def test_a_row_is_filtered_the_same_alone_or_in_any_batch(fast_k):
+@paths
+def test_a_row_is_filtered_the_same_alone_or_in_any_batch(path):
     """Rows do not interact: a request's tokens do not depend on what else is in vLLM's batch
     (shards are drawn the same by one engine or several)."""
     logits = torch.cat(list(distributions(4).values()))
     p = torch.linspace(0.05, 0.99, logits.shape[0])
     p[::4] = 1.0
-    whole = top_p_filter(logits, p, fast_k=fast_k)
+    whole = top_p_filter(logits, p, **path)
     perm = torch.randperm(logits.shape[0], generator=torch.Generator().manual_seed(5))
-    assert torch.equal(top_p_filter(logits[perm], p[perm], fast_k=fast_k), whole[perm])
+    assert torch.equal(top_p_filter(logits[perm], p[perm], **path), whole[perm])
     for row in (0, 7, 13):
-        assert torch.equal(top_p_filter(logits[row:row + 1], p[row:row + 1], fast_k=fast_k), whole[row:row + 1])
+        assert torch.equal(top_p_filter(logits[row:row + 1], p[row:row + 1], **path), whole[row:row + 1])
 
 
 def test_edge_shapes_and_in_place():
