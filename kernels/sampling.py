@@ -92,35 +92,37 @@ def _threshold_fast(probs: torch.Tensor, p: torch.Tensor, k: int) -> tuple[torch
 
 
 def _threshold_radix(probs: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Threshold bit patterns by a radix select over the bit patterns of `probs` (< 2^30): bits
-    18..29 (4065 buckets, 1/32 of an octave each), then 8..17, then 0..7. Level 1 touches every
-    element; later levels only the members of the bucket chosen so far."""
+    """Threshold bit patterns by a radix select over the bit patterns of `probs` (contiguous,
+    each < 2^30): bits 18..29 (4065 buckets, 1/32 of an octave each), then 8..17, then 0..7.
+    Level 1 touches every element; later levels only the members of the bucket chosen so far."""
     rows, vocab = probs.shape
     bits = probs.view(torch.int32)
     pcol = p.unsqueeze(1)
-    base = torch.zeros(rows, dtype=torch.float64)
-    t = torch.zeros(rows, dtype=torch.int32)
-    for level, (shift, width) in enumerate(_LEVELS):
-        if level == 0:
-            digit = (bits >> shift).long()
-            hist = torch.zeros(rows, 1 << width, dtype=torch.float32).scatter_add_(1, digit, probs)
-        else:
-            digit = (rel >> shift) & ((1 << width) - 1)
-            hist = torch.zeros(rows << width, dtype=torch.float32)
-            hist.index_add_(0, (r << width) + digit, vals)
-            hist = hist.view(rows, 1 << width)
+
+    def choose(hist: torch.Tensor, base: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first bucket whose mass above is < p (the last bucket's is `base` < p), and that mass."""
         above = _bucket_above(hist, base)
-        # The first bucket whose mass above is < p (the last bucket's is `base` < p).
         b = (above >= pcol).sum(-1).clamp(max=(1 << width) - 1)
-        base = above.gather(1, b.unsqueeze(1)).squeeze(1)
+        return b, above.gather(1, b.unsqueeze(1)).squeeze(1)
+
+    (shift, width), *finer = _LEVELS
+    digit = (bits >> shift).long()
+    hist = torch.zeros(rows, 1 << width, dtype=torch.float32, device=probs.device).scatter_add_(1, digit, probs)
+    b, base = choose(hist, torch.zeros(rows, dtype=torch.float64, device=probs.device), width)
+    t = b.to(torch.int32) << shift
+    # The chosen bucket's members, flat: their row, bit pattern and probability.
+    flat = (digit == b.unsqueeze(1)).view(-1).nonzero().squeeze(1)
+    r = flat.div(vocab, rounding_mode="floor")
+    mbits, mvals = bits.view(-1).index_select(0, flat), probs.view(-1).index_select(0, flat)
+    for shift, width in finer:
+        digit = (mbits >> shift) & ((1 << width) - 1)
+        hist = torch.zeros(rows << width, dtype=torch.float32, device=probs.device)
+        hist.index_add_(0, (r << width) + digit, mvals)
+        b, base = choose(hist.view(rows, 1 << width), base, width)
         t = t | (b.to(torch.int32) << shift)
-        if level == 0:
-            flat = (digit == b.unsqueeze(1)).view(-1).nonzero().squeeze(1)
-            r = flat.div(vocab, rounding_mode="floor")
-            rel, vals = bits.view(-1).index_select(0, flat), probs.view(-1).index_select(0, flat)
-        elif shift:
+        if shift:
             keep = digit == b.to(torch.int32)[r]
-            r, rel, vals = r[keep], rel[keep], vals[keep]
+            r, mbits, mvals = r[keep], mbits[keep], mvals[keep]
     return t
 
 
