@@ -13,6 +13,14 @@ process with a vLLM engine of its own (on GPUs: its own `tensor_parallel_size` d
 concurrently (`map_workers`: Prefect task mapping in the pipeline, threads otherwise). Since a shard's
 samples depend on its prompts and seed only, the joined table is the same for any N.
 
+Top-p on CPU. vLLM's CPU sampler applies top-p by sorting the whole vocabulary for every token,
+most of the worker's time at a 32k vocabulary. There the worker passes top_p=1 to vLLM and the real
+p to `TopPLogitsProcessor` (extra_args[TOP_P_KEY]), which applies the same rule with
+`selfalign.kernels.sampling.top_p_filter` (no sort) at the same point of vLLM's sampler: after the
+temperature, before vLLM's own top-k/top-p. It draws no random numbers, so per-request seeds give
+the same samples as vLLM's own top-p (up to float32 rounding at the nucleus boundary, and ties at the
+boundary, which it keeps whole). On GPUs vLLM's own top-p (a fused kernel) is used.
+
 Run as a module (`python -m selfalign.tasks.generate <job.json>`) it is the vLLM worker."""
 from __future__ import annotations
 
@@ -298,11 +306,81 @@ def _generation_eos(model: str) -> set[int]:
     return set(ids) if isinstance(ids, list) else ({ids} if ids is not None else set())
 
 
+TOP_P_KEY = "selfalign_top_p"  # SamplingParams.extra_args key of TopPLogitsProcessor's p
+TOP_P_PROCESSOR = "selfalign.tasks.generate:TopPLogitsProcessor"  # as vLLM loads it
+
+
+def _top_p_processor_class():
+    """Defines `TopPLogitsProcessor` (it derives from a vLLM class, and this module is imported
+    without vLLM by the parent process: the class exists once the worker asks for it)."""
+    import torch
+    from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+    from selfalign.kernels.sampling import top_p_filter
+
+    def request_p(params) -> float:
+        p = (params.extra_args or {}).get(TOP_P_KEY)
+        return 1.0 if p is None else float(p)
+
+    class TopPLogitsProcessor(LogitsProcessor):
+        """Top-p of each request that carries extra_args[TOP_P_KEY] = p (others: none), applied to
+        the temperature-scaled logits of the batch without a sort (`top_p_filter`). It keeps the
+        persistent batch's row -> p table up to date from vLLM's batch updates."""
+
+        def __init__(self, vllm_config, device, is_pin_memory: bool):
+            self.p = torch.ones(vllm_config.scheduler_config.max_num_seqs, dtype=torch.float64)
+            self.any = False  # some row of the current batch has p < 1
+
+        @classmethod
+        def validate_params(cls, params) -> None:
+            p = (params.extra_args or {}).get(TOP_P_KEY)
+            if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
+                raise ValueError(f"SamplingParams.extra_args[{TOP_P_KEY!r}] must be a number in (0, 1], got {p!r}")
+
+        def is_argmax_invariant(self) -> bool:
+            return True  # the most probable token always survives; vLLM then applies it after temperature
+
+        def update_state(self, batch_update: BatchUpdate | None) -> None:
+            if batch_update is None:
+                return
+            # vLLM's order: removed, then added (which may reuse a removed row), then moved.
+            for row in batch_update.removed:
+                self.p[row] = 1.0
+            for row, params, _, _ in batch_update.added:
+                self.p[row] = request_p(params)
+            for src, dst, kind in batch_update.moved:
+                if kind == MoveDirectionality.SWAP:
+                    self.p[src], self.p[dst] = self.p[dst].item(), self.p[src].item()
+                else:  # src's request now lives in dst; src is empty
+                    self.p[dst] = self.p[src].item()
+                    self.p[src] = 1.0
+            self.any = bool((self.p[:batch_update.batch_size] < 1).any())
+
+        def apply(self, logits):
+            if not self.any:
+                return logits
+            return top_p_filter(logits, self.p[:logits.shape[0]], inplace=True)
+
+    TopPLogitsProcessor.__qualname__ = "TopPLogitsProcessor"  # importable (and picklable) by that name
+    return TopPLogitsProcessor
+
+
+def __getattr__(name: str):
+    if name == "TopPLogitsProcessor":
+        cls = _top_p_processor_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _worker(job: dict[str, Any]) -> None:
     import torch
     from vllm import LLM, SamplingParams
 
     on_gpu = torch.cuda.is_available()
+    # vLLM's own top-p on GPUs (fused kernel) or when the job asks for it (`native_top_p`, to
+    # compare); ours on CPU, where vLLM's sorts the vocabulary (module docstring).
+    own_top_p = not on_gpu and not job.get("native_top_p", False)
     kwargs = dict(
         model=job["model"], dtype=job["dtype"], enforce_eager=job["enforce_eager"], seed=job["seed"],
         trust_remote_code=job["trust_remote_code"], tensor_parallel_size=job["tensor_parallel_size"],
@@ -318,6 +396,8 @@ def _worker(job: dict[str, Any]) -> None:
         # split across steps vLLM rewinds that generator's offset, which CPU generators do not
         # support ("CPU Generator does not use offset"). Whole prefills avoid the rewind.
         kwargs["enable_chunked_prefill"] = False
+    if own_top_p:
+        kwargs["logits_processors"] = [TOP_P_PROCESSOR]
     llm = LLM(**kwargs)
     tok = llm.get_tokenizer()
     eos = {tok.eos_token_id} | _generation_eos(job["model"])
@@ -329,6 +409,8 @@ def _worker(job: dict[str, Any]) -> None:
         prompts = job["prompts"][first:first + run.get("count", len(job["prompts"]))]
         requests = [{"prompt_token_ids": p["ids"]} for p in prompts]
         sampling = dict(n=run["n"], temperature=run["temperature"], top_p=run["top_p"], max_tokens=run["max_tokens"])
+        if own_top_p and run["top_p"] < 1:
+            sampling.update(top_p=1.0, extra_args={TOP_P_KEY: run["top_p"]})
         if run.get("seed") is None:  # draws from the engine's generator, seeded at start
             params = SamplingParams(**sampling)
         else:
