@@ -41,3 +41,9 @@ def test_generate_vs_hf_quick():
 def test_round_overhead():
     out = run_bench("round_overhead.py", timeout=1500)
     assert out["total_s"] > out["outside_s"] and set(out["stages_s"]) >= {"score r1", "train r1"}
+
+
+@pytest.mark.slow
+def test_topp_sampling_quick():
+    out = run_bench("topp_sampling.py", "--quick")
+    assert out["top_p"] == 0.9
