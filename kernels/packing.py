@@ -19,6 +19,10 @@ Attention, three ways (the caller picks by the model's attention implementation)
   memory O(T). Plugged into Hugging Face models as an attention function (the signature of
   transformers' ``AttentionInterface``), the packing passed as the ``packed=`` keyword. Rows whose
   sequences come sorted by length (``pack_rows``) make long runs, so few calls per layer.
+* ``flash_varlen_attention``: the whole row in one kernel call, torch's own varlen flash attention
+  (``torch.nn.attention.varlen.varlen_attn``: CUDA, fp16/bf16, no dropout) given the row's
+  ``cu_seqlens``. On a GPU the per-run SDPA calls above cost ~45 us of CPU each, so small models
+  wait on kernel launches; this makes it one call per layer.
 * flash-attention varlen kernels (``cu_seqlens``; Hugging Face's flash_attention_2/3 take
   ``cu_seq_lens_q/k`` and ``max_length_q/k``), where installed.
 * ``block_causal_mask``: the explicit (1, 1, T, T) mask; O(T^2) work and memory. The reference the
@@ -35,7 +39,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Packed", "pack", "pack_rows", "packed_sequence_logps", "varlen_attention", "block_causal_mask"]
+__all__ = ["Packed", "pack", "pack_rows", "packed_sequence_logps", "varlen_attention", "flash_varlen_attention",
+           "torch_varlen_available", "block_causal_mask"]
 
 Seq = tuple[Sequence[int], Sequence[int]]  # (prompt ids, response ids)
 
@@ -158,6 +163,59 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
         outs.append(o.transpose(1, 2).reshape(count * length, hq, -1))
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out.unsqueeze(0), None
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def torch_varlen_available(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether `flash_varlen_attention` can run here: torch has varlen_attn, a CUDA device, fp16/bf16."""
+    return (_torch_varlen() is not None and torch.device(device).type == "cuda"
+            and dtype in (torch.float16, torch.bfloat16))
+
+
+def flash_varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                           scaling: float | None = None, dropout: float = 0.0, packed: Packed | None = None,
+                           **kwargs):
+    """Causal attention inside each packed sequence in one call of torch's varlen flash attention
+    (see the module docstring); the same arguments and result as `varlen_attention`. Adapts to the
+    signature of the installed torch: causal as ``is_causal=True`` or as ``window_size=(-1, 0)``;
+    grouped-query attention through ``enable_gqa`` or by repeating the key/value heads."""
+    import inspect
+
+    varlen_attn = _torch_varlen()
+    if varlen_attn is None:
+        raise RuntimeError("flash_varlen_attention: this torch has no torch.nn.attention.varlen")
+    if packed is None:
+        raise ValueError("flash_varlen_attention needs packed=<Packed>: the sequence boundaries")
+    if attention_mask is not None:
+        raise ValueError("flash_varlen_attention: pass no attention mask with a packed row")
+    if query.shape[0] != 1:
+        raise ValueError(f"flash_varlen_attention: a packed row has batch size 1, got {query.shape[0]}")
+    if dropout and (module is None or module.training):
+        raise ValueError("flash_varlen_attention: torch's varlen attention has no dropout")
+    params = inspect.signature(varlen_attn).parameters
+    hq, hk = query.shape[1], key.shape[1]
+    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (T, H, D)
+    kw: dict = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if hq != hk:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(hq // hk, dim=1) for x in (k, v))
+    if scaling is not None:
+        if "scale" in params:
+            kw["scale"] = scaling
+        elif abs(scaling - query.shape[-1] ** -0.5) > 1e-12:
+            raise ValueError("flash_varlen_attention: this torch's varlen_attn takes no scale")
+    cu = packed.cu_seqlens.to(device=q.device, dtype=torch.int32)
+    out = varlen_attn(q, k, v, cu, cu, packed.max_len, packed.max_len, **kw)
+    return out.unsqueeze(0), None  # (1, T, Hq, D)
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, device=None) -> torch.Tensor:

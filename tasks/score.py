@@ -25,7 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from selfalign.kernels.logps import linear_token_logps, sequence_logps, token_logps
-from selfalign.kernels.packing import Packed, pack, pack_rows, packed_sequence_logps, varlen_attention
+from selfalign.kernels.packing import (Packed, flash_varlen_attention, pack, pack_rows, packed_sequence_logps,
+                                       torch_varlen_available, varlen_attention)
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
 
@@ -136,12 +137,15 @@ def forward_logps(model, ids, attn, labels, fused: bool | None = None) -> tuple[
 
 
 # Attention over a packed row (kernels/packing.py), by the model's attention implementation:
+#   flash_varlen  sdpa/eager models on a CUDA device in fp16/bf16, where torch has varlen_attn: the
+#           whole row in one flash-attention call per layer (registered as below);
 #   varlen  sdpa/eager models: our per-sequence causal SDPA, registered with transformers'
 #           AttentionInterface and switched on for the packed forward only (work ~ sum of l^2);
 #   flash   flash_attention_2/3 models: their own varlen kernels, given the cu_seqlens;
 #   mask    otherwise: transformers builds the block-diagonal causal mask from the restarting
 #           position ids (no attention mask passed; O(T^2) per row).
 _VARLEN = "selfalign_varlen"
+_ATTENTION = {"varlen": (_VARLEN, varlen_attention), "flash_varlen": ("selfalign_flash_varlen", flash_varlen_attention)}
 _packing_path: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -151,16 +155,17 @@ def packed_attention(model, packed: Packed, path: str):
     if path == "flash":
         yield packed.flash_kwargs()
         return
-    if path != "varlen":
+    if path not in _ATTENTION:
         yield {}
         return
     from transformers import AttentionInterface
 
-    if _VARLEN not in AttentionInterface._global_mapping:
-        AttentionInterface.register(_VARLEN, varlen_attention)
+    name, fn = _ATTENTION[path]
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, fn)
     cfg = model.config
     impl = cfg._attn_implementation
-    cfg._attn_implementation = _VARLEN  # no mask is built for it: the packing is the mask
+    cfg._attn_implementation = name  # no mask is built for it: the packing is the mask
     try:
         yield {"packed": packed}
     finally:
@@ -199,6 +204,10 @@ def packing_path(model) -> str:
     impl = model.config._attn_implementation or "eager"
     first = "flash" if impl.startswith("flash_attention") else "varlen" if impl in ("sdpa", "eager") else "mask"
     device = next(model.parameters()).device
+    candidates = (first, "mask")
+    if (first == "varlen" and torch_varlen_available(device, next(model.parameters()).dtype)
+            and not getattr(model.config, "attention_dropout", 0.0)):  # it has no dropout
+        candidates = ("flash_varlen", "varlen", "mask")
     vocab = model.get_input_embeddings().weight.shape[0]
     seqs = [([(7 * i + 3) % vocab for i in range(3)], [(5 * i + 1) % vocab for i in range(4)]),
             ([(11 * i + 2) % vocab for i in range(2)], [(3 * i + 4) % vocab for i in range(7)])]
@@ -211,7 +220,7 @@ def packing_path(model) -> str:
     want = torch.cat(want).float()
     tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
     chosen, why = "", []
-    for path in dict.fromkeys((first, "mask")):
+    for path in dict.fromkeys(candidates):
         try:
             with packed_attention(model, packed, path) as kw:
                 got = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,

@@ -41,3 +41,38 @@ def test_cuda_scores_match_cpu(tiny_model):
     gpu = logps_of(load_model(tiny_model, device="cuda"), seqs, tok.pad_token_id)
     assert torch.cuda.is_available()
     assert gpu == pytest.approx(cpu, rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_flash_varlen_attention_equals_per_sequence_sdpa_on_cuda(heads):
+    """torch's varlen flash attention through our wrapper equals the per-sequence SDPA path (bf16
+    values and gradients)."""
+    import torch
+
+    from selfalign.kernels.packing import flash_varlen_attention, pack, varlen_attention
+
+    if not hasattr(torch.nn.attention, "varlen"):
+        pytest.importorskip("torch.nn.attention.varlen")
+    hq, hk = heads
+    g = torch.Generator().manual_seed(0)
+    seqs = [(list(range(p)), list(range(r))) for p, r in [(3, 40), (17, 16), (5, 100), (9, 2), (33, 31), (1, 64)]]
+    p = pack(seqs, "cuda")
+    T, d = p.input_ids.shape[1], 64
+    q, k, v = (torch.randn(1, h, T, d, generator=g).to("cuda", torch.bfloat16).requires_grad_() for h in (hq, hk, hk))
+    out, _ = flash_varlen_attention(None, q, k, v, None, scaling=d ** -0.5, packed=p)
+    want, _ = varlen_attention(None, q, k, v, None, scaling=d ** -0.5, packed=p)
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
+    up = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(want, (q, k, v), up)):
+        torch.testing.assert_close(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_bf16_cuda_model_packs_through_torch_varlen(tiny_model):
+    import torch
+
+    from selfalign.tasks.score import load_model, packing_path
+
+    if not hasattr(torch.nn.attention, "varlen"):
+        pytest.importorskip("torch.nn.attention.varlen")
+    assert packing_path(load_model(tiny_model, "bfloat16", device="cuda")) == "flash_varlen"
+    assert packing_path(load_model(tiny_model, "float32", device="cuda")) == "varlen"

@@ -76,6 +76,64 @@ def test_varlen_attention_equals_the_block_diagonal_mask_values_and_gradients(he
         torch.testing.assert_close(a, b)
 
 
+def _reference_varlen(signature: str):
+    """A stand-in for torch.nn.attention.varlen.varlen_attn (CUDA-only) with the semantics its
+    docstring gives, in either of its signatures: causal as `is_causal` or as `window_size`."""
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, gqa):
+        assert q.dim() == 3 and cu_q.dtype == torch.int32 and torch.equal(cu_q, cu_k) and max_q == max_k
+        if k.shape[1] != q.shape[1]:
+            assert gqa, "fewer key/value heads without enable_gqa"
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
+        outs = []
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale).transpose(0, 1))
+        return torch.cat(outs)
+
+    if signature == "is_causal":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, None, is_causal, False)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, tuple(window_size) == (-1, 0),
+                          enable_gqa)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("signature", ["is_causal", "window_size"])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_flash_varlen_attention_passes_the_packing_to_torch_varlen(monkeypatch, signature, heads):
+    """The plumbing around torch's varlen kernel (layout, cu_seqlens, causality, GQA, scale) against
+    the block-diagonal mask, with a stand-in kernel on CPU; tests/test_gpu.py runs the real one."""
+    from selfalign.kernels import packing
+
+    monkeypatch.setattr(packing, "_torch_varlen", lambda: _reference_varlen(signature))
+    hq, hk = heads
+    p = pack(_seqs(SHAPES, 50))
+    T, d = p.input_ids.shape[1], 8
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, h, T, d, generator=g, dtype=torch.float64, requires_grad=True) for h in (hq, hk, hk))
+    scale = d ** -0.5 if signature == "is_causal" else 0.3  # the older signature takes no scale
+    out, _ = packing.flash_varlen_attention(None, q, k, v, None, scaling=scale, packed=p)
+    want, _ = varlen_attention(None, q, k, v, None, scaling=scale, packed=p)
+    assert out.shape == want.shape == (1, T, hq, d)
+    torch.testing.assert_close(out, want)
+    up = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(want, (q, k, v), up)):
+        torch.testing.assert_close(a, b)
+    if signature == "is_causal":
+        with pytest.raises(ValueError, match="takes no scale"):
+            packing.flash_varlen_attention(None, q, k, v, None, scaling=0.3, packed=p)
+
+
+def test_flash_varlen_path_only_on_cuda_in_half_precision():
+    from selfalign.kernels.packing import torch_varlen_available
+
+    assert not torch_varlen_available("cpu", torch.bfloat16)
+    assert not torch_varlen_available("cuda", torch.float32)  # flash attention has no float32
+
+
 # ---------------------------------------------------------------- Hugging Face models, end to end
 
 def _llama(vocab=61, kv_heads=2, attn="sdpa", seed=0):
