@@ -26,6 +26,8 @@ Last line: JSON with ours = the outside share in %, baseline = the 10% goal, rat
     .venv/bin/python bench/round_overhead.py --full     # the demo preset's own sizes (384 prompts x 8)
     .venv/bin/python bench/round_overhead.py --prefect-server   # against a Prefect server already running
                                                                 # (a deployment's case), started before the clock
+    .venv/bin/python bench/round_overhead.py --existing-home    # a home whose Prefect database exists (a
+                                                                # user's later runs); made before the clock
 """
 from __future__ import annotations
 
@@ -109,16 +111,27 @@ def main() -> None:
     with_server = "--prefect-server" in extra
     if with_server:
         extra.remove("--prefect-server")
+    existing_home = "--existing-home" in extra
+    if existing_home:
+        extra.remove("--existing-home")
     with tempfile.TemporaryDirectory() as tmp, running_prefect(Path(tmp) / "server", with_server) as api:
         tmp = Path(tmp)
         run = tmp / "run"
         env = dict(os.environ, SELFALIGN_HOME=str(tmp / "home"), HF_HUB_OFFLINE="1")
         if api:
             env["PREFECT_API_URL"] = api
+        if existing_home:  # the database a first run would have created, made by the same server
+            from selfalign.flows.server import TemporaryPrefect
+
+            first = TemporaryPrefect(tmp / "home" / "prefect")
+            first.start()
+            first.wait()
+            first.stop()
         cmd = [sys.executable, "-m", "selfalign.flows.cli", "run", str(ROOT / "deploy" / "presets" / "demo.yaml"),
                *small, f"--run.dir={run}", *extra]
         print(f"# round_overhead: {' '.join(['selfalign run deploy/presets/demo.yaml', *small, *extra])}"
-              f"{' against a running Prefect server' if api else ''}; load average {common.load_average():.1f}",
+              f"{' against a running Prefect server' if api else ''}{' in an existing home' if existing_home else ''}"
+              f"; load average {common.load_average():.1f}",
               flush=True)
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
@@ -163,7 +176,7 @@ def main() -> None:
                 ratio_is="goal / ours (> 1: within the goal)", total_s=round(total, 1), outside_s=round(outside, 1),
                 stages_s={k: round(v, 1) for k, v in stages.items()},
                 phases_s={k: round(v, 1) for k, v in phases.items()}, overrides=small + extra,
-                prefect_server="running" if with_server else "temporary",
+                prefect_server="running" if with_server else "temporary", existing_home=existing_home,
                 load_average=round(common.load_average(), 1))
 
 
