@@ -16,6 +16,8 @@ them and joins their parts; with no Prefect server the flow's temporary one reco
 """
 from __future__ import annotations
 
+import concurrent.futures
+
 import hashlib
 import json
 import math
@@ -296,24 +298,26 @@ def run_flow(config: dict) -> dict:
     log = _log()
     check_options(cfg.tracking.log_model)
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    # With the default local store, artifacts live beside it in the run directory.
-    local = tracking_uri(cfg) == local_uri(cfg.run_dir)
-    artifacts_at = (cfg.run_dir / "mlartifacts").resolve().as_uri() if local else None
-    tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name, artifacts_at)
-    tracker.log_params(cfg.flat())
-    parent = getattr(tracker, "run_id", "")
+    # The run's MLflow run is opened in a thread (MLflow's import, the store, the run and its params:
+    # 2-3 s) while round 0's evaluation runs: that is a vLLM process, and this one only waits on it.
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="selfalign-mlflow")
+    opening = pool.submit(_open_tracker, cfg)
+    pool.shutdown(wait=False)  # the thread ends once the tracker is open
+    tracker = None
     rows = []
     try:
         # Every dataset is read and checked (rows, ids, lengths against the model's context) before
         # the first engine starts; under data.on_bad_row=skip the dropped rows are counted here.
         data = load_data(cfg)
-        tracker.log_metrics(data.metrics(), step=0)
         if data.warning():
             get_run_logger().warning(data.warning())
         t0 = time.time()
         base = evaluate_task(cfg, 0, cfg.model.policy, load_prompts_eval(cfg))
         base["round/seconds"] = time.time() - t0
         artifacts.write_json(artifacts.round_dir(cfg.run_dir, 0) / "metrics.json", base)
+        tracker = opening.result()
+        parent = getattr(tracker, "run_id", "")
+        tracker.log_metrics(data.metrics(), step=0)
         tracker.log_metrics(base, step=0)
         rows.append({"round": 0, **base})
         policy, reference = cfg.model.policy, cfg.model.reference
@@ -334,7 +338,23 @@ def run_flow(config: dict) -> dict:
             tracker.log_artifact(plots.rounds_plot(rows, cfg.run_dir / "rounds.png", f"{cfg.run.name}: evaluation over rounds"), "plots")
         tracker.close("FINISHED")
     except BaseException:
-        tracker.close("FAILED")
+        if tracker is None:
+            try:
+                tracker = opening.result()
+            except Exception:  # opening it failed: no run to mark (its error is the one raised, or follows)
+                tracker = None
+        if tracker is not None:
+            tracker.close("FAILED")
         raise
     log(f"final model: {policy}")
     return summary
+
+
+def _open_tracker(cfg: Config):
+    """The run's tracker (MLflow parent run, or the null logger) with the config as its params."""
+    # With the default local store, artifacts live beside it in the run directory.
+    local = tracking_uri(cfg) == local_uri(cfg.run_dir)
+    artifacts_at = (cfg.run_dir / "mlartifacts").resolve().as_uri() if local else None
+    tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name, artifacts_at)
+    tracker.log_params(cfg.flat())
+    return tracker
