@@ -303,7 +303,7 @@ def run_flow(config: dict) -> dict:
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="selfalign-mlflow")
     opening = pool.submit(_open_tracker, cfg)
     pool.shutdown(wait=False)  # the thread ends once the tracker is open
-    tracker = None
+    tracker = data = None
     rows = []
     try:
         # Every dataset is read and checked (rows, ids, lengths against the model's context) before
@@ -338,11 +338,13 @@ def run_flow(config: dict) -> dict:
             tracker.log_artifact(plots.rounds_plot(rows, cfg.run_dir / "rounds.png", f"{cfg.run.name}: evaluation over rounds"), "plots")
         tracker.close("FINISHED")
     except BaseException:
-        if tracker is None:
+        if tracker is None:  # failed before the tracker was taken: take it, with the data's counts
             try:
                 tracker = opening.result()
             except Exception:  # opening it failed: no run to mark (its error is the one raised, or follows)
                 tracker = None
+            if tracker is not None and data is not None:
+                tracker.log_metrics(data.metrics(), step=0)
         if tracker is not None:
             tracker.close("FAILED")
         raise
