@@ -117,21 +117,20 @@ def start_temporary_prefect():
     second), and stopped again at once should they name one."""
     from selfalign.flows.server import TemporaryPrefect
 
-    server = None
-    if not os.environ.get("PREFECT_API_URL"):
+    def start() -> TemporaryPrefect:
         server = TemporaryPrefect(Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect"),
                                   timeout=float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90)))
         server.start()
+        return server
+
+    server = None if os.environ.get("PREFECT_API_URL") else start()
     from prefect.settings import get_current_settings
 
     if get_current_settings().api.url:
         if server is not None:
             server.stop()
         return None
-    if server is None:  # PREFECT_API_URL set but empty
-        server = TemporaryPrefect(get_current_settings().home,
-                                  timeout=float(get_current_settings().server.ephemeral.startup_timeout_seconds))
-        server.start()
+    server = server or start()  # PREFECT_API_URL set but empty
     print(f"prefect: temporary server on {server.api_url} (log {server.service.log})", flush=True)
     return server
 

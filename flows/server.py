@@ -31,13 +31,20 @@ class Service:
     health: str                   # URL that answers 200 once the server is up
     log: Path
     stop_signal: int = signal.SIGTERM
+    # True: a session of its own (a Ctrl-C reaches only the command, which stops it); False: it
+    # stays in the command's session, gets a fresh log and dies with the command (Linux)
+    detached: bool = True
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     def start(self) -> None:
+        from selfalign.tasks.procs import die_with_parent
+
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        with open(self.log, "ab" if self.detached else "wb") as f:
+            self.proc = subprocess.Popen(
+                self.cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=self.detached,
+                preexec_fn=None if self.detached else (lambda: die_with_parent(signal.SIGTERM)))
 
     def healthy(self) -> bool:
         try:
@@ -225,11 +232,9 @@ class TemporaryPrefect:
         env.pop("PREFECT_API_URL", None)
         cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-        self.service = Service("prefect", cmd, env, f"{self.api_url}/health", self.home / "temporary-server.log")
-        self.service.log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.service.log, "wb") as f:  # this run's lines only
-            self.service.proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.service = Service("prefect", cmd, env, f"{self.api_url}/health", self.home / "temporary-server.log",
+                               detached=False)
+        self.service.start()
 
     def wait(self) -> None:
         svc = self.service
@@ -271,10 +276,3 @@ class TemporaryPrefect:
         proc.kill()
         proc.wait(10)
 
-
-def _die_with_parent() -> None:
-    """In the child before exec: Linux ends it with SIGTERM when the parent goes."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG

@@ -34,6 +34,15 @@ def exit_now(code: int = 0) -> NoReturn:
         os._exit(code)
 
 
+def die_with_parent(sig: int) -> None:
+    """Linux sends this process `sig` when its parent ends (PR_SET_PDEATHSIG); elsewhere nothing.
+    Usable as a Popen `preexec_fn`."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)
+
+
 def children_alive() -> bool:
     """Whether this process still has live child processes (vLLM's multi-GPU workers, say), which a
     skipped teardown would leave running."""

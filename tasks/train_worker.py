@@ -475,10 +475,11 @@ def _die_with_parent() -> None:
     (or the launcher alone) would leave the worker training beside a rerun: Linux sends it SIGKILL
     when its parent goes."""
     if sys.platform.startswith("linux"):
-        import ctypes
         import signal
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        from selfalign.tasks.procs import die_with_parent
+
+        die_with_parent(signal.SIGKILL)
         if os.getppid() == 1:  # the parent went before the call
             os._exit(1)
 
