@@ -178,6 +178,18 @@ def _torch_varlen():
     return varlen_attn
 
 
+_PARAMS: dict = {}
+
+
+def _parameters(fn) -> frozenset:
+    """The parameter names of `fn`, read once (every layer of every forward asks)."""
+    if fn not in _PARAMS:
+        import inspect
+
+        _PARAMS[fn] = frozenset(inspect.signature(fn).parameters)
+    return _PARAMS[fn]
+
+
 def torch_varlen_available(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether `flash_varlen_attention` can run here: torch has varlen_attn, a CUDA device, fp16/bf16."""
     return (_torch_varlen() is not None and torch.device(device).type == "cuda"
@@ -191,15 +203,13 @@ def flash_varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value
     (see the module docstring); the same arguments and result as `varlen_attention`. Adapts to the
     signature of the installed torch: causal as ``is_causal=True`` or as ``window_size=(-1, 0)``;
     grouped-query attention through ``enable_gqa`` or by repeating the key/value heads."""
-    import inspect
-
     varlen_attn = _torch_varlen()
     if varlen_attn is None:
         raise RuntimeError("flash_varlen_attention: this torch has no torch.nn.attention.varlen")
     _check_packed_call("flash_varlen_attention", packed, attention_mask, query)
     if dropout and (module is None or module.training):
         raise ValueError("flash_varlen_attention: torch's varlen attention has no dropout")
-    params = inspect.signature(varlen_attn).parameters
+    params = _parameters(varlen_attn)
     hq, hk = query.shape[1], key.shape[1]
     q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (T, H, D)
     kw: dict = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
