@@ -72,7 +72,9 @@ class Packed:
     input_ids, position_ids, labels: (1, T) long.  seq_ids: (T,) long, the sequence of each token.
     cu_seqlens: (n + 1,) int32 start offsets (flash-attention convention), max_len: max l_i.
     runs: (first token, number of sequences, their common length) of each run of consecutive
-    sequences of equal length, in row order (what `varlen_attention` batches together)."""
+    sequences of equal length, in row order (what `varlen_attention` batches together).
+    label_pos: (R,) long, the row positions whose label is not -100, in order: selecting them
+    with it (index_select) instead of a boolean mask keeps the host from waiting on the device."""
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
@@ -81,6 +83,7 @@ class Packed:
     cu_seqlens: torch.Tensor
     max_len: int
     runs: list[tuple[int, int, int]]
+    label_pos: torch.Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -93,7 +96,11 @@ class Packed:
 
 
 def pack(seqs: Sequence[Seq], device=None) -> Packed:
-    """Packs (prompt ids, response ids) sequences, in the given order, into one row."""
+    """Packs (prompt ids, response ids) sequences, in the given order, into one row.
+
+    The row's tensors are built on the host in one buffer and reach a CUDA device in one copy from
+    pinned memory that does not wait for the device: the next row can be packed while the current
+    one runs."""
     if not seqs:
         raise ValueError("pack: no sequences")
     ids: list[int] = []
@@ -115,14 +122,23 @@ def pack(seqs: Sequence[Seq], device=None) -> Packed:
         pos += range(n)
         # position t predicts token t+1: prompt positions but the last one, and the final position, are masked
         labels += [-100] * (len(p) - 1) + r + [-100]
+    T, n = len(ids), len(seqs)
     lens = torch.tensor(lengths)
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    lab = torch.tensor(labels)
+    label_pos = (lab != -100).nonzero().view(-1)
+    cu = torch.zeros(n + 1, dtype=torch.long)
     cu[1:] = torch.cumsum(lens, 0)
-    to = (lambda t: t.to(device)) if device is not None else (lambda t: t)
-    return Packed(
-        input_ids=to(torch.tensor([ids])), position_ids=to(torch.tensor([pos])), labels=to(torch.tensor([labels])),
-        seq_ids=to(torch.repeat_interleave(torch.arange(len(seqs)), lens)), cu_seqlens=to(cu),
-        max_len=max(lengths), runs=runs)
+    # one host buffer: ids | positions | labels | sequence of each token | labelled positions | offsets
+    host = torch.cat([torch.tensor(ids), torch.tensor(pos), lab, torch.repeat_interleave(torch.arange(n), lens),
+                      label_pos, cu])
+    if device is not None and torch.device(device).type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    elif device is not None:
+        host = host.to(device)
+    parts = host.split([T, T, T, T, label_pos.numel(), n + 1])
+    return Packed(input_ids=parts[0].view(1, T), position_ids=parts[1].view(1, T), labels=parts[2].view(1, T),
+                  seq_ids=parts[3], cu_seqlens=parts[5].to(torch.int32), max_len=max(lengths), runs=runs,
+                  label_pos=parts[4])
 
 
 def packed_sequence_logps(token_lp: torch.Tensor, labels: torch.Tensor, seq_ids: torch.Tensor, n: int,

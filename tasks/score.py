@@ -73,7 +73,11 @@ def collate(seqs: Sequence[Seq], pad_id: int, device) -> tuple[torch.Tensor, tor
         attn[b, :n] = 1
         # labels[t] is the token predicted at position t, i.e. input t+1
         labels[b, len(p) - 1 : n - 1] = torch.tensor(list(r))
-    return ids.to(device), attn.to(device), labels.to(device)
+    if device is None or torch.device(device).type != "cuda":
+        return ids.to(device), attn.to(device), labels.to(device)
+    # one copy from pinned memory that does not wait for the device (the next batch is collated meanwhile)
+    host = torch.stack([ids, attn, labels]).pin_memory().to(device, non_blocking=True)
+    return host[0], host[1], host[2]
 
 
 # Config attributes of architectures whose logits are not plain lm_head(last hidden state).
@@ -180,15 +184,15 @@ def packed_logps(model, packed: Packed, fused: bool, path: str, hidden: bool = F
     with packed_attention(model, packed, path) as kw:
         out = base(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
                    output_hidden_states=hidden and not fused, **kw)
-    sel = packed.labels[0] != -100
-    labels, seq_ids = packed.labels[0, sel], packed.seq_ids[sel]
+    sel = packed.label_pos if packed.label_pos is not None else (packed.labels[0] != -100).nonzero().view(-1)
+    labels, seq_ids = packed.labels[0].index_select(0, sel), packed.seq_ids.index_select(0, sel)
     if fused:
         h = out.last_hidden_state
         head = model.get_output_embeddings()
-        tok_lp = linear_token_logps(h[0, sel], head.weight, labels, bias=head.bias)
+        tok_lp = linear_token_logps(h[0].index_select(0, sel), head.weight, labels, bias=head.bias)
     else:
         h = out.hidden_states[-1] if hidden else None
-        tok_lp = token_logps(out.logits[0, sel], labels)
+        tok_lp = token_logps(out.logits[0].index_select(0, sel), labels)
     sums, counts = packed_sequence_logps(tok_lp, labels, seq_ids, packed.n)
     return sums, counts, (h if hidden else None)
 
@@ -260,16 +264,27 @@ def logps_of(model, seqs: Sequence[Seq], pad_id: int, batch_tokens: int = 16384,
         batches = batches[part[0]::part[1]]
         seqs_total = sum(map(len, batches))
     done = 0
-    for batch in batches:
-        if path:
-            sums, _, _ = packed_logps(model, pack([seqs[i] for i in batch], device), fused, path)
-        else:
-            sums, _ = forward_logps(model, *collate([seqs[i] for i in batch], pad_id, device), fused=fused)
+    pending: list[tuple[list[int], torch.Tensor]] = []
+
+    def collect() -> None:  # the oldest launched batch's sums to the host (waits for that batch only)
+        nonlocal done
+        batch, sums = pending.pop(0)
         for i, v in zip(batch, sums.float().tolist()):
             out[i] = v
         done += len(batch)
         if progress:
             progress(done, len(seqs) if part is None else seqs_total)
+
+    for batch in batches:
+        if path:
+            sums, _, _ = packed_logps(model, pack([seqs[i] for i in batch], device), fused, path)
+        else:
+            sums, _ = forward_logps(model, *collate([seqs[i] for i in batch], pad_id, device), fused=fused)
+        pending.append((batch, sums))
+        if len(pending) > 1:  # on a GPU the next batch is queued before the host waits for this one
+            collect()
+    while pending:
+        collect()
     return out
 
 

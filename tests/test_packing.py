@@ -275,3 +275,31 @@ def test_training_stage_packed_trains_the_padded_model(tiny_model, tmp_path, rep
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
     for k in w_d:
         torch.testing.assert_close(w_p[k], w_d[k], atol=1e-5, rtol=1e-4)
+
+
+def test_pack_lists_the_labelled_positions_and_packed_logps_reads_them():
+    from selfalign.kernels.packing import pack
+
+    seqs = [([5, 6, 7], [8, 9]), ([1], [2, 3, 4]), ([4, 4], [])]
+    p = pack(seqs)
+    assert p.label_pos.tolist() == (p.labels[0] != -100).nonzero().view(-1).tolist() == [2, 3, 5, 6, 7]
+    assert p.labels[0, p.label_pos].tolist() == [8, 9, 2, 3, 4]
+    assert p.cu_seqlens.dtype == torch.int32 and p.cu_seqlens.tolist() == [0, 5, 9, 11]
+    assert p.input_ids.shape == p.position_ids.shape == p.labels.shape == (1, 11)
+    assert p.seq_ids.tolist() == [0] * 5 + [1] * 4 + [2] * 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_logps_without_the_position_list_selects_by_mask(fused):
+    """A Packed made elsewhere, without label_pos, gives the same sums through the boolean mask."""
+    import dataclasses
+
+    from selfalign.tasks.score import packed_logps
+
+    model = _llama().eval()
+    p = pack(_seqs(SHAPES, 61))
+    with torch.no_grad():
+        a, na, _ = packed_logps(model, p, fused, "varlen")
+        b, nb, _ = packed_logps(model, dataclasses.replace(p, label_pos=None), fused, "varlen")
+    assert na.tolist() == nb.tolist()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
