@@ -649,9 +649,9 @@ def main(spec_path: str) -> None:
             if m + mb >= len(step_idx):  # the step's last backward: the optimizers step next
                 guard.check(steps, kept())
             engine.step()
-            acc += torch.tensor([loss.item(), cr.mean().item(), rj.mean().item(), (cr - rj).mean().item(),
-                                 (cr > rj).float().mean().item(), pc.mean().item(), pr.mean().item(), *extra],
-                                dtype=torch.float64)
+            stats = torch.stack([x.detach().double() for x in (loss, cr.mean(), rj.mean(), (cr - rj).mean(),
+                                 (cr > rj).float().mean(), pc.mean(), pr.mean())]).cpu()  # one copy to the host, not seven
+            acc += torch.cat([stats, torch.tensor(extra, dtype=torch.float64)])
         acc /= n_micro
         grad_norm = engine.get_global_grad_norm()
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
