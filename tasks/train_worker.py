@@ -516,9 +516,46 @@ def init_process_group(backend: str) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
+def compile_on_first_call() -> None:
+    """Makes DeepSpeed's `runtime.compiler.compile()` decorator compile a function on its first call
+    instead of when it decorates it. Every ZeRO engine imports DeepSpeed's Muon module (its optimizer
+    check and its gradient reduction do), whose kernels are decorated with torch.compile at import:
+    that import loads torch's inductor, ~1-3 s per rank of every training stage, for an optimizer
+    this worker never uses (torch AdamW). Deferred, nothing is compiled or imported unless such a
+    function runs, and then it runs compiled as before. Idempotent."""
+    import functools
+
+    from deepspeed.runtime import compiler
+
+    if getattr(compiler.compile, "deferred", False):
+        return
+    eager = compiler.compile
+
+    def compile():
+        make = eager()
+
+        def decorate(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def run(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = make(fn)
+                return compiled(*args, **kwargs)
+
+            return run
+
+        return decorate
+
+    compile.deferred = True
+    compiler.compile = compile
+
+
 def main(spec_path: str) -> None:
     import deepspeed
 
+    compile_on_first_call()
     _die_with_parent()
     spec = json.loads(Path(spec_path).read_text())
     on_gpu = torch.cuda.is_available()

@@ -125,3 +125,51 @@ def test_rpo_alpha_adds_the_token_mean_nll_of_the_chosen_responses(tiny_model, t
     nll = -sum(logps_of(model, seqs, tok.pad_token_id)) / sum(len(c) for _, c in seqs)
     assert nll > 1.0  # a random model: the term is far from negligible
     assert steps[0]["loss"] == pytest.approx(LN2 + 0.5 * nll, abs=1e-5)
+
+
+def test_deepspeed_compiles_its_decorated_kernels_on_first_call_only(monkeypatch):
+    """compile_on_first_call: decorating compiles nothing; the first call compiles once and later
+    calls reuse it; results and names pass through."""
+    from deepspeed.runtime import compiler
+
+    from selfalign.tasks.train_worker import compile_on_first_call
+
+    monkeypatch.setattr(compiler, "compile", compiler.compile)  # restored after the test
+    made = []
+
+    def fake_compile(fn):
+        made.append(fn.__name__)
+        return lambda *a, **k: ("compiled", fn(*a, **k))
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    compile_on_first_call()
+    compile_on_first_call()  # idempotent: one layer of deferral
+
+    @compiler.compile()
+    def kernel(x, scale=1):
+        return x * scale
+
+    assert made == [] and kernel.__name__ == "kernel"
+    assert kernel(3, scale=2) == ("compiled", 6)
+    assert kernel(4) == ("compiled", 4)
+    assert made == ["kernel"]
+
+
+def test_deepspeed_engine_start_no_longer_loads_torch_inductor(tmp_path):
+    """The Muon module every ZeRO engine imports loads no inductor once deferred (it did before)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, deepspeed\n"
+        "from selfalign.tasks.train_worker import compile_on_first_call\n"
+        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
+        "if sys.argv[1] == 'deferred': compile_on_first_call()\n"
+        "from deepspeed.runtime.zero.muon import muon_optimizer, original_muon\n"
+        "print('torch._inductor.compile_fx' in sys.modules)\n")
+    runs = {how: subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=300)
+            for how in ("deferred", "eager")}
+    for how, r in runs.items():
+        assert r.returncode == 0, (how, r.stderr[-2000:])
+    assert runs["deferred"].stdout.split()[-1] == "False"
+    assert runs["eager"].stdout.split()[-1] == "True"
