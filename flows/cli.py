@@ -259,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `selfalign` console script: `main`, then an exit that skips the interpreter's teardown
     of torch, transformers and the rest (seconds; `tasks.procs.exit_now`)."""
-    from selfalign.tasks.procs import exit_now
+    from selfalign.tasks.procs import exit_now, skip_unused_imports
 
+    skip_unused_imports()
     exit_now(main())
 
 

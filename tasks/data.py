@@ -384,6 +384,9 @@ def load_hook(spec: str, key: str):
     """Resolve a user hook named `package.module:function` (config key `key` for errors)."""
     import importlib
 
+    from selfalign.tasks.procs import allow_unused_imports
+
+    allow_unused_imports()  # a hook may use what our own processes skip
     mod, sep, fn = spec.partition(":")
     if not sep or not all(part.isidentifier() for part in mod.split(".")) or not fn.isidentifier():
         raise ValueError(f"{key}: {spec!r} must look like package.module:function")

@@ -443,8 +443,9 @@ def _worker(job: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    from selfalign.tasks.procs import children_alive, exit_now
+    from selfalign.tasks.procs import children_alive, exit_now, skip_unused_imports
 
+    skip_unused_imports()
     _worker(json.loads(Path(sys.argv[1]).read_text()))
     # Every output is written and marked done: skip the interpreter's seconds of teardown, unless
     # the engine left worker processes (multi-GPU) that a normal exit shuts down.

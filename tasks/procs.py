@@ -1,4 +1,5 @@
-"""Process exits without the interpreter's teardown.
+"""Process start-up and exit: imports no process of ours uses, and exits without the interpreter's
+teardown.
 
 A Python process that has imported torch, transformers, DeepSpeed or vLLM spends seconds after its
 last line in the interpreter's finalisation: every module's objects freed one by one, then the C++
@@ -6,7 +7,14 @@ extensions' static destructors (measured here: 3.6 s for the vLLM worker, 2 s fo
 3 s for the command line; 0.5 s for a bare `import torch`). Nothing of ours depends on that work: the
 workers' outputs are written atomically and marked done before they return. `exit_now` does what the
 interpreter does at exit that matters (threads' exit hooks, `atexit` handlers, flushed streams),
-then ends the process."""
+then ends the process.
+
+At start, transformers imports scikit-learn (and with it scipy and pandas) as soon as its auto classes
+load, for assisted generation's candidate generator, which none of our processes runs; vLLM imports
+it through transformers. That is ~1 s of every stage process (vLLM worker, scoring worker, training
+rank) and of the command line. `skip_unused_imports` makes those packages look absent to the
+libraries imported after it; `allow_unused_imports` undoes it before code that may use them (user
+hooks, MLflow's model flavours)."""
 from __future__ import annotations
 
 import atexit
@@ -14,6 +22,27 @@ import os
 import sys
 import threading
 from typing import NoReturn
+
+
+UNUSED_IMPORTS = ("sklearn",)
+
+
+def skip_unused_imports() -> None:
+    """Makes the packages of `UNUSED_IMPORTS` look absent to what is imported after this call: a
+    None entry in sys.modules, so `importlib.util.find_spec` answers None (transformers then takes
+    them for not installed) and importing them raises ModuleNotFoundError until
+    `allow_unused_imports`. Call it first in a process; one already imported is left alone."""
+    for name in UNUSED_IMPORTS:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
+def allow_unused_imports() -> None:
+    """Undoes `skip_unused_imports`: the packages import normally again (for user hooks and
+    third-party code that may need them). Idempotent."""
+    for name in UNUSED_IMPORTS:
+        if name in sys.modules and sys.modules[name] is None:
+            del sys.modules[name]
 
 
 def exit_now(code: int = 0) -> NoReturn:

@@ -502,4 +502,7 @@ def _worker(job: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
+    from selfalign.tasks.procs import skip_unused_imports
+
+    skip_unused_imports()
     _worker(json.loads(Path(sys.argv[1]).read_text()))

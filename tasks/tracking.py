@@ -168,6 +168,9 @@ class MlflowLogger:
         # The flavour's save_model writes the MLflow Model folder and the client uploads it; this is
         # what mlflow.transformers.log_model does, minus its use of the process-wide tracking URI and
         # active experiment, which this logger never relies on (see the module docstring).
+        from selfalign.tasks.procs import allow_unused_imports
+
+        allow_unused_imports()  # MLflow's model code is not ours to vouch for
         import mlflow.transformers
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.models import Model

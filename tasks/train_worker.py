@@ -763,6 +763,9 @@ def _save_value_head(vhead, path: Path) -> None:
 if __name__ == "__main__":
     import argparse
 
+    from selfalign.tasks.procs import skip_unused_imports
+
+    skip_unused_imports()
     ap = argparse.ArgumentParser()
     ap.add_argument("spec")
     ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it; LOCAL_RANK is used

@@ -57,3 +57,54 @@ def test_exit_now_status_zero_and_children_alive():
         exit_now(0)
     """)
     assert proc.returncode == 0, proc.stderr
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_skipped_imports_stay_out_of_transformers_and_come_back_for_user_hooks(tmp_path):
+    """After skip_unused_imports, loading a model through transformers' auto classes imports no
+    scikit-learn (it did before); a user hook that imports it still loads, through load_hook."""
+    hook = tmp_path / "myhooks.py"
+    hook.write_text("import sklearn\n\ndef preferred(prompt, response):\n    return sklearn.__name__ == 'sklearn'\n")
+    code = """
+        import sys
+        from selfalign.tasks.procs import skip_unused_imports
+        if sys.argv[1] == "skip":
+            skip_unused_imports()
+            skip_unused_imports()  # idempotent
+        import importlib.util
+        from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+                                                             num_hidden_layers=1, num_attention_heads=2))
+        loaded = "sklearn" in sys.modules and sys.modules["sklearn"] is not None
+        print("loaded-by-transformers", loaded, importlib.util.find_spec("sklearn") is not None)
+        sys.path.insert(0, sys.argv[2])
+        from selfalign.tasks.data import load_hook
+        print("hook", load_hook("myhooks:preferred", "evaluate.preferred")("p", "r"))
+        """
+    skip, plain = (_python(code, how, str(tmp_path)) for how in ("skip", "plain"))
+    assert skip.returncode == 0 and plain.returncode == 0, skip.stderr[-2000:] + plain.stderr[-2000:]
+    assert "loaded-by-transformers False False" in skip.stdout
+    assert "loaded-by-transformers True True" in plain.stdout
+    assert "hook True" in skip.stdout and "hook True" in plain.stdout
+
+
+def test_skipped_import_raises_until_allowed():
+    r = _python("""
+        import sys
+        from selfalign.tasks.procs import allow_unused_imports, skip_unused_imports
+        skip_unused_imports()
+        try:
+            import sklearn
+        except ModuleNotFoundError:
+            print("absent")
+        allow_unused_imports()
+        allow_unused_imports()
+        import sklearn.metrics
+        print("back", sys.modules["sklearn"] is not None)
+        """)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["absent", "back", "True"]
