@@ -39,7 +39,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Packed", "pack", "pack_rows", "packed_sequence_logps", "varlen_attention", "flash_varlen_attention",
+__all__ = ["Packed", "pack", "to_device", "pack_rows", "packed_sequence_logps", "varlen_attention", "flash_varlen_attention",
            "torch_varlen_available", "block_causal_mask"]
 
 Seq = tuple[Sequence[int], Sequence[int]]  # (prompt ids, response ids)
@@ -95,6 +95,16 @@ class Packed:
         return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": self.max_len, "max_length_k": self.max_len}
 
 
+def to_device(host: torch.Tensor, device=None) -> torch.Tensor:
+    """`host` on `device` (None: where it is). To a CUDA device in one copy from pinned memory that
+    does not wait for the device, so the host can prepare the next batch meanwhile."""
+    if device is None:
+        return host
+    if torch.device(device).type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
 def pack(seqs: Sequence[Seq], device=None) -> Packed:
     """Packs (prompt ids, response ids) sequences, in the given order, into one row.
 
@@ -131,11 +141,7 @@ def pack(seqs: Sequence[Seq], device=None) -> Packed:
     # one host buffer: ids | positions | labels | sequence of each token | labelled positions | offsets
     host = torch.cat([torch.tensor(ids), torch.tensor(pos), lab, torch.repeat_interleave(torch.arange(n), lens),
                       label_pos, cu])
-    if device is not None and torch.device(device).type == "cuda":
-        host = host.pin_memory().to(device, non_blocking=True)
-    elif device is not None:
-        host = host.to(device)
-    parts = host.split([T, T, T, T, label_pos.numel(), n + 1])
+    parts = to_device(host, device).split([T, T, T, T, label_pos.numel(), n + 1])
     return Packed(input_ids=parts[0].view(1, T), position_ids=parts[1].view(1, T), labels=parts[2].view(1, T),
                   seq_ids=parts[3], cu_seqlens=parts[5].to(torch.int32), max_len=max(lengths), runs=runs,
                   label_pos=parts[4])
@@ -239,7 +245,7 @@ def flash_varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value
             kw["scale"] = scaling
         elif abs(scaling - query.shape[-1] ** -0.5) > 1e-12:
             raise ValueError("flash_varlen_attention: this torch's varlen_attn takes no scale")
-    cu = packed.cu_seqlens.to(device=q.device, dtype=torch.int32)
+    cu = packed.cu_seqlens  # int32, on the row's device (pack)
     out = varlen_attn(q, k, v, cu, cu, packed.max_len, packed.max_len, **kw)
     return out.unsqueeze(0), None  # (1, T, Hq, D)
 

@@ -26,7 +26,7 @@ import torch
 
 from selfalign.kernels.logps import linear_token_logps, sequence_logps, token_logps
 from selfalign.kernels.packing import (Packed, flash_varlen_attention, pack, pack_rows, packed_sequence_logps,
-                                       torch_varlen_available, varlen_attention)
+                                       to_device, torch_varlen_available, varlen_attention)
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
 
@@ -73,11 +73,8 @@ def collate(seqs: Sequence[Seq], pad_id: int, device) -> tuple[torch.Tensor, tor
         attn[b, :n] = 1
         # labels[t] is the token predicted at position t, i.e. input t+1
         labels[b, len(p) - 1 : n - 1] = torch.tensor(list(r))
-    if device is None or torch.device(device).type != "cuda":
-        return ids.to(device), attn.to(device), labels.to(device)
-    # one copy from pinned memory that does not wait for the device (the next batch is collated meanwhile)
-    host = torch.stack([ids, attn, labels]).pin_memory().to(device, non_blocking=True)
-    return host[0], host[1], host[2]
+    ids, attn, labels = to_device(torch.stack([ids, attn, labels]), device)
+    return ids, attn, labels
 
 
 # Config attributes of architectures whose logits are not plain lm_head(last hidden state).
@@ -264,27 +261,26 @@ def logps_of(model, seqs: Sequence[Seq], pad_id: int, batch_tokens: int = 16384,
         batches = batches[part[0]::part[1]]
         seqs_total = sum(map(len, batches))
     done = 0
-    pending: list[tuple[list[int], torch.Tensor]] = []
 
-    def collect() -> None:  # the oldest launched batch's sums to the host (waits for that batch only)
+    def collect(batch: list[int], sums: torch.Tensor) -> None:  # waits for that batch only
         nonlocal done
-        batch, sums = pending.pop(0)
         for i, v in zip(batch, sums.float().tolist()):
             out[i] = v
         done += len(batch)
         if progress:
             progress(done, len(seqs) if part is None else seqs_total)
 
+    prev = None
     for batch in batches:
         if path:
             sums, _, _ = packed_logps(model, pack([seqs[i] for i in batch], device), fused, path)
         else:
             sums, _ = forward_logps(model, *collate([seqs[i] for i in batch], pad_id, device), fused=fused)
-        pending.append((batch, sums))
-        if len(pending) > 1:  # on a GPU the next batch is queued before the host waits for this one
-            collect()
-    while pending:
-        collect()
+        if prev is not None:  # on a GPU this batch is queued before the host waits for the previous one
+            collect(*prev)
+        prev = (batch, sums)
+    if prev is not None:
+        collect(*prev)
     return out
 
 
