@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from selfalign.kernels.sampling import top_p_filter, top_p_threshold
+from selfalign.kernels.sampling import sample_inverse_cdf, top_p_filter, top_p_threshold
 
 MARGIN = 1e-5
 PATHS = {"fast": {"fast_k": 64}, "radix": {"fast_k": 0}, "mixed-rowwise": {"fast_k": 3, "chunk_elements": 1}}
@@ -173,7 +173,8 @@ def test_bad_input_is_named():
 def test_vllm_worker_top_p_on_cpu(tiny_model, tmp_path):
     """The real vLLM worker (CPU): its top-p (TopPLogitsProcessor) is in effect and samples what
     vLLM's own sort-based top-p samples, seed for seed: a tiny p gives the greedy tokens, p = 0.5
-    the same samples as vLLM's top-p 0.5 (and not those of p = 1), p = 1 the same as before."""
+    the same samples as vLLM's top-p 0.5 (and not those of p = 1), p = 1 the same as before.
+    Its draw is the inverse-CDF one (other samples than vLLM's Gumbel-max draw), reproducible."""
     from selfalign.flows.config import load_config
     from selfalign.tasks import artifacts, generate
 
@@ -181,13 +182,14 @@ def test_vllm_worker_top_p_on_cpu(tiny_model, tmp_path):
                              "data.eval_prompts": "e", "data.offline_pairs": "o"})
     prompts = [{"id": f"p{i}", "prompt": f"What is {i} + 1?"} for i in range(6)]
 
-    def draw(name: str, native: bool) -> dict[str, list]:
+    def draw(name: str, native: bool, native_sampler: bool = False) -> dict[str, list]:
         runs = {"greedy": generate.sampling_run(tmp_path / f"{name}-greedy.parquet", n=1, temperature=0,
                                                 top_p=1.0, max_tokens=12)}
         for label, p in (("tiny", 1e-6), ("half", 0.5), ("one", 1.0)):
             runs[label] = generate.sampling_run(tmp_path / f"{name}-{label}.parquet", n=3, temperature=1.0,
                                                 top_p=p, max_tokens=12) | {"seed": 1234}
-        job = generate.build_job(cfg, tiny_model, prompts, list(runs.values()), seed=5) | {"native_top_p": native}
+        job = generate.build_job(cfg, tiny_model, prompts, list(runs.values()), seed=5) | {
+            "native_top_p": native, "native_sampler": native_sampler}
         generate.run_vllm(job, tmp_path / f"{name}.json", cfg.generate.kv_cache_gib)
         return {label: [r["response_ids"] for r in artifacts.read_table(run["output"])] for label, run in runs.items()}
 
@@ -198,6 +200,12 @@ def test_vllm_worker_top_p_on_cpu(tiny_model, tmp_path):
     vllm = draw("vllm", native=True)
     assert vllm["tiny"] == greedy
     assert ours["half"] == vllm["half"] and ours["one"] == vllm["one"]
+    # The same job drawn with vLLM's Gumbel-max noise instead of our inverse-CDF draw: other samples
+    # for the same seeds (so the worker's draw is really ours), the same greedy and tiny-p tokens.
+    gumbel = draw("gumbel", native=False, native_sampler=True)
+    assert gumbel["tiny"] == greedy and gumbel["greedy"] == ours["greedy"]
+    assert gumbel["one"] != ours["one"] and gumbel["half"] != ours["half"]
+    assert draw("again", native=False) == ours  # seeded: the same samples on every run
 
 
 @pytest.mark.slow
@@ -259,3 +267,119 @@ def test_processor_follows_the_batch_through_adds_removes_and_moves():
     with pytest.raises(ValueError, match=generate.TOP_P_KEY):
         cls.validate_params(SamplingParams(extra_args={generate.TOP_P_KEY: 1.5}))
     cls.validate_params(SamplingParams(extra_args={generate.TOP_P_KEY: 0.9}))
+
+
+# --- sample_inverse_cdf -------------------------------------------------------------------------
+
+def reference_draw(logits: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token, distance of the target from the nearest running sum) by a float64 running sum over
+    the whole row: the first token whose running sum exceeds u * total."""
+    probs = torch.softmax(logits, dim=-1).double()
+    cum = probs.cumsum(-1)
+    target = u.double().unsqueeze(1) * cum[:, -1:]
+    tok = (cum <= target).sum(-1).clamp(max=logits.shape[1] - 1)
+    return tok, (cum - target).abs().amin(-1)
+
+
+DRAW_MARGIN = 1e-6  # float32 sums of up to 3001 probabilities: a few 1e-8 of the row's mass
+SAMPLE_PATHS = {"default": {}, "small-blocks": {"block": 7}, "rowwise": {"block": 64, "chunk_elements": 1}}
+sample_paths = pytest.mark.parametrize("path", SAMPLE_PATHS.values(), ids=SAMPLE_PATHS.keys())
+
+
+@sample_paths
+@pytest.mark.parametrize("name", ["random", "peaked", "near_uniform", "masked"])
+def test_draw_equals_the_running_sum_reference(name, path):
+    """For the same u, the token of the float64 running sum over the whole row. Float32 block sums
+    (float32 probabilities summed) may move a target lying within DRAW_MARGIN of a running sum to the
+    neighbouring token: such rows are counted (at most 5%), and the rest must agree exactly."""
+    logits = distributions()[name].repeat(40, 1)
+    g = torch.Generator().manual_seed(1)
+    u = torch.rand(logits.shape[0], generator=g, dtype=torch.float64)
+    u[:4] = torch.tensor([0.0, 1 - 2 ** -53, 0.5, 1e-12])
+    got = sample_inverse_cdf(logits, u, **path)
+    want, dist = reference_draw(logits, u)
+    knife_edge = dist < DRAW_MARGIN
+    assert bool((got[~knife_edge] == want[~knife_edge]).all())
+    assert int(knife_edge.sum()) <= 0.05 * len(u)
+    assert bool(torch.isfinite(logits.gather(1, got.unsqueeze(1))).all())  # never a filtered token
+
+
+@sample_paths
+def test_draws_follow_the_softmax_distribution(path):
+    """200k draws from fixed rows (one peaked, one flat, one with filtered tokens at block edges):
+    every token's count within 5 standard deviations of N * p, and filtered tokens never drawn."""
+    g = torch.Generator().manual_seed(2)
+    vocab = 50
+    rows = torch.stack([torch.randn(vocab, generator=g) * 2, 0.1 * torch.randn(vocab, generator=g),
+                        torch.randn(vocab, generator=g)])
+    rows[0, 5] += 6  # one token with most of the mass
+    rows[2, [0, 6, 7, 13, 48, 49]] = float("-inf")  # block boundaries of block=7, and the tail
+    n = 200_000
+    for row in rows:
+        u = torch.rand(n, generator=g, dtype=torch.float64)
+        counts = torch.bincount(sample_inverse_cdf(row.expand(n, vocab).contiguous(), u, **path), minlength=vocab)
+        p = torch.softmax(row, -1).double()
+        sd = (n * p * (1 - p)).sqrt()
+        assert bool(((counts - n * p).abs() <= 5 * sd + 1).all()), (counts, n * p)
+        assert int(counts[p == 0].sum()) == 0
+
+
+def test_draw_of_a_row_does_not_depend_on_the_batch_or_its_blocks():
+    logits = distributions()["random"]
+    u = torch.rand(logits.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    whole = sample_inverse_cdf(logits, u)
+    assert torch.equal(whole, sample_inverse_cdf(logits, u, chunk_elements=1))
+    for i in range(logits.shape[0]):
+        assert int(sample_inverse_cdf(logits[i:i + 1], u[i:i + 1])) == int(whole[i])
+
+
+def test_draw_edge_rows_and_shapes():
+    u = torch.full((4,), 0.3, dtype=torch.float64)
+    x = torch.randn(4, 5)
+    x[0] = float("-inf")  # no distribution: the argmax (0)
+    x[1, 2] = float("nan")  # NaN: the argmax, which is the NaN
+    x[2, [1, 3]] = float("inf")  # +inf: the first +inf token
+    x[3, :4] = float("-inf")  # a single token left
+    assert sample_inverse_cdf(x, u).tolist() == [0, 2, 1, 4]
+    assert sample_inverse_cdf(torch.zeros(0, 9), torch.zeros(0, dtype=torch.float64)).shape == (0,)
+    one = torch.tensor([[0.0, 0.0]])  # u = 0.5 falls exactly on the boundary: the second token
+    assert sample_inverse_cdf(one, torch.tensor([0.5], dtype=torch.float64)).tolist() == [1]
+    assert sample_inverse_cdf(one, torch.tensor([0.49], dtype=torch.float64)).tolist() == [0]
+
+
+def test_draw_bad_input_is_named():
+    with pytest.raises(ValueError, match="float32"):
+        sample_inverse_cdf(torch.zeros(2, 3, dtype=torch.float64), torch.zeros(2))
+    with pytest.raises(ValueError, match=r"u must have shape \(2,\)"):
+        sample_inverse_cdf(torch.zeros(2, 3), torch.zeros(3))
+    with pytest.raises(ValueError, match=r"\(batch, vocab\)"):
+        sample_inverse_cdf(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match="vocabulary is empty"):
+        sample_inverse_cdf(torch.zeros(2, 0), torch.zeros(2))
+
+
+@pytest.mark.slow
+def test_vllm_cpu_sampler_draws_by_inverse_cdf():
+    """With `use_inverse_cdf_sampler`, vLLM's CPU TopKTopPSampler returns sample_inverse_cdf's token
+    for each row's number: a seeded row's from its own generator (one per step), so the same seed
+    draws the same tokens whatever rows surround it; vLLM's top-k still applies first."""
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    from selfalign.tasks import generate
+
+    generate.use_inverse_cdf_sampler()
+    generate.use_inverse_cdf_sampler()  # idempotent
+    sampler = TopKTopPSampler()
+    assert sampler.forward.__func__ is TopKTopPSampler.forward_cpu
+    logits = distributions()["random"]
+    gens = {i: torch.Generator().manual_seed(100 + i) for i in (1, 4)}
+    got, _ = sampler.forward(logits.clone(), gens, None, None)
+    for i in gens:
+        u = torch.rand(1, dtype=torch.float64, generator=torch.Generator().manual_seed(100 + i))
+        assert int(got[i]) == int(sample_inverse_cdf(logits[i:i + 1], u))
+    # Row 4 alone, with the same seed: the same token.
+    alone, _ = sampler.forward(logits[4:5].clone(), {0: torch.Generator().manual_seed(104)}, None, None)
+    assert int(alone[0]) == int(got[4])
+    # top-k 1 leaves the argmax whatever the number.
+    k1, _ = sampler.forward(logits.clone(), {}, torch.ones(logits.shape[0], dtype=torch.long), None)
+    assert torch.equal(k1, logits.argmax(-1))
