@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 from contextlib import nullcontext
@@ -76,9 +77,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _run(cfg, server) -> dict | int:
     """The run flow, or the exit status of an error found before or during it."""
     from selfalign.flows.pipeline import run_flow
-    from selfalign.tasks.data import load_data
+    from selfalign.tasks.data import import_loaders, load_data
+    from selfalign.tasks.procs import freeze_imports
     from selfalign.tasks.train import NonFiniteTraining
 
+    import_loaders()
+    freeze_imports()  # the collector was off for the imports (`entry`); from here it skips them
     try:
         # Every dataset read and checked here, before the engines start (the flow reuses what was
         # loaded), so a bad file or row is one message rather than a failed flow run.
@@ -90,7 +94,10 @@ def _run(cfg, server) -> dict | int:
         print(f"model.policy {cfg.model.policy!r} cannot be loaded: {e}", file=sys.stderr)
         return 2
     if server is not None:
-        if not server.service.healthy():  # work the flow would do, done while the server starts
+        # Work the flow would do (in a thread beside round 0's evaluation), done here instead while
+        # a server that migrates a new database is still starting; an existing database's server
+        # is ready about when the checks above end, and the store would only delay the flow.
+        if server.migrating and not server.service.healthy():
             from selfalign.tasks.tracking import create_local_store, resolve_uri
 
             create_local_store(resolve_uri(cfg.tracking.uri, cfg.run_dir))
@@ -248,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command != "run":
+        gc.enable()  # `entry` paused the collector for a run's imports (`_run` freezes them)
     try:
         return args.func(args)
     except USER_ERRORS as e:  # raised past a command's own checks, e.g. from inside the flow
@@ -259,10 +268,15 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The `selfalign` console script: `main`, then an exit that skips the interpreter's teardown
     of torch, transformers and the rest (seconds; `tasks.procs.exit_now`)."""
-    from selfalign.tasks.procs import exit_now, skip_unused_imports
+    from selfalign.tasks.procs import exit_now, pause_gc, skip_unused_imports
 
+    pause_gc()  # for a run, until its imports are done (`_run`); `main` resumes it for the others
     skip_unused_imports()
-    exit_now(main())
+    try:
+        code = main()
+    finally:
+        gc.enable()  # a run that ended before `_run` (a config error, say)
+    exit_now(code)
 
 
 if __name__ == "__main__":

@@ -216,6 +216,7 @@ class TemporaryPrefect:
         self.port = 0
         self.service: Service | None = None
         self.ready = False
+        self.migrating = True  # whether its start creates the database (known at `start`)
 
     @property
     def api_url(self) -> str:
@@ -230,7 +231,11 @@ class TemporaryPrefect:
         env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1",
                    PREFECT__SERVER_FINAL="1")
         env.pop("PREFECT_API_URL", None)
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+        # A new database is migrated from scratch at start (seconds); an existing one is only checked.
+        # A database configured elsewhere counts as new: its start time is unknown.
+        self.migrating = bool(os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL")) or not (
+            self.home / "prefect.db").exists()
+        cmd = [sys.executable, "-m", "selfalign.flows.prefect_server", "--factory", "prefect.server.api.server:create_app",
                "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
         self.service = Service("prefect", cmd, env, f"{self.api_url}/health", self.home / "temporary-server.log",
                                detached=False)

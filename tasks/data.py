@@ -369,6 +369,14 @@ def _stamp(source: str) -> str:
     return f"{source}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def import_loaders() -> None:
+    """Imports what `load_data` and `load_tokenizer` always use (transformers' auto classes, pyarrow),
+    so that a process can freeze its imported objects before any data is read
+    (`tasks.procs.freeze_imports`)."""
+    import pyarrow.parquet  # noqa: F401
+    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 

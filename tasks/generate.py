@@ -418,6 +418,10 @@ def _worker(job: dict[str, Any]):
     import torch
     from vllm import LLM, SamplingParams
 
+    from selfalign.tasks.procs import freeze_imports
+
+    freeze_imports()
+
     on_gpu = torch.cuda.is_available()
     # vLLM's own top-p on GPUs (fused kernel) or when the job asks for it (`native_top_p`, to
     # compare); ours on CPU, where vLLM's sorts the vocabulary (module docstring). The same for the
@@ -488,8 +492,9 @@ def _worker(job: dict[str, Any]):
 
 
 if __name__ == "__main__":
-    from selfalign.tasks.procs import children_alive, exit_now, skip_unused_imports
+    from selfalign.tasks.procs import children_alive, exit_now, pause_gc, skip_unused_imports
 
+    pause_gc()
     skip_unused_imports()
     engine = _worker(json.loads(Path(sys.argv[1]).read_text()))
     # Every output is written and marked done: skip the interpreter's seconds of teardown, unless

@@ -22,6 +22,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+if __name__ == "__main__":  # a scoring worker: before the heavy imports (tasks/procs.py)
+    from selfalign.tasks.procs import pause_gc, skip_unused_imports
+
+    pause_gc()
+    skip_unused_imports()
+
 import torch
 
 from selfalign.kernels.logps import linear_token_logps, sequence_logps, token_logps
@@ -484,8 +490,15 @@ def run_score_worker(job: dict[str, Any], job_path: Path, log=print) -> Path:
 
 
 def _worker(job: dict[str, Any]) -> None:
+    from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the freeze)
+
     from selfalign.flows.config import from_dict
+    from selfalign.tasks.data import import_loaders
     from selfalign.tasks.generate import PROGRESS
+    from selfalign.tasks.procs import freeze_imports
+
+    import_loaders()
+    freeze_imports()
 
     if job.get("cpus"):
         torch.set_num_threads(len(job["cpus"]))
@@ -498,7 +511,4 @@ def _worker(job: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    from selfalign.tasks.procs import skip_unused_imports
-
-    skip_unused_imports()
     _worker(json.loads(Path(sys.argv[1]).read_text()))

@@ -34,6 +34,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # a training rank: before the heavy imports (tasks/procs.py)
+    from selfalign.tasks.procs import pause_gc, skip_unused_imports
+
+    pause_gc()
+    skip_unused_imports()
+
 import torch
 import torch.distributed as dist
 
@@ -554,7 +560,13 @@ def compile_on_first_call() -> None:
 
 def main(spec_path: str) -> None:
     import deepspeed
+    from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the freeze)
 
+    from selfalign.tasks.data import import_loaders
+    from selfalign.tasks.procs import freeze_imports
+
+    import_loaders()
+    freeze_imports()  # the collector was off for the imports (`__main__`); from here it skips them
     compile_on_first_call()
     _die_with_parent()
     spec = json.loads(Path(spec_path).read_text())
@@ -763,9 +775,6 @@ def _save_value_head(vhead, path: Path) -> None:
 if __name__ == "__main__":
     import argparse
 
-    from selfalign.tasks.procs import skip_unused_imports
-
-    skip_unused_imports()
     ap = argparse.ArgumentParser()
     ap.add_argument("spec")
     ap.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it; LOCAL_RANK is used

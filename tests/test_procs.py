@@ -1,5 +1,6 @@
-"""`tasks.procs.exit_now`: the workers' and the command line's exit without the interpreter's
-teardown still does what a normal exit does that anyone can observe."""
+"""`tasks.procs`: the workers' and the command line's exit without the interpreter's teardown still
+does what a normal exit does that anyone can observe; imports they skip; the collector paused for
+their imports and the imported objects frozen out of later collections."""
 import subprocess
 import sys
 import textwrap
@@ -108,3 +109,66 @@ def test_skipped_import_raises_until_allowed():
         """)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["absent", "back", "True"]
+
+
+def test_collector_paused_for_imports_then_frozen_out_of_collections():
+    """After `pause_gc` nothing is collected however many cycles are made; `freeze_imports` turns the
+    collector on and puts what was alive into the permanent generation, so that a full collection
+    then traverses only newer objects and still frees new cyclic garbage."""
+    proc = run("""
+        import gc, weakref
+        from selfalign.tasks.procs import freeze_imports, pause_gc
+
+        class Node:
+            pass
+
+        def cycle():
+            a, b = Node(), Node()
+            a.other, b.other = b, a
+            return weakref.ref(a)
+
+        pause_gc()
+        assert not gc.isenabled()
+        before = cycle()
+        for _ in range(20000):  # far past the automatic thresholds
+            cycle()
+        assert before() is not None  # not collected while paused
+        freeze_imports()
+        assert gc.isenabled() and gc.get_freeze_count() > 20000
+        assert before() is not None  # frozen: left alone from now on
+        gc.collect()
+        assert before() is not None
+        after = cycle()
+        gc.collect()
+        assert after() is None  # new garbage is collected
+        print("ok")
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_worker_modules_pause_the_collector_before_their_heavy_imports():
+    """The scoring worker and the training rank, run as programs, import torch with the collector
+    paused; the temporary Prefect server's process imports Prefect's server app with it paused."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for rel in ("tasks/score.py", "tasks/train_worker.py", "flows/prefect_server.py"):
+        proc = run(f"""
+            import gc, runpy, sys
+            sys.argv = ["{rel}", "--help"]
+            import builtins
+            real_import = builtins.__import__
+            def spy(name, *a, **k):
+                if name == "torch" or name.startswith("prefect.server"):
+                    print("enabled at", name, gc.isenabled())
+                    builtins.__import__ = real_import
+                return real_import(name, *a, **k)
+            builtins.__import__ = spy
+            try:
+                runpy.run_path("{root / rel}", run_name="__main__")
+            except SystemExit:
+                pass
+        """)
+        assert "enabled at" in proc.stdout and "True" not in proc.stdout.split("enabled at")[1].split("\n")[0], (
+            rel, proc.stdout, proc.stderr[-2000:])

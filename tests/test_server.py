@@ -181,6 +181,7 @@ def test_temporary_prefect_records_a_flow_run_and_stops(tmp_path, monkeypatch):
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     server = TemporaryPrefect(tmp_path / "prefect")
     server.start()
+    assert server.migrating  # a new home: its database is created at start
     try:
         server.wait()
 
@@ -202,6 +203,13 @@ def test_temporary_prefect_records_a_flow_run_and_stops(tmp_path, monkeypatch):
         server.stop()
     assert server.service.proc.poll() is not None
     assert not listening(server.port)
+    again = TemporaryPrefect(tmp_path / "prefect")  # the same home: only checked at start
+    again.start()
+    try:
+        assert not again.migrating
+        again.wait()
+    finally:
+        again.stop()
 
 
 def test_temporary_prefect_ends_with_the_process_that_started_it(tmp_path):
