@@ -179,9 +179,10 @@ def test_temporary_prefect_records_a_flow_run_and_stops(tmp_path, monkeypatch):
     from selfalign.flows.server import TemporaryPrefect
 
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("SELFALIGN_CACHE_DIR", str(tmp_path / "cache"))  # no database template yet
     server = TemporaryPrefect(tmp_path / "prefect")
     server.start()
-    assert server.migrating  # a new home: its database is created at start
+    assert server.migrating and not server.from_template  # a new home: its database is created at start
     try:
         server.wait()
 
@@ -206,10 +207,68 @@ def test_temporary_prefect_records_a_flow_run_and_stops(tmp_path, monkeypatch):
     again = TemporaryPrefect(tmp_path / "prefect")  # the same home: only checked at start
     again.start()
     try:
-        assert not again.migrating
+        assert not again.migrating and not again.from_template
         again.wait()
     finally:
         again.stop()
+
+
+def test_new_homes_start_from_a_migrated_database_template(tmp_path, monkeypatch):
+    """The first server of a new home saves its freshly migrated, empty database as the template;
+    the next new home starts from a copy (nothing to migrate) and records runs in its own copy only;
+    a template holding a run is not saved; a broken template is dropped and the server migrates."""
+    import sqlite3
+
+    from prefect import flow
+
+    from selfalign.flows.server import TemporaryPrefect, database_template, save_database_template
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("SELFALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    template = database_template()
+    assert template.parent.parent == tmp_path / "cache" / "prefect-db"
+
+    def runs(db) -> int:
+        with sqlite3.connect(db) as c:
+            return c.execute("SELECT count(*) FROM flow_run").fetchone()[0]
+
+    first = TemporaryPrefect(tmp_path / "a")
+    first.start()
+    try:
+        first.wait()
+    finally:
+        first.stop()
+    assert first.migrating and template.is_file() and runs(template) == 0
+    second = TemporaryPrefect(tmp_path / "b")
+    second.start()
+    try:
+        assert second.from_template and not second.migrating
+        second.wait()
+
+        @flow(name="template-probe")
+        def probe() -> int:
+            return 1
+
+        with second.settings():
+            assert probe() == 1
+    finally:
+        second.stop()
+    assert runs(tmp_path / "b" / "prefect.db") == 1 and runs(template) == 0
+    other = tmp_path / "other" / "prefect.db"
+    assert not save_database_template(tmp_path / "b" / "prefect.db", other)  # it holds a run
+    assert not other.exists()
+
+    template.write_bytes(b"not a database")
+    third = TemporaryPrefect(tmp_path / "c")
+    third.start()
+    try:
+        assert third.from_template
+        third.wait()
+    finally:
+        third.stop()
+    assert not third.from_template and third.migrating  # started again, migrating a new database
+    assert runs(tmp_path / "c" / "prefect.db") == 0
+    assert template.is_file() and runs(template) == 0  # replaced by the good one
 
 
 def test_temporary_prefect_ends_with_the_process_that_started_it(tmp_path):
