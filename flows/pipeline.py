@@ -227,6 +227,7 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
     tracker.log_params({"round": r, "policy": policy, "reference": reference})
     result: dict[str, Any] = {"round": r, "model": policy, "stopped": ""}
     metrics: dict[str, Any] = {}
+    drawing = None  # the pair plots, drawn in a thread during the evaluation
     try:
         samples, st = generate_task(cfg, r, policy, prompts)
         metrics |= st
@@ -252,6 +253,10 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
                 tracker.log_metrics({k: v for k, v in s.items() if k != "step"}, step=s["step"])
             if steps:
                 metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
+            if cfg.tracking.plots:
+                # The evaluation is a vLLM process on one thread that this one only waits on: the
+                # pair plots (~1 s of matplotlib) are drawn meanwhile, on the idle core.
+                drawing = _in_thread(plots.pair_plots, cfg.run_dir, r, cfg.pairs.length_unit)
             metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg))
             if cfg.evaluate.judge_url:
                 metrics |= judge_task(cfg, r)
@@ -260,7 +265,8 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         tracker.log_metrics(metrics, step=r)
         artifacts.write_json(artifacts.round_dir(cfg.run_dir, r) / "metrics.json", metrics)
         if cfg.tracking.plots:
-            for png in plots.round_plots(cfg.run_dir, r, cfg.pairs.length_unit):
+            pngs = drawing.result() if drawing else plots.pair_plots(cfg.run_dir, r, cfg.pairs.length_unit)
+            for png in pngs + plots.metrics_plots(cfg.run_dir, r):
                 tracker.log_artifact(png, "plots")
         if not result["stopped"]:
             log_round_model(tracker, cfg, r, Path(result["model"]), policy)
@@ -271,6 +277,15 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         raise
     result["metrics"] = metrics
     return result
+
+
+def _in_thread(fn, *args) -> concurrent.futures.Future:
+    """`fn(*args)` in a thread of its own; the Future gives its result or raises its error."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="selfalign-plots")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the call
 
 
 def load_prompts_eval(cfg: Config) -> list[dict[str, str]]:

@@ -140,6 +140,12 @@ def rounds_so_far(run_dir: Path, r: int) -> list[dict[str, Any]]:
 def round_plots(run_dir: Path, r: int, length_unit: str = "chars") -> list[Path]:
     """Writes round r's plots into <run_dir>/round_<r>/plots/ and returns their paths: the pair
     plots where the pair stage ran, and the metrics over rounds 0..r."""
+    return pair_plots(run_dir, r, length_unit) + metrics_plots(run_dir, r)
+
+
+def pair_plots(run_dir: Path, r: int, length_unit: str = "chars") -> list[Path]:
+    """Round r's plots of its pairs (margins, lengths, alpha sweep) where the pair stage ran; they
+    need nothing that comes after it."""
     rd = Path(run_dir) / f"round_{r}"
     out = rd / "plots"
     paths = []
@@ -150,7 +156,12 @@ def round_plots(run_dir: Path, r: int, length_unit: str = "chars") -> list[Path]
                                       f"round {r}: implicit reward margins of the generated pairs"))
         paths.append(length_histograms(pairs, length_unit, out / "lengths.png", f"round {r}: chosen vs rejected lengths"))
         paths.append(alpha_sweep(sweep, out / "alpha_sweep.png", f"round {r}: alpha sweep"))
-    rows = rounds_so_far(run_dir, r)
-    if rows:
-        paths.append(rounds_plot(rows, out / "rounds.png", f"evaluation, rounds 0-{r}"))
     return paths
+
+
+def metrics_plots(run_dir: Path, r: int) -> list[Path]:
+    """The evaluation metrics over rounds 0..r (needs round r's metrics.json)."""
+    rows = rounds_so_far(run_dir, r)
+    if not rows:
+        return []
+    return [rounds_plot(rows, Path(run_dir) / f"round_{r}" / "plots" / "rounds.png", f"evaluation, rounds 0-{r}")]

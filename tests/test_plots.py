@@ -80,3 +80,59 @@ def test_log_model_choice_is_checked_before_the_run(capsys):
         check_options("mlflow")
     assert main(["run", DEMO, "--tracking.log_model=mlflow"]) == 2
     assert "tracking.log_model: 'mlflow'" in capsys.readouterr().err
+
+
+def test_round_flow_draws_the_pair_plots_during_the_evaluation_and_logs_all(tmp_path, monkeypatch):
+    """The round flow (its stages replaced by stand-ins) draws the pair plots while the evaluation
+    runs (the stand-in evaluation waits for them: drawn after it, they would never appear), then
+    the rounds plot, and logs all four to the round's MLflow run."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from selfalign.flows import pipeline
+    from selfalign.flows.config import load_config
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(DEMO, {"run.dir": str(tmp_path / "run"), "tracking.uri": uri, "tracking.log_model": "none"})
+    rd = artifacts.round_dir(cfg.run_dir, 1)
+
+    class Logger:
+        info = warning = staticmethod(lambda *a: None)
+
+    def pairs_task(cfg, r, scores, offline):
+        rd.mkdir(parents=True, exist_ok=True)
+        artifacts.write_table(rd / "pairs.parquet", [pair("generated", 30 + i % 7, 28, 0.1 * i) for i in range(20)])
+        artifacts.write_json(rd / "alpha_sweep.json", {"alpha_star": 0.01, "trace": [
+            {"alpha": a / 100, "mean_len_gap": 2.0 - a, "n_pairs": 20} for a in range(4)]})
+        return rd / "pairs.parquet", {"pairs/kept": 20}
+
+    seen_during_evaluation = []
+
+    def evaluate_task(*a):
+        deadline = time.time() + 30
+        while not (rd / "plots" / "alpha_sweep.png").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        seen_during_evaluation.extend(sorted(p.name for p in (rd / "plots").glob("*.png")))
+        return {"eval/accuracy": 1.0}
+
+    model = tmp_path / "trained"
+    model.mkdir()
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: Logger)
+    monkeypatch.setattr(pipeline, "generate_task", lambda cfg, r, policy, prompts: (tmp_path / "s", {}))
+    monkeypatch.setattr(pipeline, "score_task", lambda *a: (tmp_path / "sc", {"eval/pair_accuracy": 0.9}))
+    monkeypatch.setattr(pipeline, "pairs_task", pairs_task)
+    monkeypatch.setattr(pipeline, "train_task", lambda cfg, r, policy, pairs: (model, []))
+    monkeypatch.setattr(pipeline, "evaluate_task", evaluate_task)
+    monkeypatch.setattr(pipeline, "log_round_model", lambda *a: None)
+    (cfg.run_dir / "round_0").mkdir(parents=True)
+    artifacts.write_json(cfg.run_dir / "round_0" / "metrics.json", {"eval/accuracy": 0.5})
+    parent = MlflowLogger(uri, cfg.tracking.experiment, cfg.run.name)
+    pipeline.round_flow.fn(cfg.to_dict(), 1, cfg.model.policy, cfg.model.reference, parent.run_id)
+    assert seen_during_evaluation == ["alpha_sweep.png", "lengths.png", "reward_margins.png"]
+    client = MlflowClient(uri)
+    child = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                               f"tags.mlflow.parentRunId = '{parent.run_id}'")[0]
+    logged = sorted(a.path for a in client.list_artifacts(child.info.run_id, "plots"))
+    assert logged == ["plots/alpha_sweep.png", "plots/lengths.png", "plots/reward_margins.png", "plots/rounds.png"]
+    assert (rd / "plots" / "rounds.png").read_bytes().startswith(PNG)
