@@ -47,10 +47,14 @@ def pause_gc() -> None:
 
 
 def freeze_imports() -> None:
-    """Moves every object alive now (the imported modules, classes and functions) into the
-    collector's permanent generation and turns the collector on. Later collections traverse only
-    what is created after this call: vLLM calls `gc.collect()` three times while it loads a model,
-    ~0.5-1 s each over an unfrozen heap. Call it once the heavy imports are done."""
+    """After `pause_gc`: moves every object alive now (the imported modules, classes and functions)
+    into the collector's permanent generation and turns the collector back on. Later collections
+    traverse only what is created after this call: vLLM calls `gc.collect()` three times while it
+    loads a model, ~0.5-1 s each over an unfrozen heap. Call it once the heavy imports are done.
+    Where the collector is on (nothing paused it: the command line's functions called from another
+    program, say) it does nothing: that program's objects are not ours to freeze."""
+    if gc.isenabled():
+        return
     gc.freeze()
     gc.enable()
 

@@ -127,6 +127,8 @@ def test_collector_paused_for_imports_then_frozen_out_of_collections():
             a.other, b.other = b, a
             return weakref.ref(a)
 
+        freeze_imports()  # not paused: nothing to freeze
+        assert gc.isenabled() and gc.get_freeze_count() == 0
         pause_gc()
         assert not gc.isenabled()
         before = cycle()
