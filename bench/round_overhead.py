@@ -28,6 +28,10 @@ Last line: JSON with ours = the outside share in %, baseline = the 10% goal, rat
                                                                 # (a deployment's case), started before the clock
     .venv/bin/python bench/round_overhead.py --existing-home    # a home whose Prefect database exists (a
                                                                 # user's later runs); made before the clock
+
+A new home's temporary server copies the empty database that the first new home on the machine saved
+(flows/server.py, database_template); the header and the JSON say which it had ("prefect_database":
+existing, template, or migrated for a machine's first run).
 """
 from __future__ import annotations
 
@@ -127,11 +131,16 @@ def main() -> None:
             first.start()
             first.wait()
             first.stop()
+        # How the temporary server gets its database: the home's own, a copy of the migrated template
+        # (flows/server.database_template, saved by the first new home on this machine), or migrated.
+        from selfalign.flows.server import database_template
+
+        database = ("existing" if existing_home else "template" if database_template().is_file() else "migrated")
         cmd = [sys.executable, "-m", "selfalign.flows.cli", "run", str(ROOT / "deploy" / "presets" / "demo.yaml"),
                *small, f"--run.dir={run}", *extra]
         print(f"# round_overhead: {' '.join(['selfalign run deploy/presets/demo.yaml', *small, *extra])}"
               f"{' against a running Prefect server' if api else ''}{' in an existing home' if existing_home else ''}"
-              f"; load average {common.load_average():.1f}",
+              f"{'' if api else f'; Prefect database: {database}'}; load average {common.load_average():.1f}",
               flush=True)
         t0 = time.time()
         proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
@@ -177,6 +186,7 @@ def main() -> None:
                 stages_s={k: round(v, 1) for k, v in stages.items()},
                 phases_s={k: round(v, 1) for k, v in phases.items()}, overrides=small + extra,
                 prefect_server="running" if with_server else "temporary", existing_home=existing_home,
+                prefect_database=None if with_server else database,
                 load_average=round(common.load_average(), 1))
 
 
