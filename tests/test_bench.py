@@ -47,3 +47,9 @@ def test_round_overhead():
 def test_topp_sampling_quick():
     out = run_bench("topp_sampling.py", "--quick")
     assert out["top_p"] == 0.9
+
+
+@pytest.mark.slow
+def test_draw_sampling_quick():
+    out = run_bench("draw_sampling.py", "--quick")
+    assert out["shapes"] == "8x1000" and out["ours"] > 0 and out["baseline"] > 0
