@@ -9,7 +9,7 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 
 def add_model_args(ap, layers=4, hidden=256, vocab=32000) -> None:
@@ -122,6 +122,24 @@ def emit(bench: str, ours: float, baseline: float, unit: str, ratio: float | Non
     ratio = ours / baseline if ratio is None else ratio
     print(json.dumps({"bench": bench, "ours": round(ours, 3), "baseline": round(baseline, 3), "unit": unit,
                       "ratio": round(ratio, 3), **extra}))
+
+
+def logit_cases(shapes: str, seed: int) -> list[tuple[str, Any]]:
+    """(name, float32 logits) for each "rows x vocabulary" of `shapes` (comma-separated), twice:
+    peaked (a few dozen tokens hold most of the mass, as a trained model's next-token distribution
+    does) and near-uniform (a random-init model's; the nucleus is most of the vocabulary)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    cases = []
+    for shape in shapes.split(","):
+        b, v = (int(x) for x in shape.lower().split("x"))
+        peaked = torch.randn(b, v, generator=g) * 2
+        head = min(40, v)
+        peaked[:, :head] += 10 + 3 * torch.randn(b, head, generator=g)
+        cases.append((f"peaked {b}x{v}", peaked))
+        cases.append((f"near-uniform {b}x{v}", torch.randn(b, v, generator=g) * 0.3))
+    return cases
 
 
 def load_average() -> float:

@@ -45,15 +45,7 @@ def main() -> None:
     from selfalign.kernels.sampling import top_p_filter
 
     torch.set_num_threads(args.threads)
-    g = torch.Generator().manual_seed(args.seed)
-    cases = []
-    for shape in args.shapes.split(","):
-        b, v = (int(x) for x in shape.lower().split("x"))
-        peaked = torch.randn(b, v, generator=g) * 2
-        head = min(40, v)
-        peaked[:, :head] += 10 + 3 * torch.randn(b, head, generator=g)
-        cases.append((f"peaked {b}x{v}", peaked))
-        cases.append((f"near-uniform {b}x{v}", torch.randn(b, v, generator=g) * 0.3))
+    cases = common.logit_cases(args.shapes, args.seed)
     print(f"# topp_sampling: top_p {args.top_p}, {args.threads} thread(s), {args.reps} reps; "
           f"load average {common.load_average():.1f}", flush=True)
 

@@ -256,7 +256,7 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
             if cfg.tracking.plots:
                 # The evaluation is a vLLM process on one thread that this one only waits on: the
                 # pair plots (~1 s of matplotlib) are drawn meanwhile, on the idle core.
-                drawing = _in_thread(plots.pair_plots, cfg.run_dir, r, cfg.pairs.length_unit)
+                drawing = _in_thread("selfalign-plots", plots.pair_plots, cfg.run_dir, r, cfg.pairs.length_unit)
             metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg))
             if cfg.evaluate.judge_url:
                 metrics |= judge_task(cfg, r)
@@ -279,9 +279,9 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
     return result
 
 
-def _in_thread(fn, *args) -> concurrent.futures.Future:
-    """`fn(*args)` in a thread of its own; the Future gives its result or raises its error."""
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="selfalign-plots")
+def _in_thread(name: str, fn, *args) -> concurrent.futures.Future:
+    """`fn(*args)` in a thread of its own (named `name`); the Future gives its result or raises its error."""
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
     try:
         return pool.submit(fn, *args)
     finally:
@@ -315,9 +315,7 @@ def run_flow(config: dict) -> dict:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     # The run's MLflow run is opened in a thread (MLflow's import, the store, the run and its params:
     # 2-3 s) while round 0's evaluation runs: that is a vLLM process, and this one only waits on it.
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="selfalign-mlflow")
-    opening = pool.submit(_open_tracker, cfg)
-    pool.shutdown(wait=False)  # the thread ends once the tracker is open
+    opening = _in_thread("selfalign-mlflow", _open_tracker, cfg)
     tracker = data = None
     rows = []
     try:

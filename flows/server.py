@@ -212,6 +212,11 @@ def database_template() -> Path:
     return root / "prefect-db" / version("prefect") / "prefect.db"
 
 
+def _database_configured() -> bool:
+    """Whether Prefect's database is configured elsewhere than the home's prefect.db."""
+    return bool(os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"))
+
+
 def save_database_template(db: Path, template: Path) -> bool:
     """Copies the database `db` of a server that has just migrated it (and recorded nothing yet) to
     `template`, as one consistent file (SQLite's backup, WAL included), atomically. Nothing is saved
@@ -278,7 +283,7 @@ class TemporaryPrefect:
         # A new database is migrated from scratch at start (seconds); an existing one is only checked.
         # A database configured elsewhere counts as new: its start time is unknown. A new home gets a
         # copy of this Prefect version's empty migrated database when one was saved before.
-        configured = bool(os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"))
+        configured = _database_configured()
         db = self.home / "prefect.db"
         if not configured and not db.exists():
             self.from_template = self._copy_template(db)
@@ -327,7 +332,7 @@ class TemporaryPrefect:
                                    f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); see {svc.log}")
             time.sleep(0.1)
         self.ready = True
-        if self.migrating and not os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"):
+        if self.migrating and not _database_configured():
             save_database_template(self.home / "prefect.db", database_template())
 
     def settings(self):

@@ -369,12 +369,15 @@ def _stamp(source: str) -> str:
     return f"{source}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def import_loaders() -> None:
+def import_loaders(models: bool = False) -> None:
     """Imports what `load_data` and `load_tokenizer` always use (transformers' auto classes, pyarrow),
-    so that a process can freeze its imported objects before any data is read
-    (`tasks.procs.freeze_imports`)."""
+    and with `models` the model class loader too, so that a process can freeze its imported objects
+    before any data or model is read (`tasks.procs.freeze_imports`)."""
     import pyarrow.parquet  # noqa: F401
     from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+
+    if models:
+        from transformers import AutoModelForCausalLM  # noqa: F401
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:

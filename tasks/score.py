@@ -490,14 +490,12 @@ def run_score_worker(job: dict[str, Any], job_path: Path, log=print) -> Path:
 
 
 def _worker(job: dict[str, Any]) -> None:
-    from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the freeze)
-
     from selfalign.flows.config import from_dict
     from selfalign.tasks.data import import_loaders
     from selfalign.tasks.generate import PROGRESS
     from selfalign.tasks.procs import freeze_imports
 
-    import_loaders()
+    import_loaders(models=True)
     freeze_imports()
 
     if job.get("cpus"):

@@ -560,12 +560,11 @@ def compile_on_first_call() -> None:
 
 def main(spec_path: str) -> None:
     import deepspeed
-    from transformers import AutoModelForCausalLM  # noqa: F401  (imported before the freeze)
 
     from selfalign.tasks.data import import_loaders
     from selfalign.tasks.procs import freeze_imports
 
-    import_loaders()
+    import_loaders(models=True)
     freeze_imports()  # the collector was off for the imports (`__main__`); from here it skips them
     compile_on_first_call()
     _die_with_parent()
