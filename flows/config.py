@@ -143,7 +143,8 @@ class TrainConfig:
     batch_size: int = 32           # pairs per optimiser step, all processes together
     micro_batch_size: int = 4      # pairs per forward pass per process
     grad_clip: float = 1.0
-    zero_stage: int = 2            # DeepSpeed ZeRO stage
+    zero_stage: int | str = "auto" # DeepSpeed ZeRO stage 0-3, or auto: 0 on one process (ZeRO partitions
+                                   # across processes; on one it only adds work), 2 on several
     nproc: int = 1                 # training processes on this node (with train.hostfile: the hosts' slots)
     launcher: str = "local"        # local: the stage starts the processes, rendezvous on 127.0.0.1 only |
                                    # deepspeed (required for train.hostfile) | torchrun (its agent's store
@@ -166,6 +167,13 @@ class TrainConfig:
     lora_dropout: float = 0.0      # dropout on the adapters' input (training only)
     lora_target_modules: str = "all-linear"  # comma-separated module names (e.g. q_proj,v_proj) or
                                    # all-linear: every linear layer but the output layer
+
+    def zero_stage_for(self, world: int | None) -> int:
+        """The ZeRO stage training runs: `zero_stage`, or for auto 0 on one process and 2 on
+        several (`world`: the process count; None when a hostfile decides it, i.e. several hosts)."""
+        if self.zero_stage != "auto":
+            return self.zero_stage
+        return 0 if world == 1 else 2
 
     def lora_spec(self) -> dict[str, Any] | None:
         """What the training worker needs of the LoRA keys; None when LoRA is off."""
@@ -261,8 +269,10 @@ _CHOICES = {
     "pairs.length_unit": {"chars", "tokens"},
     "train.launcher": {"local", "torchrun", "deepspeed"},
     "train.alpha_mode": {"stable", "official"},
-    "train.zero_stage": {0, 1, 2, 3},
+    "train.zero_stage": {0, 1, 2, 3, "auto"},
 }
+# Keys that take an integer or the word "auto".
+_INT_OR_AUTO = {"train.zero_stage"}
 _REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs"]
 # Values given relative to a preset file ("./x", "../x") are resolved against the preset's folder.
 _PATH_KEYS = {"model.policy", "model.reference", "data.prompts", "data.eval_prompts",
@@ -312,6 +322,10 @@ def _check_splits(flat: dict[str, Any]) -> None:
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
+    if key in _INT_OR_AUTO:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        raise ConfigError(f"{key}: expected an integer or auto, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -380,7 +394,7 @@ def validate(cfg: Config) -> None:
     _check_splits(flat)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
-            raise ConfigError(f"{key}: {flat[key]!r} is not one of {sorted(allowed)}")
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {sorted(allowed, key=str)}")
     checks = [
         ("run.name", bool(cfg.run.name.strip()), "must not be empty"),
         ("run.rounds", cfg.run.rounds >= 1, "must be >= 1"),

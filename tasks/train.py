@@ -163,6 +163,7 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         shutil.rmtree(partial)
     metrics_path = work / "metrics.jsonl"
     t = cfg.train
+    zero_stage = t.zero_stage_for(None if t.hostfile else t.nproc)
     spec = {
         "model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
         "seed": seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
@@ -170,7 +171,7 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         "gamma_beta_ratio": t.gamma_beta_ratio, "alpha": t.alpha, "alpha_mode": t.alpha_mode,
         "weight_decay": t.weight_decay, "epochs": t.epochs, "max_steps": t.max_steps,
         "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size, "grad_clip": t.grad_clip,
-        "zero_stage": t.zero_stage, "threads": t.threads, "batch_tokens": cfg.score.batch_tokens,
+        "zero_stage": zero_stage, "threads": t.threads, "batch_tokens": cfg.score.batch_tokens,
         "packing": t.packing,
         "mrpo_references": t.mrpo_reference_list(), "mrpo_eta": t.mrpo_eta, "mrpo_alpha": t.mrpo_alpha,
         "mrpo_convention": t.mrpo_convention, "mrpo_naive": t.mrpo_naive,
@@ -200,7 +201,8 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     cmd = launch_command(t.launcher, t.nproc, spec_path, hostfile=t.hostfile, master_addr=t.master_addr,
                          master_port=t.master_port)
     where = f"the hosts of {t.hostfile}" if t.hostfile else f"{t.nproc} process(es)"
-    log(f"train: launching {where} with {t.launcher}, ZeRO-{t.zero_stage}")
+    auto = f" ({t.zero_stage})" if t.zero_stage == "auto" else ""
+    log(f"train: launching {where} with {t.launcher}, ZeRO-{zero_stage}{auto}")
     with open(work / "worker.log", "w") as logf:
         proc = subprocess.Popen(cmd, env=worker_env(single_node=not t.hostfile), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

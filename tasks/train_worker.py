@@ -46,7 +46,7 @@ import torch.distributed as dist
 from selfalign.kernels.logps import sequence_logps
 from selfalign.kernels.losses import (PAIR_LOSSES, AlphaDPOState, alpha_dpo_loss, expectile_loss, hpo_loss,
                                       mrpo_loss, simpo_loss)
-from selfalign.kernels.packing import pack
+from selfalign.kernels.packing import pack, to_device
 from selfalign.tasks import artifacts, refcache
 from selfalign.tasks.data import encode_prompt, encode_response, load_hook, load_tokenizer
 from selfalign.tasks.score import (collate, fused_head_ok, load_model, logps_of, packed_logps, packing_path,
@@ -363,20 +363,43 @@ FAULT_INF_GRAD_STEP = "SELFALIGN_FAULT_INF_GRAD_STEP"
 FAULT_INF_GRAD_PARAM = "SELFALIGN_FAULT_INF_GRAD_PARAM"
 
 
+class RowColumns:
+    """The numbers of the training pairs that the loss reads (reference log-probs, MRPO's other
+    references, HPO's auxiliary rewards and prompt lengths), one device tensor per key, copied once;
+    `get(key, idx)` selects a micro-batch's rows by a device index, with no copy from the host."""
+
+    def __init__(self, rows: list[dict], loss_name: str, device):
+        keys = {"ref_chosen_logp": torch.float32, "ref_rejected_logp": torch.float32}
+        if loss_name == "mrpo":
+            keys |= {"mrpo_ref_chosen_logps": torch.float32, "mrpo_ref_rejected_logps": torch.float32}
+        if loss_name == "hpo":
+            keys |= {"aux_chosen": torch.float32, "aux_rejected": torch.float32}
+        self.cols = {k: to_device(torch.tensor([r[k] for r in rows], dtype=dt), device) for k, dt in keys.items()}
+        if loss_name == "hpo":
+            lens = torch.tensor([len(r["prompt_ids"]) for r in rows], dtype=torch.long)
+            self.cols["prompt_len"] = to_device(lens, device)
+
+    def get(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        return self.cols[key].index_select(0, idx)
+
+
 class GradGuard:
-    """Stops training on a NaN or inf gradient before any optimizer applies it, whatever the ZeRO
-    stage. A hook on every trainable parameter (policy and HPO value head) sees that parameter's
+    """Stops training on a NaN or inf loss or gradient before any optimizer applies it, whatever the
+    ZeRO stage. A hook on every trainable parameter (policy and HPO value head) sees that parameter's
     gradient as backward produces it on this rank, before DeepSpeed reduces, partitions or clips it
     (after which a non-finite value would spread, or under ZeRO-0 turn into NaN through the clipping
-    coefficient), and adds its norm to a per-parameter total for the optimiser step; nothing leaves
-    the device there. `check`, called by every rank after the step's last backward and before
-    `engine.step()`, gathers the totals of all ranks, so every rank takes the same decision and raises
-    the same message. A gradient that is finite on every rank can still overflow in the reduction;
-    DeepSpeed's global norm, checked after the step, catches that case (ZeRO-1/2 skip the update)."""
+    coefficient), and writes its norm into the slot of (micro-batch, parameter): one kernel, nothing
+    leaves the device there. The micro-batches' losses stay on the device too. `check`, called by every
+    rank after the step's last backward and before `engine.step()`, gathers the losses and norms of all
+    ranks and reads them in one copy (the step's only wait for the device), so every rank takes the
+    same decision and raises the same message. A gradient that is finite on every rank can still
+    overflow in the reduction; DeepSpeed's global norm, checked after the step, catches that case
+    (ZeRO-1/2 skip the update)."""
 
-    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], device, rank: int, world: int):
+    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], device, rank: int, world: int, n_micro: int = 1):
         self.names, self.rank, self.world = [n for n, _ in named], rank, world
-        self.norms = torch.zeros(len(named), dtype=torch.float32, device=device)
+        self.norms = torch.zeros(n_micro, len(named), dtype=torch.float32, device=device)
+        self.slot = 0  # the micro-batch whose backward runs
         self.fault_step, self.target, self.step = int(os.environ.get(FAULT_INF_GRAD_STEP, 0)), -1, 0
         if self.fault_step:
             target = os.environ.get(FAULT_INF_GRAD_PARAM) or self.names[0]
@@ -390,19 +413,35 @@ class GradGuard:
         if i == self.target and self.step + 1 == self.fault_step and self.rank == self.world - 1:
             g = g.clone()
             g.view(-1)[0] = math.inf
-        self.norms[i] += torch.linalg.vector_norm(g).float()
+        torch.linalg.vector_norm(g, dtype=torch.float32, out=self.norms[self.slot, i])
         return g
 
     def begin(self, step: int) -> None:
-        self.step = step
+        self.step, self.slot = step, 0
         self.norms.zero_()
 
-    def check(self, steps: int, kept: str) -> None:
-        parts = [self.norms]
+    def micro(self, m: int) -> None:
+        """The next backward is the step's micro-batch `m` (0-based) on this rank."""
+        self.slot = m
+
+    def check(self, steps: int, kept: str, losses: torch.Tensor | None = None) -> None:
+        """`losses`: this rank's micro-batch losses of the step (on the device)."""
+        n_loss = 0 if losses is None else len(losses)
+        mine = self.norms.sum(0)  # NaN or inf if any micro-batch's was
+        if losses is not None:
+            mine = torch.cat([losses.detach().float().reshape(-1), mine])
+        parts = [mine]
         if self.world > 1:
-            parts = [torch.empty_like(self.norms) for _ in range(self.world)]
-            dist.all_gather(parts, self.norms)
-        norms = torch.stack(parts).cpu()  # (rank, parameter)
+            parts = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(parts, mine)
+        got = torch.stack(parts).cpu()  # (rank, losses | parameters)
+        loss_vals, norms = got[:, :n_loss], got[:, n_loss:]
+        bad = (~torch.isfinite(loss_vals)).nonzero().tolist()
+        if bad:
+            r, m = bad[0]
+            on = f" on rank {r}" if self.world > 1 else ""
+            raise NonFiniteLoss(f"train: non-finite loss {loss_vals[r, m].item()}{on} at step {self.step + 1}/{steps} "
+                                f"(micro-batch {m + 1} of {n_loss}); the round's model is not written; {kept}")
         bad = (~torch.isfinite(norms)).nonzero().tolist()
         if bad:
             r, i = bad[0]
@@ -621,10 +660,12 @@ def main(spec_path: str) -> None:
         vhead = value_head(hidden_size, engine.device)
         vopt = torch.optim.AdamW(vhead.parameters(), lr=spec["hpo_value_lr"], weight_decay=0.0)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    policy_params = [p for _, p in trainable]
     if vhead is not None:
         trainable += [(f"value_head.{n}", p) for n, p in vhead.named_parameters()]
-    guard = GradGuard(trainable, engine.device, rank, world)
     B, mb = spec["batch_size"], spec["micro_batch_size"]
+    n_micro = max(1, math.ceil(len(range(rank, B, world)) / mb))  # micro-batches per step on this rank
+    guard = GradGuard(trainable, engine.device, rank, world, n_micro)
     steps = spec["max_steps"] or max(1, math.ceil(spec["epochs"] * len(rows) / B))
     stream = _index_stream(len(rows), steps * B, spec["seed"])
     objective = Objective(spec, world)
@@ -642,14 +683,24 @@ def main(spec_path: str) -> None:
              "logps/chosen", "logps/rejected"]
     if loss_name == "hpo":
         names += ["value_loss", "aux/chosen", "aux/rejected", "value/mean"]
+    # The pairs' numbers and the index stream go to the device once: a micro-batch selects its rows
+    # there. Each tensor built from a Python list per micro-batch was a copy from pageable memory,
+    # which waits for the device; so did reading a loss or the statistics back. A step now reads the
+    # device once (GradGuard.check), and the host runs ahead of the device in between.
+    cols = RowColumns(rows, loss_name, device)
+    stream_dev = to_device(torch.tensor(stream, dtype=torch.long), device)
+    own_norm = spec["zero_stage"] == 0 and spec["dtype"] != "bfloat16"  # DeepSpeed reports no norm there
     t0 = time.time()
     for step in range(start, steps):
-        step_idx = stream[step * B:(step + 1) * B][rank::world]
-        n_micro = max(1, math.ceil(len(step_idx) / mb))
-        acc = torch.zeros(len(names), dtype=torch.float64)
+        step_idx = stream_dev[step * B:(step + 1) * B][rank::world]
+        acc = torch.zeros(len(names), dtype=torch.float64, device=device)
+        losses_of_step = []
         guard.begin(step)
-        for m in range(0, len(step_idx), mb):
-            batch = [rows[i] for i in step_idx[m:m + mb]]
+        host_idx = stream[step * B:(step + 1) * B][rank::world]
+        for k, m in enumerate(range(0, len(step_idx), mb)):
+            guard.micro(k)
+            idx = step_idx[m:m + mb]
+            batch = [rows[i] for i in host_idx[m:m + mb]]
             seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in batch] + [(r["prompt_ids"], r["rejected_ids"]) for r in batch]
             if path:  # the micro-batch's chosen and rejected sequences in one padding-free row
                 packed = pack(seqs, device)
@@ -658,28 +709,27 @@ def main(spec_path: str) -> None:
             else:
                 inputs, kw = collate(seqs, tok.pad_token_id, device), {}
                 prompt_end = torch.zeros(len(batch), dtype=torch.long, device=device)
-            col = lambda key: torch.tensor([r[key] for r in batch], dtype=torch.float32, device=device)
             if loss_name == "hpo":
                 # V(x) from the chosen sequences' last prompt position (the prompt is shared)
-                value_at = prompt_end + torch.tensor([len(r["prompt_ids"]) - 1 for r in batch], device=device)
+                value_at = prompt_end + cols.get("prompt_len", idx) - 1
                 logps, counts, feats = engine(*inputs, value_at=value_at, **kw)
                 values = vhead(feats.float()).squeeze(-1)
             else:
                 logps, counts = engine(*inputs, **kw)
             pc, pr = logps[:len(batch)], logps[len(batch):]
             nc, nr = counts[:len(batch)].to(pc.dtype), counts[len(batch):].to(pc.dtype)
-            rc, rr = col("ref_chosen_logp").to(pc.dtype), col("ref_rejected_logp").to(pc.dtype)
-            extra: list[float] = []
+            rc, rr = cols.get("ref_chosen_logp", idx).to(pc.dtype), cols.get("ref_rejected_logp", idx).to(pc.dtype)
+            extra: list[torch.Tensor] = []
             if loss_name == "mrpo":
                 # (K, B): row 0 the primary reference (pi_{r-1}), then the additional ones
-                rc = torch.cat([rc[None], col("mrpo_ref_chosen_logps").T.to(pc.dtype)])
-                rr = torch.cat([rr[None], col("mrpo_ref_rejected_logps").T.to(pc.dtype)])
+                rc = torch.cat([rc[None], cols.get("mrpo_ref_chosen_logps", idx).T.to(pc.dtype)])
+                rr = torch.cat([rr[None], cols.get("mrpo_ref_rejected_logps", idx).T.to(pc.dtype)])
             if loss_name == "hpo":
-                aux_c, aux_r = col("aux_chosen"), col("aux_rejected")
+                aux_c, aux_r = cols.get("aux_chosen", idx), cols.get("aux_rejected", idx)
                 losses, cr, rj = objective(pc, pr, rc, rr, nc, nr, aux_c, aux_r, values.detach())
                 v_loss = objective.value_loss(values, aux_c, aux_r)
                 (v_loss / n_micro).backward()  # the head's own graph: features are detached
-                extra = [v_loss.item(), aux_c.mean().item(), aux_r.mean().item(), values.mean().item()]
+                extra = [v_loss.detach(), aux_c.mean(), aux_r.mean(), values.detach().mean()]
             else:
                 losses, cr, rj = objective(pc, pr, rc, rr, nc, nr)
             loss = losses.mean()
@@ -689,19 +739,20 @@ def main(spec_path: str) -> None:
                 loss = loss + spec["rpo_alpha"] * (-pc.sum() / nc.sum())
             if fault_step == step + 1:
                 loss = loss * math.nan
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"train: non-finite loss {loss.item()} at step {step + 1}/{steps} "
-                                    f"(micro-batch {m // mb + 1} of {n_micro}); the round's model is not "
-                                    f"written; {kept()}")
+            losses_of_step.append(loss.detach())
             engine.backward(loss)
             if m + mb >= len(step_idx):  # the step's last backward: the optimizers step next
-                guard.check(steps, kept())
+                if own_norm:
+                    grads = [p.grad for p in policy_params if p.grad is not None]
+                    step_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+                guard.check(steps, kept(), torch.stack(losses_of_step))
             engine.step()
-            stats = torch.stack([x.detach().double() for x in (loss, cr.mean(), rj.mean(), (cr - rj).mean(),
-                                 (cr > rj).float().mean(), pc.mean(), pr.mean())]).cpu()  # one copy to the host, not seven
-            acc += torch.cat([stats, torch.tensor(extra, dtype=torch.float64)])
+            acc += torch.stack([x.detach().double() for x in (loss, cr.mean(), rj.mean(), (cr - rj).mean(),
+                                (cr > rj).float().mean(), pc.mean(), pr.mean(), *extra)])
         acc /= n_micro
         grad_norm = engine.get_global_grad_norm()
+        if grad_norm is None and own_norm:
+            grad_norm = step_norm
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             raise NonFiniteLoss(f"train: non-finite gradient norm {float(grad_norm)} at step {step + 1}/{steps}; "
                                 f"the round's model is not written; {kept()}")

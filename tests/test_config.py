@@ -16,7 +16,9 @@ def test_demo_preset_resolves_paths_relative_to_the_preset():
     assert cfg.generate.k == 8 and cfg.run.rounds == 3
     assert cfg.train.lr == 2e-5 and isinstance(cfg.train.epochs, float)
     # defaults of keys the preset leaves out are the DICE ones
-    assert cfg.train.zero_stage == 2 and cfg.score.reference == "previous"
+    assert cfg.train.zero_stage == "auto" and cfg.score.reference == "previous"
+    # auto: nothing to partition on one process; several (or a hostfile's hosts) get ZeRO-2
+    assert [cfg.train.zero_stage_for(w) for w in (1, 2, None)] == [0, 2, 2]
 
 
 def test_dotted_overrides_are_typed():
@@ -86,7 +88,8 @@ BAD_VALUES = [  # (override on the demo preset, what the error says: the key and
     ("--train.batch_size=10", "train.batch_size: 10 must be a multiple of micro_batch_size * nproc = 16"),
     ("--train.micro_batch_size=0", "train.micro_batch_size: 0 must be >= 1"),
     ("--train.nproc=0", "train.nproc: 0 must be >= 1"),
-    ("--train.zero_stage=4", "train.zero_stage: 4 is not one of [0, 1, 2, 3]"),
+    ("--train.zero_stage=4", "train.zero_stage: 4 is not one of [0, 1, 2, 3, 'auto']"),
+    ("--train.zero_stage=two", "train.zero_stage: expected an integer or auto, got 'two'"),
     ("--train.launcher=mpi", "train.launcher: 'mpi'"),
     ("--guard.min_pair_accuracy=1.5", "guard.min_pair_accuracy: 1.5 must be in [0, 1]"),
     ("--evaluate.samples=-1", "evaluate.samples: -1 must be >= 0"),

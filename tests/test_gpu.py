@@ -29,6 +29,25 @@ def test_deepspeed_training_on_cuda(tiny_model, tmp_path, replay_pairs, zero_sta
     assert (tmp_path / "model" / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_auto_zero_stage_on_one_gpu_trains_like_zero2(tiny_model, tmp_path, replay_pairs, dtype):
+    """The default (auto) on one GPU is ZeRO-0 (bf16: DeepSpeed's bf16 optimizer): the same
+    losses and gradient norms as ZeRO-2, within bf16 rounding."""
+    from selfalign.tasks.train import run_train
+
+    runs, said = {}, []
+    for stage in ("auto", 2):
+        cfg = _cfg(tiny_model, tmp_path / str(stage), **{"train.zero_stage": stage, "model.dtype": dtype})
+        runs[stage] = run_train(cfg, tiny_model, replay_pairs(str(stage)), tmp_path / str(stage) / "model", seed=0,
+                                log=said.append)
+    assert any("ZeRO-0 (auto)" in m for m in said), said
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for a, b in zip(runs["auto"], runs[2], strict=True):
+        assert math.isfinite(a["grad_norm"])
+        assert a["loss"] == pytest.approx(b["loss"], abs=tol)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=tol)
+
+
 def test_cuda_scores_match_cpu(tiny_model):
     import torch
 

@@ -56,11 +56,12 @@ def test_8gpu_preset_is_the_dice_setting():
 
 
 def test_gpu_presets_state_their_memory():
-    for name, stage in (("h100_1b.yaml", "ZeRO-2"), ("8gpu_8b.yaml", "ZeRO-3")):
+    for name, stage in (("h100_1b.yaml", "ZeRO-0"), ("8gpu_8b.yaml", "ZeRO-3")):
         text = (ROOT / "deploy" / "presets" / name).read_text()
         assert "Expected memory" in text and stage in text and "gpu_memory_utilization" in text, name
     cfg = load_config(ROOT / "deploy" / "presets" / "h100_1b.yaml")
-    assert (cfg.train.zero_stage, cfg.train.nproc, cfg.model.dtype) == (2, 1, "bfloat16")
+    assert (cfg.train.zero_stage, cfg.train.nproc, cfg.model.dtype) == ("auto", 1, "bfloat16")
+    assert cfg.train.zero_stage_for(cfg.train.nproc) == 0
 
 
 @pytest.mark.parametrize("name", ["h100_1b.yaml", "8gpu_8b.yaml"])

@@ -12,15 +12,33 @@ from selfalign.flows.config import load_config
 from selfalign.tasks.train import run_train
 
 
-def _train(tiny_model, tmp_path, replay_pairs, name, **over):
+def _train(tiny_model, tmp_path, replay_pairs, name, log=None, **over):
     cfg = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
                              "data.eval_prompts": "e", "data.offline_pairs": "o", "run.dir": str(tmp_path),
                              "train.lr": 1e-3, "train.max_steps": 3, "train.batch_size": 4,
                              "train.micro_batch_size": 2} | over)
     out = tmp_path / name / "model"
     out.parent.mkdir()
-    steps = run_train(cfg, tiny_model, replay_pairs(name), out, seed=0, log=lambda m: None)
+    steps = run_train(cfg, tiny_model, replay_pairs(name), out, seed=0, log=log or (lambda m: None))
     return steps, load_file(out / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_auto_zero_stage_runs_zero0_on_one_process_and_trains_like_zero2(tiny_model, tmp_path, replay_pairs):
+    """train.zero_stage auto (the default) on one process: ZeRO-0, which DeepSpeed gives no gradient
+    norm for in fp32 (the worker computes it); the same losses, norms and weights as ZeRO-2."""
+    said: list[str] = []
+    steps0, w0 = _train(tiny_model, tmp_path, replay_pairs, "auto", log=said.append)
+    steps2, w2 = _train(tiny_model, tmp_path, replay_pairs, "z2", **{"train.zero_stage": 2})
+    assert any("ZeRO-0 (auto)" in m for m in said), said
+    assert len(steps0) == len(steps2) == 3
+    for a, b in zip(steps0, steps2):
+        assert math.isfinite(a["grad_norm"]) and a["grad_norm"] > 0
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+        assert a["rewards/margins"] == pytest.approx(b["rewards/margins"], abs=1e-6)
+    for k in w2:
+        torch.testing.assert_close(w0[k], w2[k], atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.slow
