@@ -685,8 +685,9 @@ def main(spec_path: str) -> None:
         names += ["value_loss", "aux/chosen", "aux/rejected", "value/mean"]
     # The pairs' numbers and the index stream go to the device once: a micro-batch selects its rows
     # there. Each tensor built from a Python list per micro-batch was a copy from pageable memory,
-    # which waits for the device; so did reading a loss or the statistics back. A step now reads the
-    # device once (GradGuard.check), and the host runs ahead of the device in between.
+    # which waits for the device; so did reading a loss or the statistics back. Within a step the host
+    # now runs ahead of the device: it reads back before the optimizer step (GradGuard.check) and at
+    # the step's end (gradient norm, statistics) only.
     cols = RowColumns(rows, loss_name, device)
     stream_dev = to_device(torch.tensor(stream, dtype=torch.long), device)
     own_norm = spec["zero_stage"] == 0 and spec["dtype"] != "bfloat16"  # DeepSpeed reports no norm there
