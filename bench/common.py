@@ -142,6 +142,22 @@ def logit_cases(shapes: str, seed: int) -> list[tuple[str, Any]]:
     return cases
 
 
+def add_logit_args(ap, shapes: str) -> None:
+    """The options of the benchmarks that time one sampling step on `logit_cases`."""
+    ap.add_argument("--shapes", default=shapes, help="rows x vocabulary, comma-separated")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke test)")
+
+
+def median_ms(sides: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """One warm-up call of each side, then `reps` alternating repetitions: each side's median, in ms."""
+    for f in sides.values():
+        f()
+    return {k: 1e3 * median(t) for k, t in alternate(sides, reps).items()}
+
+
 def load_average() -> float:
     try:
         return float(Path("/proc/loadavg").read_text().split()[0])

@@ -29,12 +29,8 @@ import common  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="256x32000,64x128256", help="rows x vocabulary, comma-separated")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=5)
+    common.add_logit_args(ap, shapes="256x32000,64x128256")
     ap.add_argument("--check-draws", type=int, default=20000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke test)")
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.reps, args.check_draws = "8x1000", 1, 2000
@@ -57,11 +53,7 @@ def main() -> None:
 
     totals = {"ours": 0.0, "baseline": 0.0}
     for name, x in cases:
-        sides = {"ours": lambda: ours(x), "baseline": lambda: vllm(x)}
-        for f in sides.values():  # warm-up
-            f()
-        times = common.alternate(sides, args.reps)
-        ms = {k: 1e3 * common.median(t) for k, t in times.items()}
+        ms = common.median_ms({"ours": lambda: ours(x), "baseline": lambda: vllm(x)}, args.reps)
         # Frequencies of one row drawn --check-draws times (in batches of ~16 MB), against its softmax.
         step = max(1, (1 << 22) // x.shape[1])
         row = x[:1].expand(step, -1).contiguous()

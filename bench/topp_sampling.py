@@ -29,12 +29,8 @@ import common  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="64x32000,256x128256", help="rows x vocabulary, comma-separated")
+    common.add_logit_args(ap, shapes="64x32000,256x128256")
     ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke test)")
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.reps = "8x1000", 1
@@ -54,10 +50,7 @@ def main() -> None:
         p = torch.full((x.shape[0],), args.top_p)
         sides = {"ours": lambda: top_p_filter(x.clone(), p, inplace=True),
                  "baseline": lambda: apply_top_k_top_p_pytorch(x.clone(), None, p)}
-        for f in sides.values():  # warm-up
-            f()
-        times = common.alternate(sides, args.reps)
-        ms = {k: 1e3 * common.median(t) for k, t in times.items()}
+        ms = common.median_ms(sides, args.reps)
         t = time.perf_counter()
         x.clone()
         clone_ms = 1e3 * (time.perf_counter() - t)

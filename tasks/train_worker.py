@@ -424,12 +424,11 @@ class GradGuard:
         """The next backward is the step's micro-batch `m` (0-based) on this rank."""
         self.slot = m
 
-    def check(self, steps: int, kept: str, losses: torch.Tensor | None = None) -> None:
+    def check(self, steps: int, kept: str, losses: torch.Tensor) -> None:
         """`losses`: this rank's micro-batch losses of the step (on the device)."""
-        n_loss = 0 if losses is None else len(losses)
-        mine = self.norms.sum(0)  # NaN or inf if any micro-batch's was
-        if losses is not None:
-            mine = torch.cat([losses.detach().float().reshape(-1), mine])
+        n_loss = len(losses)
+        # a parameter's norms summed over the micro-batches: NaN or inf if any micro-batch's was
+        mine = torch.cat([losses.detach().float().reshape(-1), self.norms.sum(0)])
         parts = [mine]
         if self.world > 1:
             parts = [torch.empty_like(mine) for _ in range(self.world)]
