@@ -273,6 +273,10 @@ _CHOICES = {
 }
 # Keys that take an integer or the word "auto".
 _INT_OR_AUTO = {"train.zero_stage"}
+# train.loss: the pair losses of kernels/losses.PAIR_LOSSES and the three with their own trainers
+# (named here so that checking a config does not import torch; tests/test_config.py compares).
+LOSSES = sorted(["dpo", "cdpo", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair",
+                 "apo_zero", "apo_down", "discopop", "sigmoid_norm", "aot", "simpo"]) + ["alpha_dpo", "mrpo", "hpo"]
 _REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs"]
 # Values given relative to a preset file ("./x", "../x") are resolved against the preset's folder.
 _PATH_KEYS = {"model.policy", "model.reference", "data.prompts", "data.eval_prompts",
@@ -453,12 +457,9 @@ def validate(cfg: Config) -> None:
         # Not echoed: a value that is no variable name may be the key itself, pasted by mistake.
         raise ConfigError("evaluate.judge_api_key_env must be the NAME of an environment variable holding the key "
                           "(letters, digits, _), not the key")
-    from selfalign.kernels.losses import PAIR_LOSSES
-
     t = cfg.train
-    losses = sorted(PAIR_LOSSES) + ["alpha_dpo", "mrpo", "hpo"]
-    if t.loss not in losses:
-        raise ConfigError(f"train.loss: {t.loss!r} is not a known loss (known: {', '.join(losses)})")
+    if t.loss not in LOSSES:
+        raise ConfigError(f"train.loss: {t.loss!r} is not a known loss (known: {', '.join(LOSSES)})")
     if t.loss == "cdpo" and t.label_smoothing == 0:
         raise ConfigError("train.label_smoothing: 0.0 must be > 0 for train.loss=cdpo")
     _validate_mrpo_hpo(t)

@@ -36,7 +36,6 @@ from selfalign.tasks.evaluate import run_evaluate
 from selfalign.tasks.generate import run_generate, run_vllm
 from selfalign.tasks.judge import Judge, judge_round
 from selfalign.tasks.pairs import run_pairs
-from selfalign.tasks.score import extra_references, run_score, run_score_worker
 from selfalign.tasks.tracking import (MetricLogger, check_options, local_uri, log_round_model, make_logger,
                                       resolve_uri)
 from selfalign.tasks.train import checkpoint_dir, run_train
@@ -71,6 +70,8 @@ def generate_worker_task(job: dict, job_path: Path, kv_cache_gib: float, worker:
 @task(name="score-worker", cache_policy=NO_CACHE, task_run_name="score-worker-{worker}")
 def score_worker_task(job: dict, job_path: Path, worker: int) -> Path:
     """One scoring worker: its share of the batches, under every model of the score stage."""
+    from selfalign.tasks.score import run_score_worker
+
     return run_score_worker(job, job_path, _log())
 
 
@@ -102,6 +103,8 @@ def generate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
 def _mrpo_key(cfg: Config) -> dict[str, Any]:
     """MRPO's additional references, as stage inputs (score scores them, train fills replay pairs);
     absent for other losses, so their stage keys stay as they were."""
+    from selfalign.tasks.score import extra_references
+
     refs = extra_references(cfg)
     return {"mrpo_references": [[artifacts.input_token(m), t] for m, t in refs]} if refs else {}
 
@@ -109,6 +112,8 @@ def _mrpo_key(cfg: Config) -> dict[str, Any]:
 @task(name="score", cache_policy=NO_CACHE)
 def score_task(cfg: Config, r: int, samples: Path, policy: str, reference: str,
                heldout: list[dict[str, str]]) -> tuple[Path, dict]:
+    from selfalign.tasks.score import run_score
+
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "scores.parquet"
     key = {"config": cfg.section_hash("model", "score", "data"), "samples": artifacts.input_token(samples),
@@ -316,6 +321,8 @@ def run_flow(config: dict) -> dict:
     # The run's MLflow run is opened in a thread (MLflow's import, the store, the run and its params:
     # 2-3 s) while round 0's evaluation runs: that is a vLLM process, and this one only waits on it.
     opening = _in_thread("selfalign-mlflow", _open_tracker, cfg)
+    if cfg.run.rounds > 0:
+        _in_thread("selfalign-imports", _import_scoring, opening)
     tracker = data = None
     rows = []
     try:
@@ -363,6 +370,20 @@ def run_flow(config: dict) -> dict:
         raise
     log(f"final model: {policy}")
     return summary
+
+
+def _import_scoring(after: concurrent.futures.Future) -> None:
+    """Once `after` is done, imports what round 1's scoring stage runs in this process (torch,
+    transformers' model classes, the scorer: ~1.5 s of one core). Called in a thread during round 0's
+    evaluation, a vLLM process this one only waits on; the command line's start no longer imports
+    them (tasks/data.load_tokenizer)."""
+    import importlib
+
+    from selfalign.tasks.data import import_loaders
+
+    concurrent.futures.wait([after])  # not beside MLflow's imports: one interpreter runs one at a time
+    import_loaders(models=True)
+    importlib.import_module("selfalign.tasks.score")
 
 
 def _open_tracker(cfg: Config):

@@ -296,10 +296,28 @@ def context_length(model: str, max_model_len: int = 0, trust_remote_code: bool =
     `max_position_embeddings` (0 when the config names none: then lengths are not checked)."""
     if max_model_len > 0:
         return max_model_len
+    n = None if trust_remote_code else _positions_in_config_file(model)
+    if n is not None:
+        return n
     from transformers import AutoConfig
 
     conf = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config()
     return int(getattr(conf, "max_position_embeddings", 0) or 0)
+
+
+def _positions_in_config_file(model: str) -> int | None:
+    """`max_position_embeddings` as written in a local model's config.json, when that file is a plain
+    text model's (no nested sub-config, where a multimodal model keeps its text model's); None
+    otherwise, and the config class decides (AutoConfig: its import alone takes ~1.5 s, as it pulls
+    in torch and transformers' generation code, which a check of the datasets does not need)."""
+    try:
+        raw = json.loads((Path(model) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict) or any(isinstance(v, dict) and k.endswith("config") for k, v in raw.items()):
+        return None
+    n = raw.get("max_position_embeddings")
+    return n if type(n) is int and n >= 0 else None
 
 
 DATASETS = {"prompts": load_prompts, "eval_prompts": load_prompts, "offline_pairs": load_pairs,
@@ -370,25 +388,84 @@ def _stamp(source: str) -> str:
 
 
 def import_loaders(models: bool = False) -> None:
-    """Imports what `load_data` and `load_tokenizer` always use (transformers' auto classes, pyarrow),
-    and with `models` the model class loader too, so that a process can freeze its imported objects
-    before any data or model is read (`tasks.procs.freeze_imports`)."""
+    """Imports what `load_data` and `load_tokenizer` use (pyarrow, transformers' tokenizer base class),
+    and with `models` the auto classes and the model class loader too, so that a process can freeze
+    its imported objects before any data or model is read (`tasks.procs.freeze_imports`)."""
     import pyarrow.parquet  # noqa: F401
-    from transformers import AutoConfig, AutoTokenizer  # noqa: F401
+    import transformers.tokenization_utils_tokenizers  # noqa: F401
 
     if models:
-        from transformers import AutoModelForCausalLM  # noqa: F401
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
+    """The tokenizer `AutoTokenizer.from_pretrained(path)` gives. For a local directory the class it
+    resolved is remembered (`_tokenizer_class_file`) and later loads instantiate that class directly:
+    importing AutoTokenizer pulls in torch and transformers' model and generation code (~1.5 s of the
+    command line's start, before its dataset checks), which a tokenizer does not use."""
+    tok = None if trust_remote_code else _tokenizer_of_known_class(path)
+    if tok is None:
+        from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if not trust_remote_code:
+            _remember_tokenizer_class(path, type(tok))
     if tok.chat_template is None:
         raise DataError(f"{path}: the tokenizer has no chat template")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def _tokenizer_class_file(path: str) -> Path | None:
+    """Where the tokenizer class that AutoTokenizer resolved for the local model directory `path` is
+    kept: a file in the user cache (tasks/artifacts.cache_dir) named by the directory's real path,
+    the size and time of every file in it, and the transformers version. None for anything but a
+    local directory (a hub id: AutoTokenizer every time)."""
+    import hashlib
+    from importlib.metadata import version
+
+    from selfalign.tasks.artifacts import cache_dir
+
+    try:
+        d = Path(path).resolve()
+        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(d) if e.is_file())
+    except (OSError, ValueError):
+        return None
+    key = json.dumps([str(d), files, version("transformers")])
+    return cache_dir("tokenizer-class") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
+
+
+def _tokenizer_of_known_class(path: str) -> Any | None:
+    """The tokenizer of `path` from the class remembered for it, or None (nothing remembered, or it
+    cannot be used: then AutoTokenizer decides again)."""
+    import importlib
+
+    f = _tokenizer_class_file(path)
+    if f is None or not f.is_file():
+        return None
+    try:
+        known = json.loads(f.read_text(encoding="utf-8"))
+        module, name = known["module"], known["name"]
+        if not module.startswith("transformers."):  # only the library's own classes, never remote code
+            return None
+        cls = getattr(importlib.import_module(module), name)
+        return cls.from_pretrained(path, _from_auto=True)  # what AutoTokenizer passes to the class it picks
+    except Exception:  # noqa: BLE001 - a stale or odd entry: AutoTokenizer decides, and its error is the one shown
+        return None
+
+
+def _remember_tokenizer_class(path: str, cls: type) -> None:
+    f = _tokenizer_class_file(path)
+    if f is None or not cls.__module__.startswith("transformers."):
+        return
+    try:
+        from selfalign.tasks.artifacts import write_json
+
+        f.parent.mkdir(parents=True, exist_ok=True)
+        write_json(f, {"module": cls.__module__, "name": cls.__qualname__})
+    except OSError:  # a read-only cache: every load resolves the class again
+        pass
 
 
 def load_hook(spec: str, key: str):

@@ -31,10 +31,7 @@ from selfalign.tasks import artifacts
 
 def default_dir() -> Path:
     """$SELFALIGN_CACHE_DIR/ref-logps, else $XDG_CACHE_HOME (or ~/.cache)/selfalign/ref-logps."""
-    if os.environ.get("SELFALIGN_CACHE_DIR"):
-        return Path(os.environ["SELFALIGN_CACHE_DIR"]) / "ref-logps"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "selfalign" / "ref-logps"
+    return artifacts.cache_dir("ref-logps")
 
 
 def resolve_dir(setting: str) -> Path | None:

@@ -83,6 +83,13 @@ def test_every_configurable_loss_is_covered():
     assert set(AT_REFERENCE) == set(PAIR_LOSSES) | {"alpha_dpo", "mrpo", "hpo"}
 
 
+def test_the_config_knows_every_loss_the_trainer_has():
+    from selfalign.flows.config import LOSSES
+    from selfalign.kernels.losses import PAIR_LOSSES
+
+    assert LOSSES == sorted(PAIR_LOSSES) + ["alpha_dpo", "mrpo", "hpo"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("loss", sorted(AT_REFERENCE))
 def test_one_training_stage_with_each_loss(tiny_model, tmp_path, replay_pairs, loss):
