@@ -450,7 +450,8 @@ def _tokenizer_of_known_class(path: str) -> Any | None:
         if not module.startswith("transformers."):  # only the library's own classes, never remote code
             return None
         cls = getattr(importlib.import_module(module), name)
-        return cls.from_pretrained(path, _from_auto=True)  # what AutoTokenizer passes to the class it picks
+        # as AutoTokenizer calls the class it picks (tests/test_data.py compares the two)
+        return cls.from_pretrained(path, _from_auto=True, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - a stale or odd entry: AutoTokenizer decides, and its error is the one shown
         return None
 

@@ -467,3 +467,132 @@ def test_cli_server_arguments_are_checked(args, says, capsys):
 
     assert main(["server", *args]) == 2
     assert capsys.readouterr().err.strip() == says
+
+
+def _llama_tokenizer_dir(path: Path) -> str:
+    """A small LlamaTokenizer (a class of its own, picked by AutoTokenizer from tokenizer_config.json)
+    with a Llama config and a chat template, saved to `path`."""
+    from transformers import LlamaConfig, LlamaTokenizer
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in ["\u2581", *"abcdefghijklmnopqrstuvwxyz ?.,0123456789+"]:
+        vocab.setdefault(ch, len(vocab))
+    merges = [("\u2581", "t"), ("h", "e"), ("\u2581t", "he")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    tok = LlamaTokenizer(vocab=vocab, merges=merges)
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+    tok.save_pretrained(path)
+    LlamaConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                num_attention_heads=1, max_position_embeddings=96).save_pretrained(path)
+    return str(path)
+
+
+def _same_tokenizer(a, b) -> bool:
+    from selfalign.tasks.data import encode_response
+
+    texts = ["the cat is here", "What is 1 + 2?", " the  end.", ""]
+    return (type(a) is type(b) and a.chat_template == b.chat_template and a.init_kwargs == b.init_kwargs
+            and (a.eos_token_id, a.pad_token_id, a.bos_token_id) == (b.eos_token_id, b.pad_token_id, b.bos_token_id)
+            and all(a(t)["input_ids"] == b(t)["input_ids"] for t in texts)
+            and all(encode_prompt(a, t) == encode_prompt(b, t) and encode_response(a, t) == encode_response(b, t)
+                    for t in texts))
+
+
+@pytest.mark.parametrize("kind", ["toy", "llama"])
+def test_a_local_tokenizer_loads_as_autotokenizer_picked_it_the_second_time(tmp_path, tiny_model, monkeypatch, kind):
+    """The second load of a local model's tokenizer skips AutoTokenizer (whose import pulls in torch and
+    transformers' model code) and instantiates the class AutoTokenizer resolved the first time: the
+    same class, special tokens, template and token ids."""
+    import transformers
+
+    from selfalign.tasks.data import _tokenizer_class_file, load_tokenizer
+
+    monkeypatch.setenv("SELFALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    path = tiny_model if kind == "toy" else _llama_tokenizer_dir(tmp_path / "llama")
+    first = load_tokenizer(path)
+    assert type(first).__name__ == ("TokenizersBackend" if kind == "toy" else "LlamaTokenizer")
+    assert _tokenizer_class_file(path).is_file()
+    with monkeypatch.context() as m:
+        m.setattr(transformers.AutoTokenizer, "from_pretrained", None)  # not called: a call would raise
+        second = load_tokenizer(path)
+    assert _same_tokenizer(second, first)
+    auto = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    if auto.pad_token_id is None:  # as load_tokenizer sets it
+        auto.pad_token = auto.eos_token
+    assert _same_tokenizer(second, auto)
+
+
+def test_the_remembered_tokenizer_class_follows_the_directory(tmp_path, monkeypatch):
+    """A changed file in the directory, an entry naming a class that is not there, or one outside
+    transformers: AutoTokenizer resolves the class again."""
+    import transformers
+
+    from selfalign.tasks import data
+
+    monkeypatch.setenv("SELFALIGN_CACHE_DIR", str(tmp_path / "cache"))
+    path = _llama_tokenizer_dir(tmp_path / "llama")
+    calls = []
+    auto = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: calls.append(a) or auto(*a, **k))
+    data.load_tokenizer(path)
+    data.load_tokenizer(path)
+    assert len(calls) == 1
+    (Path(path) / "notes.txt").write_text("a new file: another key")
+    data.load_tokenizer(path)
+    assert len(calls) == 2
+    entry = data._tokenizer_class_file(path)
+    for module, name in [("transformers.models.llama.tokenization_llama", "NoSuchTokenizer"),
+                         ("selfalign.tasks.toy", "build_tokenizer")]:
+        entry.write_text(json.dumps({"module": module, "name": name}))
+        assert type(data.load_tokenizer(path)).__name__ == "LlamaTokenizer"
+    assert len(calls) == 4
+    assert data._tokenizer_class_file("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub id: not remembered
+
+
+def test_context_length_is_read_from_config_json_or_left_to_the_config_class(tmp_path, tiny_model, monkeypatch):
+    from transformers import AutoConfig
+
+    from selfalign.tasks import data
+
+    assert data._positions_in_config_file(tiny_model) == 128 == context_length(tiny_model)
+    assert AutoConfig.from_pretrained(tiny_model).max_position_embeddings == 128
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "config.json").write_text(json.dumps({"model_type": "x", "max_position_embeddings": 7,
+                                                    "text_config": {"max_position_embeddings": 4096}}))
+    assert data._positions_in_config_file(str(nested)) is None  # a multimodal model's text model decides
+    (nested / "config.json").write_text(json.dumps({"model_type": "llama"}))  # the class default then
+    assert data._positions_in_config_file(str(nested)) is None
+    assert context_length(str(nested)) == AutoConfig.from_pretrained(str(nested)).max_position_embeddings > 0
+    assert data._positions_in_config_file(str(tmp_path / "absent")) is None
+
+
+def test_checking_the_datasets_imports_neither_torch_nor_model_code(tmp_path, tiny_model):
+    """What the command line does before its flow (config, Prefect's settings, the datasets' checks)
+    on a model whose tokenizer class is known: no torch, no AutoTokenizer, no generation code."""
+    import subprocess
+    import sys
+
+    rows = {"prompts": [P], "eval_prompts": [P], "offline_pairs": [Q]}
+    files = {k: write(tmp_path / f"{k}.jsonl", v) for k, v in rows.items()}
+    script = f"""
+import sys
+from selfalign.flows.config import load_config
+from selfalign.tasks.data import import_loaders, load_data
+cfg = load_config(None, {{"model.policy": {tiny_model!r}, "model.reference": {tiny_model!r},
+                         **{{"data." + k: v for k, v in {files!r}.items()}}}})
+import selfalign.flows.pipeline
+import_loaders()
+data = load_data(cfg)
+assert len(data.prompts) == 1 and len(data.offline_pairs) == 1
+print(sorted(m for m in ("torch", "transformers.models.auto.tokenization_auto", "transformers.generation.utils")
+             if m in sys.modules))
+"""
+    env = dict(__import__("os").environ, SELFALIGN_CACHE_DIR=str(tmp_path / "cache"))
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr
+    assert runs[0].stdout.split("\n")[0] != "[]"  # the first time AutoTokenizer resolves the class
+    assert runs[1].stdout.split("\n")[0] == "[]"
