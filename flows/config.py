@@ -274,7 +274,7 @@ _CHOICES = {
 # Keys that take an integer or the word "auto".
 _INT_OR_AUTO = {"train.zero_stage"}
 # train.loss: the pair losses of kernels/losses.PAIR_LOSSES and the three with their own trainers
-# (named here so that checking a config does not import torch; tests/test_config.py compares).
+# (named here so that checking a config does not import torch; tests/test_train.py compares).
 LOSSES = sorted(["dpo", "cdpo", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair",
                  "apo_zero", "apo_down", "discopop", "sigmoid_norm", "aot", "simpo"]) + ["alpha_dpo", "mrpo", "hpo"]
 _REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs"]
