@@ -64,7 +64,7 @@ class GenerateConfig:
     temperature: float = 0.7       # DICE Zephyr setting
     top_p: float = 0.9
     max_tokens: int = 2048
-    kv_cache_gib: float = 1.0      # vLLM KV cache on CPU (VLLM_CPU_KVCACHE_SPACE)
+    kv_cache_gib: float = 1.0      # vLLM KV cache on CPU, GiB (fractions too)
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = True     # skip torch.compile / CUDA graphs warm-up
     tensor_parallel_size: int = 1

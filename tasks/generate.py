@@ -100,9 +100,16 @@ def engine_env(kv_cache_gib: float, model: str | None = None) -> dict[str, str]:
         # The worker is already our own process: run the engine core inside it (seconds to start
         # instead of a second spawned process).
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-        "VLLM_CPU_KVCACHE_SPACE": str(max(1, int(round(kv_cache_gib)))),
         "TOKENIZERS_PARALLELISM": "false",
     })
+    # The CPU KV cache's size: vLLM's variable takes whole GiB and, when set, overrides the engine's
+    # `kv_cache_memory_bytes`, which our worker passes (the job's `kv_cache_bytes`). So the variable
+    # is set for whole GiB only (also for a `vllm serve` started with this environment); a fraction
+    # reaches the engine through the argument alone.
+    if kv_cache_gib >= 1 and kv_cache_gib == int(kv_cache_gib):
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
+    else:
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     return env
 
 
@@ -125,10 +132,16 @@ def run_worker_process(module: str, job_path: Path, env: dict[str, str], cpus, l
     return proc.wait(), tail
 
 
+def kv_cache_bytes(kv_cache_gib: float) -> int:
+    """`generate.kv_cache_gib` in bytes, as the CPU engine's KV cache size (0.5 is half a GiB)."""
+    return int(kv_cache_gib * 2**30)
+
+
 def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print) -> list[list[dict[str, Any]]]:
     """Run one vLLM job in a subprocess; returns the sample rows of each of its runs. A job of one of
     several workers carries the GPUs it may use (`devices`, CUDA_VISIBLE_DEVICES) or, on CPU, the
     cores its process is pinned to (`cpus`)."""
+    job = dict(job, kv_cache_bytes=kv_cache_bytes(kv_cache_gib))
     artifacts.write_json(job_path, job)
     t0 = time.time()
     env = engine_env(kv_cache_gib, job["model"])
@@ -444,6 +457,8 @@ def _worker(job: dict[str, Any]):
         # split across steps vLLM rewinds that generator's offset, which CPU generators do not
         # support ("CPU Generator does not use offset"). Whole prefills avoid the rewind.
         kwargs["enable_chunked_prefill"] = False
+        if job.get("kv_cache_bytes"):
+            kwargs["kv_cache_memory_bytes"] = job["kv_cache_bytes"]
     if own_top_p:
         kwargs["logits_processors"] = [TOP_P_PROCESSOR]
     llm = LLM(**kwargs)

@@ -156,3 +156,24 @@ def test_vllm_shards_are_the_same_whether_drawn_together_or_alone(tiny_model, tm
         artifacts.mark_done(artifacts.shard_path(alone, i), KEY | {"shard": i})
     generate.run_generate(cfg, tiny_model, PROMPTS, alone, alone.parent, 1, KEY, print)
     assert alone.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("gib, variable", [(1.0, "1"), (2.0, "2"), (0.5, None), (2.5, None)])
+def test_the_kv_cache_size_reaches_the_engine_as_configured(tmp_path, monkeypatch, gib, variable):
+    """generate.kv_cache_gib in bytes, fractions included: the worker's job carries it for the engine's
+    kv_cache_memory_bytes, and vLLM's whole-GiB variable (which would override it) is set only for a
+    whole number, never inherited from the user's shell."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    seen = {}
+
+    def worker(module, job_path, env, cpus, log):
+        seen["job"], seen["env"] = artifacts.read_json(job_path), env
+        return 0, []
+
+    monkeypatch.setattr(generate, "run_worker_process", worker)
+    monkeypatch.setattr(artifacts, "read_table", lambda path: [])
+    job = {"model": str(tmp_path), "prompts": [], "runs": [{"output": str(tmp_path / "out.parquet")}]}
+    generate.run_vllm(job, tmp_path / "job.json", gib, log=lambda m: None)
+    assert seen["job"]["kv_cache_bytes"] == int(gib * 1024 ** 3)
+    assert seen["env"].get("VLLM_CPU_KVCACHE_SPACE") == variable
+    assert "kv_cache_bytes" not in job  # the caller's job is left as it was
