@@ -207,9 +207,9 @@ def database_template() -> Path:
     at every new home (a project's first run, every test's temporary home)."""
     from importlib.metadata import version
 
-    base = os.environ.get("SELFALIGN_CACHE_DIR")
-    root = Path(base) if base else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfalign"
-    return root / "prefect-db" / version("prefect") / "prefect.db"
+    from selfalign.tasks.procs import cache_dir
+
+    return cache_dir("prefect-db") / version("prefect") / "prefect.db"
 
 
 def _database_configured() -> bool:

@@ -15,14 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
-def cache_dir(name: str) -> Path:
-    """The user cache's folder `name`: $SELFALIGN_CACHE_DIR/name, else $XDG_CACHE_HOME (or ~/.cache)/
-    selfalign/name. Not created here."""
-    if os.environ.get("SELFALIGN_CACHE_DIR"):
-        return Path(os.environ["SELFALIGN_CACHE_DIR"]) / name
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfalign" / name
-
-
 def round_dir(run_dir: Path, r: int) -> Path:
     d = Path(run_dir) / f"round_{r}"
     d.mkdir(parents=True, exist_ok=True)

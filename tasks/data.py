@@ -403,13 +403,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     resolved is remembered (`_tokenizer_class_file`) and later loads instantiate that class directly:
     importing AutoTokenizer pulls in torch and transformers' model and generation code (~1.5 s of the
     command line's start, before its dataset checks), which a tokenizer does not use."""
-    tok = None if trust_remote_code else _tokenizer_of_known_class(path)
+    known = None if trust_remote_code else _tokenizer_class_file(path)
+    tok = _tokenizer_of_known_class(path, known) if known else None
     if tok is None:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if not trust_remote_code:
-            _remember_tokenizer_class(path, type(tok))
+        if known:
+            _remember_tokenizer_class(known, type(tok))
     if tok.chat_template is None:
         raise DataError(f"{path}: the tokenizer has no chat template")
     if tok.pad_token_id is None:
@@ -419,30 +420,29 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
 
 def _tokenizer_class_file(path: str) -> Path | None:
     """Where the tokenizer class that AutoTokenizer resolved for the local model directory `path` is
-    kept: a file in the user cache (tasks/artifacts.cache_dir) named by the directory's real path,
+    kept: a file in the user cache (tasks/procs.cache_dir) named by the directory's real path,
     the size and time of every file in it, and the transformers version. None for anything but a
     local directory (a hub id: AutoTokenizer every time)."""
     import hashlib
     from importlib.metadata import version
 
-    from selfalign.tasks.artifacts import cache_dir
+    from selfalign.tasks.procs import cache_dir
 
     try:
         d = Path(path).resolve()
-        files = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in os.scandir(d) if e.is_file())
+        files = sorted((e.name, (st := e.stat()).st_size, st.st_mtime_ns) for e in os.scandir(d) if e.is_file())
     except (OSError, ValueError):
         return None
     key = json.dumps([str(d), files, version("transformers")])
     return cache_dir("tokenizer-class") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
 
 
-def _tokenizer_of_known_class(path: str) -> Any | None:
-    """The tokenizer of `path` from the class remembered for it, or None (nothing remembered, or it
+def _tokenizer_of_known_class(path: str, f: Path) -> Any | None:
+    """The tokenizer of `path` from the class remembered in `f`, or None (nothing remembered, or it
     cannot be used: then AutoTokenizer decides again)."""
     import importlib
 
-    f = _tokenizer_class_file(path)
-    if f is None or not f.is_file():
+    if not f.is_file():
         return None
     try:
         known = json.loads(f.read_text(encoding="utf-8"))
@@ -456,9 +456,8 @@ def _tokenizer_of_known_class(path: str) -> Any | None:
         return None
 
 
-def _remember_tokenizer_class(path: str, cls: type) -> None:
-    f = _tokenizer_class_file(path)
-    if f is None or not cls.__module__.startswith("transformers."):
+def _remember_tokenizer_class(f: Path, cls: type) -> None:
+    if not cls.__module__.startswith("transformers."):
         return
     try:
         from selfalign.tasks.artifacts import write_json

@@ -132,16 +132,11 @@ def run_worker_process(module: str, job_path: Path, env: dict[str, str], cpus, l
     return proc.wait(), tail
 
 
-def kv_cache_bytes(kv_cache_gib: float) -> int:
-    """`generate.kv_cache_gib` in bytes, as the CPU engine's KV cache size (0.5 is half a GiB)."""
-    return int(kv_cache_gib * 2**30)
-
-
 def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print) -> list[list[dict[str, Any]]]:
     """Run one vLLM job in a subprocess; returns the sample rows of each of its runs. A job of one of
     several workers carries the GPUs it may use (`devices`, CUDA_VISIBLE_DEVICES) or, on CPU, the
     cores its process is pinned to (`cpus`)."""
-    job = dict(job, kv_cache_bytes=kv_cache_bytes(kv_cache_gib))
+    job = dict(job, kv_cache_bytes=int(kv_cache_gib * 2**30))  # the CPU engine's KV cache (engine_env)
     artifacts.write_json(job_path, job)
     t0 = time.time()
     env = engine_env(kv_cache_gib, job["model"])

@@ -1,5 +1,5 @@
-"""Process start-up and exit: imports no process of ours uses, and exits without the interpreter's
-teardown.
+"""Process start-up and exit: imports no process of ours uses, exits without the interpreter's
+teardown, and where the processes' shared cache lives.
 
 A Python process that has imported torch, transformers, DeepSpeed or vLLM spends seconds after its
 last line in the interpreter's finalisation: every module's objects freed one by one, then the C++
@@ -14,7 +14,11 @@ load, for assisted generation's candidate generator, which none of our processes
 it through transformers. That is ~1 s of every stage process (vLLM worker, scoring worker, training
 rank) and of the command line. `skip_unused_imports` makes those packages look absent to the
 libraries imported after it; `allow_unused_imports` undoes it before code that may use them (user
-hooks, MLflow's model flavours)."""
+hooks, MLflow's model flavours).
+
+`cache_dir` names the per-machine cache folders the processes share (the reference log-prob cache,
+remembered tokenizer classes, the Prefect database template); this module imports nothing heavy, so
+the command line can ask before its own imports."""
 from __future__ import annotations
 
 import atexit
@@ -22,10 +26,19 @@ import gc
 import os
 import sys
 import threading
+from pathlib import Path
 from typing import NoReturn
 
 
 UNUSED_IMPORTS = ("sklearn",)
+
+
+def cache_dir(name: str) -> Path:
+    """The user cache's folder `name`: $SELFALIGN_CACHE_DIR/name, else $XDG_CACHE_HOME (or ~/.cache)/
+    selfalign/name. Not created here."""
+    if os.environ.get("SELFALIGN_CACHE_DIR"):
+        return Path(os.environ["SELFALIGN_CACHE_DIR"]) / name
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfalign" / name
 
 
 def skip_unused_imports() -> None:

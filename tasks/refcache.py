@@ -26,12 +26,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from selfalign.tasks import artifacts
+from selfalign.tasks import artifacts, procs
 
 
 def default_dir() -> Path:
     """$SELFALIGN_CACHE_DIR/ref-logps, else $XDG_CACHE_HOME (or ~/.cache)/selfalign/ref-logps."""
-    return artifacts.cache_dir("ref-logps")
+    return procs.cache_dir("ref-logps")
 
 
 def resolve_dir(setting: str) -> Path | None:
