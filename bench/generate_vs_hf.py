@@ -9,7 +9,8 @@
 Same random-init Llama (saved with from_pretrained; its near-uniform next-token distribution almost
 never samples the end of turn, so both sides generate about K x max_tokens per prompt), same chat
 prompts, K, temperature, top_p, max tokens, dtype and threads (--threads, default 1: vLLM's CPU
-engine and torch both use that many; see tasks/generate.py on spinning threads beside busy ones).
+engine, as generate.threads, and torch both use that many; see generate.threads on spinning threads
+beside busy ones).
 Each side counts the tokens it generated. One warm-up run per side on two prompts, then --reps
 alternating repetitions. Last line: JSON, ratio = ours / baseline.
 
@@ -73,7 +74,7 @@ def main() -> None:
         args.layers, args.hidden, args.vocab, args.prompts, args.k, args.max_tokens, args.reps = 2, 64, 1000, 4, 2, 8, 1
         args.prompt_len = "2,8"
 
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the vLLM worker inherits it
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # HF's side; the vLLM worker's is generate.threads
     import torch
 
     from selfalign.flows.config import load_config
@@ -94,7 +95,7 @@ def main() -> None:
             "model.policy": path, "model.reference": path, "model.dtype": args.dtype, "data.prompts": "p",
             "data.eval_prompts": "e", "data.offline_pairs": "o", "run.dir": str(work / "run"),
             "generate.k": args.k, "generate.temperature": args.temperature, "generate.top_p": args.top_p,
-            "generate.max_tokens": args.max_tokens, "pairs.min_valid": 2})
+            "generate.max_tokens": args.max_tokens, "generate.threads": args.threads, "pairs.min_valid": 2})
         print(f"# generate_vs_hf: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, "
               f"{args.threads} thread(s); {args.prompts} prompts x K={args.k}, max {args.max_tokens} tokens, "
               f"temperature {args.temperature}, top_p {args.top_p}; HF batch {args.hf_batch} prompts; "

@@ -75,6 +75,11 @@ class GenerateConfig:
                                    # tensor_parallel_size GPUs of its own; the shards still to draw are dealt
                                    # among them; the samples are the same, bit for bit, for any number
                                    # of workers (evaluate then no longer draws the next round's samples)
+    threads: int = 1               # CPU threads of each vLLM worker (0 = its cores: all of them, or its share
+                                   # with shards > 1). More is faster on an idle machine (2 on 2 cores: 1.3x a
+                                   # 96-prompt stage), but the threads spin: beside another busy process a
+                                   # 2-thread engine on 2 cores ran 7x slower. In the stage key: in bfloat16
+                                   # the thread count can change a few samples (float rounding)
 
 
 @dataclass
@@ -415,6 +420,7 @@ def validate(cfg: Config) -> None:
         ("generate.max_model_len", cfg.generate.max_model_len >= 0, "must be >= 0 (0 = the model's own limit)"),
         ("generate.shard_size", cfg.generate.shard_size >= 0, "must be >= 0 (0 = one shard)"),
         ("generate.shards", cfg.generate.shards >= 1, "must be >= 1"),
+        ("generate.threads", cfg.generate.threads >= 0, "must be >= 0 (0 = the worker's cores)"),
         ("score.shards", cfg.score.shards >= 1, "must be >= 1"),
         ("score.batch_tokens", cfg.score.batch_tokens >= 1, "must be >= 1"),
         ("pairs.min_valid", 2 <= cfg.pairs.min_valid <= cfg.generate.k, f"must be in [2, generate.k={cfg.generate.k}]"),

@@ -90,9 +90,8 @@ def engine_env(kv_cache_gib: float, model: str | None = None) -> dict[str, str]:
     if model is None or Path(model).is_dir():
         env["HF_HUB_OFFLINE"] = "1"
     env.setdefault("VLLM_CACHE_ROOT", str(Path.home() / ".cache" / "selfalign" / "vllm"))
-    # vLLM's CPU worker runs one thread unless OMP_NUM_THREADS says more. More is faster on an idle
-    # machine, but its threads are pinned and spin: beside any other busy process a 2-thread engine
-    # on 2 cores ran 7x slower than a 1-thread one. So more threads only when the user asks.
+    # The CPU engine's thread count is the job's (`generate.threads`, set by the worker), not the
+    # shell's OMP_NUM_THREADS.
     env.update({
         "VLLM_HOST_IP": "127.0.0.1",
         "VLLM_NO_USAGE_STATS": "1",
@@ -136,7 +135,8 @@ def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print
     """Run one vLLM job in a subprocess; returns the sample rows of each of its runs. A job of one of
     several workers carries the GPUs it may use (`devices`, CUDA_VISIBLE_DEVICES) or, on CPU, the
     cores its process is pinned to (`cpus`)."""
-    job = dict(job, kv_cache_bytes=int(kv_cache_gib * 2**30))  # the CPU engine's KV cache (engine_env)
+    job = dict(job, kv_cache_bytes=int(kv_cache_gib * 2**30),  # the CPU engine's KV cache (engine_env)
+               threads=worker_threads(job.get("threads", 1), job.get("cpus")))
     artifacts.write_json(job_path, job)
     t0 = time.time()
     env = engine_env(kv_cache_gib, job["model"])
@@ -148,6 +148,16 @@ def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print
     out = [artifacts.read_table(Path(r["output"])) for r in job["runs"]]
     log(f"vLLM: {sum(map(len, out))} samples in {time.time() - t0:.1f}s from {job['model']}")
     return out
+
+
+def worker_threads(threads: int, cpus) -> int:
+    """The CPU threads of a vLLM worker: `threads` (`generate.threads`), or for 0 the worker's cores:
+    its share `cpus` when it has one, else every core this process may run on."""
+    if threads > 0:
+        return threads
+    if cpus:
+        return len(cpus)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def sampling_run(output: Path, *, n: int, temperature: float, top_p: float, max_tokens: int) -> dict[str, Any]:
@@ -169,6 +179,7 @@ def build_job(cfg, model: str, prompts: list[dict[str, str]], runs: list[dict[st
         "enforce_eager": g.enforce_eager,
         "gpu_memory_utilization": g.gpu_memory_utilization,
         "tensor_parallel_size": g.tensor_parallel_size,
+        "threads": g.threads,
         "max_model_len": g.max_model_len,
         "trust_remote_code": cfg.model.trust_remote_code,
     }
@@ -424,13 +435,22 @@ def use_inverse_cdf_sampler() -> None:
 
 def _worker(job: dict[str, Any]):
     import torch
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        # vLLM's in-process CPU engine cuts torch to one thread unless OMP_NUM_THREADS is set (and
+        # not by vLLM itself), in which case it keeps torch's count as it finds it.
+        threads = job.get("threads") or 1
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        os.environ.pop("VLLM_OMP_NUM_THREADS_SET_BY_VLLM", None)
+        torch.set_num_threads(threads)
+
     from vllm import LLM, SamplingParams
 
     from selfalign.tasks.procs import freeze_imports
 
     freeze_imports()
 
-    on_gpu = torch.cuda.is_available()
     # vLLM's own top-p on GPUs (fused kernel) or when the job asks for it (`native_top_p`, to
     # compare); ours on CPU, where vLLM's sorts the vocabulary (module docstring). The same for the
     # draw itself (`native_sampler`).
@@ -457,6 +477,8 @@ def _worker(job: dict[str, Any]):
     if own_top_p:
         kwargs["logits_processors"] = [TOP_P_PROCESSOR]
     llm = LLM(**kwargs)
+    if not on_gpu:
+        print(f"{PROGRESS}vLLM: engine ready, {torch.get_num_threads()} CPU thread(s)", flush=True)
     tok = llm.get_tokenizer()
     eos = {tok.eos_token_id} | _generation_eos(job["model"])
     special = set(tok.all_special_ids)

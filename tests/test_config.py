@@ -66,6 +66,7 @@ BAD_VALUES = [  # (override on the demo preset, what the error says: the key and
     ("--generate.gpu_memory_utilization=1.2", "generate.gpu_memory_utilization: 1.2 must be in (0, 1]"),
     ("--generate.tensor_parallel_size=0", "generate.tensor_parallel_size: 0 must be >= 1"),
     ("--generate.max_model_len=-1", "generate.max_model_len: -1 must be >= 0"),
+    ("--generate.threads=-1", "generate.threads: -1 must be >= 0"),
     ("--score.reference=best", "score.reference: 'best'"),
     ("--score.batch_tokens=0", "score.batch_tokens: 0 must be >= 1"),
     ("--pairs.min_valid=1", "pairs.min_valid: 1 must be in [2, generate.k=8]"),

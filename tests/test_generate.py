@@ -2,6 +2,7 @@
 written with its manifest as soon as it is drawn; a rerun draws only the missing shards, with the
 seeds an uninterrupted run used, and joins them into `samples.parquet`. The evaluate stage's combined
 job (eval of round r + round r+1's samples in one engine start) draws the same shards."""
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -145,6 +146,7 @@ def test_vllm_shards_are_the_same_whether_drawn_together_or_alone(tiny_model, tm
     logged = []
     evaluate.run_evaluate(cfg, tiny_model, evals, out.parent, 7, logged.append, next_round=(PROMPTS, out, 1, KEY))
     assert "vLLM: wrote samples.shard-00001.parquet (12 samples)" in logged
+    assert "vLLM: engine ready, 1 CPU thread(s)" in logged  # generate.threads' default
     assert not any("wrote samples.shard-00000" in m or "wrote samples.shard-00002" in m for m in logged)
     assert artifacts.read_table(out) == rows and out.read_bytes() == ref.read_bytes()
 
@@ -177,3 +179,36 @@ def test_the_kv_cache_size_reaches_the_engine_as_configured(tmp_path, monkeypatc
     assert seen["job"]["kv_cache_bytes"] == int(gib * 1024 ** 3)
     assert seen["env"].get("VLLM_CPU_KVCACHE_SPACE") == variable
     assert "kv_cache_bytes" not in job  # the caller's job is left as it was
+
+
+@pytest.mark.slow
+def test_the_cpu_engine_runs_generate_threads_threads(tiny_model, tmp_path, monkeypatch):
+    """Real vLLM (CPU): generate.threads=2 gives the engine two torch threads (vLLM alone would cut
+    them to one), whatever the shell's OMP_NUM_THREADS says."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    cfg = load_config(None, BASE | {"model.policy": tiny_model, "model.reference": tiny_model, "generate.k": 2,
+                                    "generate.max_tokens": 8, "generate.threads": 2})
+    out, logged = tmp_path / "samples.parquet", []
+    stats = generate.run_generate(cfg, tiny_model, PROMPTS[:2], out, tmp_path, 1, KEY, logged.append)
+    assert "vLLM: engine ready, 2 CPU thread(s)" in logged and stats["generate/samples"] == 4
+
+
+@pytest.mark.parametrize("threads, cpus, expected", [(3, None, 3), (2, [0, 1, 2, 3], 2), (0, [1, 3], 2), (0, None, None)])
+def test_the_worker_threads_reach_the_job(tmp_path, monkeypatch, threads, cpus, expected):
+    """generate.threads reaches the worker's job as a count: as configured, or for 0 the worker's
+    cores (its share when it has one, else every core this process may use), never the shell's
+    OMP_NUM_THREADS."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    seen = {}
+
+    def worker(module, job_path, env, cpus, log):
+        seen["job"] = artifacts.read_json(job_path)
+        return 0, []
+
+    monkeypatch.setattr(generate, "run_worker_process", worker)
+    monkeypatch.setattr(artifacts, "read_table", lambda path: [])
+    job = {"model": str(tmp_path), "prompts": [], "runs": [{"output": str(tmp_path / "out.parquet")}],
+           "threads": threads} | ({"cpus": cpus} if cpus else {})
+    generate.run_vllm(job, tmp_path / "job.json", 1.0, log=lambda m: None)
+    assert seen["job"]["threads"] == (expected or len(os.sched_getaffinity(0)))
+    assert job["threads"] == threads  # the caller's job is left as it was
