@@ -75,11 +75,11 @@ class GenerateConfig:
                                    # tensor_parallel_size GPUs of its own; the shards still to draw are dealt
                                    # among them; the samples are the same, bit for bit, for any number
                                    # of workers (evaluate then no longer draws the next round's samples)
-    threads: int = 1               # CPU threads of each vLLM worker (0 = its cores: all of them, or its share
-                                   # with shards > 1). More is faster on an idle machine (2 on 2 cores: 1.3x a
-                                   # 96-prompt stage), but the threads spin: beside another busy process a
-                                   # 2-thread engine on 2 cores ran 7x slower. In the stage key: in bfloat16
-                                   # the thread count can change a few samples (float rounding)
+    threads: int = 0               # CPU threads of each vLLM worker (0 = its cores: all of them, or its share
+                                   # with shards > 1; vLLM alone would run one). 2 on 2 idle cores: a 96-prompt
+                                   # stage 1.3x faster; the threads spin, so beside another busy process 1 is
+                                   # better (there 2 took 1.4x as long). In the stage key: in bfloat16 the
+                                   # thread count can change a few samples (float rounding)
 
 
 @dataclass

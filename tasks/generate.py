@@ -136,7 +136,7 @@ def run_vllm(job: dict[str, Any], job_path: Path, kv_cache_gib: float, log=print
     several workers carries the GPUs it may use (`devices`, CUDA_VISIBLE_DEVICES) or, on CPU, the
     cores its process is pinned to (`cpus`)."""
     job = dict(job, kv_cache_bytes=int(kv_cache_gib * 2**30),  # the CPU engine's KV cache (engine_env)
-               threads=worker_threads(job.get("threads", 1), job.get("cpus")))
+               threads=worker_threads(job.get("threads", 0), job.get("cpus")))
     artifacts.write_json(job_path, job)
     t0 = time.time()
     env = engine_env(kv_cache_gib, job["model"])

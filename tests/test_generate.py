@@ -146,7 +146,8 @@ def test_vllm_shards_are_the_same_whether_drawn_together_or_alone(tiny_model, tm
     logged = []
     evaluate.run_evaluate(cfg, tiny_model, evals, out.parent, 7, logged.append, next_round=(PROMPTS, out, 1, KEY))
     assert "vLLM: wrote samples.shard-00001.parquet (12 samples)" in logged
-    assert "vLLM: engine ready, 1 CPU thread(s)" in logged  # generate.threads' default
+    # generate.threads' default: every core this process may use
+    assert f"vLLM: engine ready, {len(os.sched_getaffinity(0))} CPU thread(s)" in logged
     assert not any("wrote samples.shard-00000" in m or "wrote samples.shard-00002" in m for m in logged)
     assert artifacts.read_table(out) == rows and out.read_bytes() == ref.read_bytes()
 
@@ -183,14 +184,14 @@ def test_the_kv_cache_size_reaches_the_engine_as_configured(tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_the_cpu_engine_runs_generate_threads_threads(tiny_model, tmp_path, monkeypatch):
-    """Real vLLM (CPU): generate.threads=2 gives the engine two torch threads (vLLM alone would cut
+    """Real vLLM (CPU): generate.threads=3 gives the engine three torch threads (vLLM alone would cut
     them to one), whatever the shell's OMP_NUM_THREADS says."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = load_config(None, BASE | {"model.policy": tiny_model, "model.reference": tiny_model, "generate.k": 2,
-                                    "generate.max_tokens": 8, "generate.threads": 2})
+                                    "generate.max_tokens": 8, "generate.threads": 3})
     out, logged = tmp_path / "samples.parquet", []
     stats = generate.run_generate(cfg, tiny_model, PROMPTS[:2], out, tmp_path, 1, KEY, logged.append)
-    assert "vLLM: engine ready, 2 CPU thread(s)" in logged and stats["generate/samples"] == 4
+    assert "vLLM: engine ready, 3 CPU thread(s)" in logged and stats["generate/samples"] == 4
 
 
 @pytest.mark.parametrize("threads, cpus, expected", [(3, None, 3), (2, [0, 1, 2, 3], 2), (0, [1, 3], 2), (0, None, None)])
