@@ -161,12 +161,10 @@ def test_vllm_shards_are_the_same_whether_drawn_together_or_alone(tiny_model, tm
     assert alone.read_bytes() == ref.read_bytes()
 
 
-@pytest.mark.parametrize("gib, variable", [(1.0, "1"), (2.0, "2"), (0.5, None), (2.5, None)])
-def test_the_kv_cache_size_reaches_the_engine_as_configured(tmp_path, monkeypatch, gib, variable):
-    """generate.kv_cache_gib in bytes, fractions included: the worker's job carries it for the engine's
-    kv_cache_memory_bytes, and vLLM's whole-GiB variable (which would override it) is set only for a
-    whole number, never inherited from the user's shell."""
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+@pytest.fixture
+def worker_sees(tmp_path, monkeypatch):
+    """run_vllm with the worker process faked: `seen(job, gib)` runs it and returns the job file and
+    the environment the worker would have been started with."""
     seen = {}
 
     def worker(module, job_path, env, cpus, log):
@@ -175,8 +173,22 @@ def test_the_kv_cache_size_reaches_the_engine_as_configured(tmp_path, monkeypatc
 
     monkeypatch.setattr(generate, "run_worker_process", worker)
     monkeypatch.setattr(artifacts, "read_table", lambda path: [])
+
+    def run(job, gib=1.0):
+        generate.run_vllm(job, tmp_path / "job.json", gib, log=lambda m: None)
+        return seen
+
+    return run
+
+
+@pytest.mark.parametrize("gib, variable", [(1.0, "1"), (2.0, "2"), (0.5, None), (2.5, None)])
+def test_the_kv_cache_size_reaches_the_engine_as_configured(tmp_path, monkeypatch, worker_sees, gib, variable):
+    """generate.kv_cache_gib in bytes, fractions included: the worker's job carries it for the engine's
+    kv_cache_memory_bytes, and vLLM's whole-GiB variable (which would override it) is set only for a
+    whole number, never inherited from the user's shell."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
     job = {"model": str(tmp_path), "prompts": [], "runs": [{"output": str(tmp_path / "out.parquet")}]}
-    generate.run_vllm(job, tmp_path / "job.json", gib, log=lambda m: None)
+    seen = worker_sees(job, gib)
     assert seen["job"]["kv_cache_bytes"] == int(gib * 1024 ** 3)
     assert seen["env"].get("VLLM_CPU_KVCACHE_SPACE") == variable
     assert "kv_cache_bytes" not in job  # the caller's job is left as it was
@@ -195,21 +207,13 @@ def test_the_cpu_engine_runs_generate_threads_threads(tiny_model, tmp_path, monk
 
 
 @pytest.mark.parametrize("threads, cpus, expected", [(3, None, 3), (2, [0, 1, 2, 3], 2), (0, [1, 3], 2), (0, None, None)])
-def test_the_worker_threads_reach_the_job(tmp_path, monkeypatch, threads, cpus, expected):
+def test_the_worker_threads_reach_the_job(tmp_path, monkeypatch, worker_sees, threads, cpus, expected):
     """generate.threads reaches the worker's job as a count: as configured, or for 0 the worker's
     cores (its share when it has one, else every core this process may use), never the shell's
     OMP_NUM_THREADS."""
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
-    seen = {}
-
-    def worker(module, job_path, env, cpus, log):
-        seen["job"] = artifacts.read_json(job_path)
-        return 0, []
-
-    monkeypatch.setattr(generate, "run_worker_process", worker)
-    monkeypatch.setattr(artifacts, "read_table", lambda path: [])
     job = {"model": str(tmp_path), "prompts": [], "runs": [{"output": str(tmp_path / "out.parquet")}],
            "threads": threads} | ({"cpus": cpus} if cpus else {})
-    generate.run_vllm(job, tmp_path / "job.json", 1.0, log=lambda m: None)
+    seen = worker_sees(job)
     assert seen["job"]["threads"] == (expected or len(os.sched_getaffinity(0)))
     assert job["threads"] == threads  # the caller's job is left as it was
