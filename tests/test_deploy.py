@@ -1,6 +1,7 @@
 """Deployments: deploy/prefect.yaml stays equal to the demo preset; `selfalign deploy` pins what a
 worker would resolve differently; and (slow) the whole path: server, process worker, deploy, run,
 COMPLETED, MLflow runs with their plots, `selfalign compare` over HTTP."""
+import datetime
 import json
 import os
 import signal
@@ -77,8 +78,17 @@ def api(port: int, path: str, body: dict | None = None):
         return json.load(r)
 
 
+def cron_in(seconds: float) -> tuple[str, datetime.datetime]:
+    """A daily cron schedule (UTC) whose next firing is the first whole minute at least `seconds` away."""
+    at = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=seconds + 60)
+    at = at.replace(second=0, microsecond=0)
+    return f"{at.minute} {at.hour} * * *", at
+
+
 @pytest.mark.slow
-def test_deploy_worker_runs_the_demo_round(tmp_path):
+def test_a_cron_schedule_fires_and_the_worker_runs_the_demo_round(tmp_path):
+    """The schedule, not a manual run: the server's scheduler creates the run from the cron
+    schedule, the process worker picks it up at its time and runs the round to COMPLETED."""
     from test_server import Server, client_env, free_port
 
     pport, mport = free_port(), free_port()
@@ -91,15 +101,16 @@ def test_deploy_worker_runs_the_demo_round(tmp_path):
                                              "HF_HUB_OFFLINE": "1"}
         cli = [sys.executable, "-m", "selfalign.flows.cli"]
         t0 = time.time()
+        cron, fires_at = cron_in(90)
         dep = subprocess.run(cli + ["deploy", str(DEMO), *SMALL, "--run.name=deployed", "--name", "tiny",
-                                    "--pool", "test-pool", "--cron", "0 3 * * *"],
+                                    "--pool", "test-pool", "--cron", cron],
                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
         assert dep.returncode == 0, dep.stdout + dep.stderr
         print(f"deploy: {time.time() - t0:.1f}s")
-        assert "deployment selfalign-run/tiny" in dep.stdout and "cron '0 3 * * *'" in dep.stdout
+        assert "deployment selfalign-run/tiny" in dep.stdout and f"cron {cron!r}" in dep.stdout
 
         [d] = api(pport, "/deployments/filter", {"deployments": {"name": {"any_": ["tiny"]}}})
-        assert d["work_pool_name"] == "test-pool" and d["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+        assert d["work_pool_name"] == "test-pool" and d["schedules"][0]["schedule"]["cron"] == cron
         params = d["parameters"]["config"]
         assert params["run"]["dir"] == str(tmp_path / "runs" / "deployed") and params["tracking"]["uri"] == mlflow_uri
         assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
@@ -107,10 +118,15 @@ def test_deploy_worker_runs_the_demo_round(tmp_path):
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "test-pool",
                                    "--type", "process"], cwd=tmp_path, env=env, stdout=open(tmp_path / "worker.log", "w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
-        run = subprocess.run([sys.executable, "-m", "prefect", "deployment", "run", "selfalign-run/tiny"],
-                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stdout + run.stderr
-        flow_run_id = next(line.split()[-1] for line in run.stdout.splitlines() if "UUID" in line)
+        # The scheduler made the run (no `prefect deployment run`): it is there, SCHEDULED for the cron time.
+        t0 = time.time()
+        while not (scheduled := api(pport, "/flow_runs/filter", {"deployments": {"id": {"any_": [d["id"]]}}})):
+            assert time.time() - t0 < 120, "the scheduler created no run from the cron schedule"
+            time.sleep(2)
+        first = min(scheduled, key=lambda fr: fr["expected_start_time"])
+        assert first["auto_scheduled"] and first["state_type"] == "SCHEDULED"
+        assert datetime.datetime.fromisoformat(first["expected_start_time"]) == fires_at
+        flow_run_id = first["id"]
 
         t0 = time.time()
         while True:
@@ -122,7 +138,7 @@ def test_deploy_worker_runs_the_demo_round(tmp_path):
         print(f"flow run: {time.time() - t0:.1f}s until {fr['state_type']}")
         assert fr["state_type"] == "COMPLETED", (tmp_path / "worker.log").read_text()[-8000:]
         subflows = api(pport, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}})
-        assert [s["name"] for s in subflows] == ["round-1"] and subflows[0]["state_type"] == "COMPLETED"
+        assert [s["name"] for s in subflows] == ["deployed-round-1"] and subflows[0]["state_type"] == "COMPLETED"
         assert (tmp_path / "runs" / "deployed" / "round_1" / "model" / "config.json").is_file()
 
         from mlflow.tracking import MlflowClient
