@@ -66,10 +66,17 @@ def mean_length_gap(groups: list[tuple[list[float], list[float]]], alpha: float)
 
 
 def sweep_alpha(groups: list[tuple[list[float], list[float]]], *, step: float = 0.001,
-                max_alpha: float = 1.0) -> tuple[float, list[dict]]:
-    """Choose alpha* = argmin_alpha |D(alpha)| on the grid 0, step, 2*step, ... < max_alpha.
+                max_alpha: float = 1.0, min_alpha: float = 0.0) -> tuple[float, list[dict]]:
+    """Choose alpha* = argmin_alpha |D(alpha)| on a grid that starts at 0 and walks one way.
 
-    First-local-minimum early stop, as `optimize_alpha`: the sweep ends at the first alpha whose
+    One-sided (min_alpha = 0, DICE's `optimize_alpha`): alpha = 0, step, 2*step, ... < max_alpha.
+    A positive alpha penalises length, so it can only cancel a reward's taste for LONGER answers.
+    Two-sided (min_alpha < 0): the sign of D(0) picks the direction. D(0) > 0 (chosen longer)
+    walks up as above; D(0) < 0 (chosen shorter) walks down, 0, -step, -2*step, ... > min_alpha,
+    where a negative alpha rewards length and so cancels a taste for SHORTER answers. D(0) = 0
+    walks up, as DICE does. (D is non-increasing in alpha, so the other direction could only widen the gap.)
+
+    First-local-minimum early stop, as `optimize_alpha`: the walk ends at the first alpha whose
     |D| is strictly greater than the smallest |D| seen so far (equal |D| keeps going); alpha* is
     the first alpha that reached that smallest |D|. The trace holds every evaluated alpha,
     stopping point included: [{"alpha", "mean_len_gap", "n_pairs"}, ...].
@@ -77,17 +84,22 @@ def sweep_alpha(groups: list[tuple[list[float], list[float]]], *, step: float = 
     """
     if not step > 0:
         raise ValueError(f"step must be > 0, got {step!r}")
-    if not math.isfinite(max_alpha):
-        raise ValueError(f"max_alpha must be finite, got {max_alpha!r}")
+    if not (math.isfinite(max_alpha) and math.isfinite(min_alpha)):
+        raise ValueError(f"max_alpha and min_alpha must be finite, got {max_alpha!r} and {min_alpha!r}")
+    if min_alpha > 0:
+        raise ValueError(f"min_alpha must be <= 0 (0 = one-sided, as DICE), got {min_alpha!r}")
     if not groups:
         return 0.0, []
     # alpha_i = i * step as an exact decimal, then the nearest float: 18 * 0.001 gives 0.018,
     # not 0.018000000000000002, so grid points equal their literals and never drift.
     exact_step = Fraction(str(float(step)))
+    down = min_alpha < 0 and mean_length_gap(groups, 0.0) < 0
+    sign, limit = (-1, -min_alpha) if down else (1, max_alpha)
     best_alpha, best_abs = 0.0, math.inf
     trace: list[dict] = []
     i = 0
-    while (alpha := float(i * exact_step)) < max_alpha:
+    while (size := float(i * exact_step)) < limit:
+        alpha = sign * size + 0.0  # + 0.0: -0.0 prints and compares as 0.0
         gap = mean_length_gap(groups, alpha)
         trace.append({"alpha": alpha, "mean_len_gap": gap, "n_pairs": len(groups)})
         if abs(gap) < best_abs:
@@ -98,49 +110,68 @@ def sweep_alpha(groups: list[tuple[list[float], list[float]]], *, step: float = 
     return best_alpha, trace
 
 
-def replay_counts(n_offline: int, n_generated: int, gamma: float) -> tuple[int, int]:
+def alpha_side(alpha: float) -> str:
+    """Which length taste alpha* cancels: "longer" (alpha > 0 penalises length), "shorter"
+    (alpha < 0 rewards it) or "none" (alpha = 0)."""
+    return "longer" if alpha > 0 else "shorter" if alpha < 0 else "none"
+
+
+def replay_counts(n_offline: int, n_generated: int, gamma: float, budget: int = 0) -> tuple[int, int]:
     """(n_gen_used, n_off_used) for experience replay with offline fraction gamma.
 
+    budget = 0, DICE's rule (`create_mix_paired_set`):
         n_gen = min(floor(N_off * (1 - gamma)), N_gen)
         n_off = floor(gamma * n_gen / (1 - gamma))
-
-    so the mixed set has ~N_off pairs, a fraction gamma of them offline. Floors tolerate 1e-6
-    of float round-off (gamma = 0.9, N_off = 10000 gives n_gen = 1000; the official int() gives 999).
-    Edge cases: gamma == 1 -> (0, n_offline) (all offline; the formula divides by zero);
-    gamma == 0 -> (min(n_offline, n_generated), 0); gamma outside [0, 1] or negative counts ->
-    ValueError naming the value. n_off may exceed the offline rows left disjoint from the
-    sampled prompts; `mix_replay` then takes what exists.
+    so the mixed set has ~N_off pairs, a fraction gamma of them offline; gamma == 0 keeps every
+    generated pair and gamma == 1 every offline one (the formula is 0/0 and x/0 there).
+    budget = B > 0, a fixed number of pairs per round (so that two runs train on as many pairs):
+        n_gen = min(floor(B * (1 - gamma)), N_gen),  n_off = B - n_gen
+    offline pairs fill what the generated ones leave. Floors tolerate 1e-6 of float round-off
+    (gamma = 0.9, N_off = 10000 gives n_gen = 1000; a plain int() gives 999). gamma outside [0, 1],
+    negative counts or budget -> ValueError naming the value. n_off may exceed the offline rows
+    left disjoint from the sampled prompts; `mix_replay` then takes what exists.
     """
     if not 0.0 <= gamma <= 1.0:  # also rejects NaN
         raise ValueError(f"gamma (offline fraction) must be in [0, 1], got {gamma!r}")
-    if n_offline < 0 or n_generated < 0:
-        raise ValueError(f"counts must be >= 0, got n_offline={n_offline!r}, n_generated={n_generated!r}")
+    if n_offline < 0 or n_generated < 0 or budget < 0:
+        raise ValueError(f"counts must be >= 0, got n_offline={n_offline!r}, n_generated={n_generated!r}, "
+                         f"budget={budget!r}")
+    if budget:
+        n_gen = min(math.floor(budget * (1.0 - gamma) + _FLOOR_EPS), n_generated)
+        return n_gen, budget - n_gen
     if gamma == 1.0:
         return 0, n_offline
+    if gamma == 0.0:
+        return n_generated, 0
     n_gen = min(math.floor(n_offline * (1.0 - gamma) + _FLOOR_EPS), n_generated)
     n_off = math.floor(gamma * n_gen / (1.0 - gamma) + _FLOOR_EPS)
     return n_gen, n_off
 
 
 def mix_replay(generated_prompts: list[str], offline_prompts: list[str], gamma: float,
-               seed: int) -> tuple[list[int], list[int]]:
+               seed: int, budget: int = 0) -> tuple[list[int], list[int]]:
     """Indices (generated_idx, offline_idx) of the experience-replay mix, both sorted ascending.
 
-    Counts from `replay_counts(len(offline_prompts), len(generated_prompts), gamma)`. Draws
+    Counts from `replay_counts(len(offline_prompts), len(generated_prompts), gamma, budget)`. Draws
     n_gen generated rows without replacement, then n_off offline rows without replacement from
     only those offline rows whose prompt is not among the drawn generated prompts, so the two
     parts never share a prompt. If fewer disjoint offline rows exist than n_off, all of them are
-    taken (the mix is then smaller than ~N_off) rather than failing. Deterministic per seed
-    (one random.Random(seed) for both draws). Duplicate prompts inside one list are the
-    caller's concern.
+    taken (the mix is then smaller) rather than failing. Deterministic per seed (one
+    random.Random(seed) for both draws). Duplicate prompts inside one list are the caller's concern.
     """
-    n_gen, n_off = replay_counts(len(offline_prompts), len(generated_prompts), gamma)
+    n_gen, n_off = replay_counts(len(offline_prompts), len(generated_prompts), gamma, budget)
     rng = random.Random(seed)
     gen_idx = sorted(rng.sample(range(len(generated_prompts)), n_gen))
     used = {generated_prompts[i] for i in gen_idx}
     candidates = [j for j, p in enumerate(offline_prompts) if p not in used]
     off_idx = sorted(rng.sample(candidates, min(n_off, len(candidates))))
     return gen_idx, off_idx
+
+
+def same_text(a: str, b: str) -> bool:
+    """The two responses are the same text once runs of whitespace are one space and the ends are
+    stripped: such a pair has no preference to learn."""
+    return " ".join(a.split()) == " ".join(b.split())
 
 
 def label_precision(chosen_flags: list[bool], rejected_flags: list[bool]) -> tuple[float, int]:

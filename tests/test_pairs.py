@@ -5,12 +5,14 @@ from collections import Counter
 import pytest
 
 from selfalign.kernels.pairs import (
+    alpha_side,
     best_worst,
     is_degenerate,
     label_precision,
     mean_length_gap,
     mix_replay,
     replay_counts,
+    same_text,
     sweep_alpha,
 )
 
@@ -118,6 +120,45 @@ def test_sweep_empty_and_bad_step():
         sweep_alpha(TOY, step=0.0)
 
 
+# Two-sided sweep, by hand. One prompt, (score, length): A (2.0, 10), B (1.5, 20), C (0.0, 40).
+# At alpha = 0 the reward prefers the short A over the long C: D(0) = 10 - 40 = -30. With
+# t = -alpha >= 0 the shaped scores are A 2 + 10t, B 1.5 + 20t, C 40t:
+#   t < 0.05          chosen A, rejected C   D = -30
+#   0.05 <= t < 2/30  chosen B, rejected C   D = -20  (t = 0.05: A and B tie, the last maximum wins)
+#   2/30 < t < 0.075  chosen B, rejected A   D = +10  (first grid point 0.067)
+#   t = 0.075         B and C tie at 3.0: chosen C (last maximum), rejected A: D = +30 > 10, stop
+SHORT_TASTE = [([2.0, 1.5, 0.0], [10, 20, 40])]
+
+
+def test_two_sided_sweep_cancels_a_taste_for_shorter_answers():
+    alpha, trace = sweep_alpha(SHORT_TASTE, min_alpha=-1.0)
+    assert alpha == -0.067 and alpha_side(alpha) == "shorter"
+    gaps = {row["alpha"]: row["mean_len_gap"] for row in trace}
+    assert gaps[0.0] == -30 and gaps[-0.049] == -30 and gaps[-0.05] == -20 and gaps[-0.066] == -20
+    assert gaps[-0.067] == 10 and gaps[-0.074] == 10
+    assert trace[-1]["alpha"] == -0.075 and trace[-1]["mean_len_gap"] == 30  # the stop, recorded
+    assert [row["alpha"] for row in trace] == [-i / 1000 for i in range(76)]
+
+
+def test_one_sided_sweep_cannot_cancel_it():
+    # DICE's sweep only walks up: a positive alpha keeps A chosen and C rejected, D stays -30.
+    alpha, trace = sweep_alpha(SHORT_TASTE, step=0.1)
+    assert alpha == 0.0 and alpha_side(alpha) == "none"
+    assert {row["mean_len_gap"] for row in trace} == {-30}
+
+
+def test_two_sided_sweep_walks_up_like_dice_when_chosen_is_longer():
+    assert sweep_alpha(TOY, min_alpha=-1.0) == sweep_alpha(TOY)
+    assert alpha_side(sweep_alpha(TOY)[0]) == "longer"
+
+
+def test_two_sided_sweep_respects_its_lower_bound_and_rejects_a_positive_one():
+    alpha, trace = sweep_alpha(SHORT_TASTE, min_alpha=-0.06)
+    assert alpha == -0.05 and trace[-1]["alpha"] == -0.059  # |D| 20 is the best before the bound
+    with pytest.raises(ValueError, match="min_alpha must be <= 0"):
+        sweep_alpha(TOY, min_alpha=0.1)
+
+
 # --- experience replay ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("gamma, expected", [
@@ -141,9 +182,20 @@ def test_replay_counts_capped_by_generated():
 
 def test_replay_counts_edges():
     assert replay_counts(10000, 9500, 0.0) == (9500, 0)
-    assert replay_counts(100, 9500, 0.0) == (100, 0)
+    assert replay_counts(100, 9500, 0.0) == (9500, 0)  # gamma = 0: every generated pair, as DICE
     assert replay_counts(10000, 9500, 1.0) == (0, 10000)
     assert replay_counts(0, 0, 0.5) == (0, 0)
+
+
+@pytest.mark.parametrize("gamma, expected", [(0.5, (50, 50)), (0.25, (75, 25)), (0.0, (100, 0)), (1.0, (0, 100))])
+def test_replay_budget_fixes_the_pair_count(gamma, expected):
+    assert replay_counts(30, 500, gamma, budget=100) == expected
+    # too few generated pairs: offline ones fill the budget
+    assert replay_counts(300, 20, 0.5, budget=100) == (20, 80)
+
+
+def test_same_text_ignores_whitespace_only():
+    assert same_text("The answer  is\n4.", " The answer is 4.") and not same_text("4", "4.")
 
 
 @pytest.mark.parametrize("gamma", [-0.1, 1.5, float("nan")])
