@@ -14,14 +14,17 @@ import re
 from pathlib import Path
 from typing import Any
 
-TABLE = [  # (header, metric key, format)
+TABLE = [  # (header, metric key, format); a rate with a `<key>_ci95` shows its 95% half-width too
     ("round", "round", "{:d}"),
     ("preferred", "eval/preferred_rate", "{:.3f}"),
     ("pref(sampled)", "eval/preferred_rate_sampled", "{:.3f}"),
     ("accuracy", "eval/accuracy", "{:.3f}"),
     ("label_prec", "eval/label_precision", "{:.3f}"),
+    ("chosen_ok", "pairs/chosen_correct", "{:.3f}"),
     ("pair_acc", "eval/pair_accuracy", "{:.3f}"),
-    ("alpha*", "alpha_star", "{:.3f}"),
+    ("alpha*", "alpha_star", "{:+.3f}"),
+    ("gen_used", "pairs/generated", "{:d}"),
+    ("gen_built", "pairs/generated_built", "{:d}"),
     ("pairs", "pairs/kept", "{:d}"),
     ("len_chosen", "len/chosen_mean", "{:.1f}"),
     ("len_rejected", "len/rejected_mean", "{:.1f}"),
@@ -34,16 +37,37 @@ class CompareError(LookupError):
     """The run or its store cannot be found; the message says what was looked for."""
 
 
+def _columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """TABLE, with a column per evaluation group after the overall rate (eval/preferred_rate/<group>)."""
+    groups = sorted({k.split("/", 2)[2] for row in rows for k in row if k.startswith("eval/preferred_rate/")})
+    cols = []
+    for col in TABLE:
+        cols.append(col)
+        if col[1] == "eval/preferred_rate":
+            cols += [(f"pref[{g}]", f"eval/preferred_rate/{g}", "{:.3f}") for g in groups]
+    return cols
+
+
+def _ci_key(key: str) -> str:
+    head, _, group = key.partition("/")[2].partition("/")
+    return f"eval/{head}_ci95" + (f"/{group}" if group else "") if key.startswith("eval/") else ""
+
+
 def _cells(rows: list[dict]) -> list[list[str]]:
-    cells = [[h for h, _, _ in TABLE]]
+    cols = _columns(rows)
+    cells = [[h for h, _, _ in cols]]
     for row in rows:
         line = []
-        for _, key, fmt in TABLE:
+        for _, key, fmt in cols:
             v = row.get(key)
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 line.append("-")
-            else:
-                line.append(fmt.format(int(v) if fmt == "{:d}" else v))
+                continue
+            text = fmt.format(int(v) if fmt == "{:d}" else v)
+            ci = row.get(_ci_key(key))
+            if ci is not None and not math.isnan(ci):
+                text += f"±{ci:.3f}"
+            line.append(text)
         cells.append(line)
     return cells
 
@@ -51,7 +75,7 @@ def _cells(rows: list[dict]) -> list[list[str]]:
 def format_table(rows: list[dict]) -> str:
     """The round table as aligned text, one line per round."""
     cells = _cells(rows)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(TABLE))]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
 
 
@@ -143,3 +167,59 @@ def compare(run: str, uri: str | None = None, experiment: str | None = None) -> 
     client = MlflowClient(tracking_uri=uri)
     parent = find_run(client, run, experiment)
     return parent, round_rows(client, parent)
+
+
+def run_folder(parent) -> Path:
+    """The run folder of an MLflow parent run, from its `run.dir` and `run.name` params."""
+    params = parent.data.params
+    return Path(params.get("run.dir") or Path("runs") / params.get("run.name", parent.info.run_name))
+
+
+def arm_rows(run_dir: Path | str, control_dir: Path | str) -> list[dict[str, Any]]:
+    """The two arms side by side, per round both evaluated and per rate: each arm's value and the
+    paired difference over the eval prompts (run - control) with its 95% interval. Read from the
+    rounds' eval_per_prompt.json (tasks/evaluate)."""
+    from selfalign.kernels.stats import mean_ci, paired_diff_ci
+
+    from selfalign.tasks.artifacts import read_json
+
+    out = []
+    r = 0
+    base = read_json(Path(run_dir) / "round_0" / "eval_per_prompt.json") \
+        if (Path(run_dir) / "round_0" / "eval_per_prompt.json").is_file() else {}
+    while (a := Path(run_dir) / f"round_{r}" / "eval_per_prompt.json").is_file() and \
+            (b := Path(control_dir) / f"round_{r}" / "eval_per_prompt.json").is_file():
+        pa, pb = read_json(a), read_json(b)
+        groups = pa.get("groups") or {}
+        for mode in ("greedy", "sampled"):
+            for rate, va in (pa.get(mode) or {}).items():
+                vb = (pb.get(mode) or {}).get(rate)
+                if vb is None:
+                    continue
+                name = rate if mode == "greedy" else f"{rate}_sampled"
+                subsets = [("all", None)] + [(g, g) for g in sorted(set(groups.values()))]
+                for label, g in subsets:
+                    keep = (lambda k: True) if g is None else (lambda k, g=g: groups.get(k) == g)
+                    sa = {k: v for k, v in va.items() if keep(k)}
+                    sb = {k: v for k, v in vb.items() if keep(k)}
+                    d, half, n = paired_diff_ci(sa, sb)
+                    s0 = {k: v for k, v in ((base.get(mode) or {}).get(rate) or {}).items() if keep(k)}
+                    out.append({"round": r, "metric": name if g is None else f"{name}/{label}", "prompts": n,
+                                "run": mean_ci(list(sa.values())), "control": mean_ci(list(sb.values())),
+                                "diff": d, "diff_ci95": half, "vs_pi0": paired_diff_ci(sa, s0)[:2]})
+        r += 1
+    return out
+
+
+def format_arms(rows: list[dict[str, Any]], names: tuple[str, str] = ("dice", "offline")) -> str:
+    """The arm comparison as aligned text: value +- 95% half-width per arm, then the difference."""
+    def pm(m: float, h: float) -> str:
+        return "-" if math.isnan(m) else f"{m:.3f} ± {h:.3f}" if not math.isnan(h) else f"{m:.3f}"
+
+    cells = [["round", "metric", "prompts", names[0], names[1], f"{names[0]} - {names[1]}", f"{names[0]} - pi_0"]]
+    for row in rows:
+        cells.append([str(row["round"]), row["metric"], str(row["prompts"]), pm(*row["run"]), pm(*row["control"]),
+                      pm(row["diff"], row["diff_ci95"]), pm(*row["vs_pi0"]) if row["round"] else "-"])
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in cells)

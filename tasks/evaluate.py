@@ -1,6 +1,9 @@
 """Evaluate stage: the round's model on held-out prompts, with one vLLM engine start for both
 greedy decoding and `evaluate.samples` sampled answers per prompt. The user's hooks decide what
-counts as preferred and as correct; the response lengths show whether the rounds drift longer."""
+counts as preferred and as correct; the response lengths show whether the rounds drift longer.
+Every rate comes with its 95% interval over prompts (`<rate>_ci95`, the half-width; kernels/stats),
+and with `evaluate.group` also per group of prompts (`<rate>/<group>`). The per-prompt values are
+kept in eval_per_prompt.json, so that two runs on the same prompts can be compared pairwise."""
 from __future__ import annotations
 
 import math
@@ -8,19 +11,33 @@ import time
 from pathlib import Path
 from typing import Any
 
+from selfalign.kernels.stats import mean_ci, per_prompt
 from selfalign.tasks import artifacts
 from selfalign.tasks.data import load_hook
 from selfalign.tasks.generate import build_job, generate_stats, join_shards, plan_shards, run_vllm, sampling_run
 
 
-def _rates(rows: list[dict[str, Any]], preferred, checker) -> dict[str, float]:
-    n = len(rows)
-    out = {"len_mean": sum(len(r["response"]) for r in rows) / n if n else math.nan,
-           "truncated": sum(r["finish_reason"] == "length" for r in rows) / n if n else math.nan}
+def _per_prompt_values(rows: list[dict[str, Any]], preferred, checker) -> dict[str, dict[str, float]]:
+    """rate name -> prompt_id -> that prompt's value (its answers' mean)."""
+    values = {}
     if preferred:
-        out["preferred_rate"] = sum(bool(preferred(r["prompt"], r["response"])) for r in rows) / n
+        values["preferred_rate"] = per_prompt(rows, lambda r: bool(preferred(r["prompt"], r["response"])))
     if checker:
-        out["accuracy"] = sum(bool(checker(r["prompt"], r["response"])) for r in rows) / n
+        values["accuracy"] = per_prompt(rows, lambda r: bool(checker(r["prompt"], r["response"])))
+    return values
+
+
+def _rates(rows: list[dict[str, Any]], values: dict[str, dict[str, float]],
+           groups: dict[str, str] | None, suffix: str = "") -> dict[str, float]:
+    """eval/<rate><suffix> with eval/<rate><suffix>_ci95, and per group eval/<rate><suffix>/<group>."""
+    n = len(rows)
+    out = {f"eval/len_mean{suffix}": sum(len(r["response"]) for r in rows) / n if n else math.nan,
+           f"eval/truncated{suffix}": sum(r["finish_reason"] == "length" for r in rows) / n if n else math.nan}
+    for name, by_prompt in values.items():
+        key = f"eval/{name}{suffix}"
+        out[key], out[f"{key}_ci95"] = mean_ci(list(by_prompt.values()))
+        for g in sorted(set((groups or {}).values())):
+            out[f"{key}/{g}"], out[f"{key}_ci95/{g}"] = mean_ci([v for k, v in by_prompt.items() if groups[k] == g])
     return out
 
 
@@ -35,6 +52,8 @@ def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, 
     e, g = cfg.evaluate, cfg.generate
     preferred = load_hook(e.preferred, "evaluate.preferred") if e.preferred else None
     checker = load_hook(e.checker, "evaluate.checker") if e.checker else None
+    group_of = load_hook(e.group, "evaluate.group") if e.group else None
+    groups = {p["id"]: str(group_of(p["prompt"])) for p in prompts} if group_of else None
     max_tokens = e.max_tokens or g.max_tokens
     runs = [sampling_run(out_dir / "eval_greedy.parquet", n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens)]
     if e.samples:
@@ -52,9 +71,12 @@ def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, 
             run["count"] = len(prompts)
     results = run_vllm(build_job(cfg, model, job_prompts, runs, seed), out_dir / "eval_job.json", g.kv_cache_gib, log)
     metrics: dict[str, Any] = {}
+    kept: dict[str, Any] = {"groups": groups or {}}
     for name, rows in zip(("greedy", "sampled"), results[:n_eval]):
-        for k, v in _rates(rows, preferred, checker).items():
-            metrics[f"eval/{k}" if name == "greedy" else f"eval/{k}_sampled"] = v
+        values = _per_prompt_values(rows, preferred, checker)
+        kept[name] = values
+        metrics |= _rates(rows, values, groups, "" if name == "greedy" else "_sampled")
+    artifacts.write_json(out_dir / "eval_per_prompt.json", kept)
     metrics["eval/seconds"] = time.time() - t0
     shown = {k: round(v, 3) for k, v in metrics.items() if "rate" in k or "accuracy" in k}
     log(f"evaluate: {len(prompts)} prompts: {shown}")

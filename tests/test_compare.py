@@ -49,8 +49,8 @@ def test_compare_prints_the_latest_run_of_a_name(store, tmp_path, capsys):
     head = next(i for i, line in enumerate(lines) if line.split()[:2] == ["round", "preferred"])
     rows = [line.split() for line in lines[head + 1:head + 5]]
     assert [r[0] for r in rows] == ["0", "1", "2", "3"]
-    assert rows[0][1] == "0.400" and rows[0][5] == "-"          # pi_0: no pairs, no alpha
-    assert rows[2][1] == "0.700" and rows[2][6] == "0.008" and rows[2][7] == "302"
+    assert rows[0][1] == "0.400" and rows[0][5] == rows[0][7] == "-"          # pi_0: no pairs, no alpha
+    assert rows[2][1] == "0.700" and rows[2][7] == "+0.008" and rows[2][10] == "302"
     assert rows[3][1] == "0.800"                                 # from round 3's nested run
 
     with open(table, newline="") as f:
@@ -81,3 +81,29 @@ def test_compare_names_what_it_did_not_find(store, tmp_path, capsys):
     missing = tmp_path / "elsewhere.db"
     assert main(["compare", "demo", "--uri", f"sqlite:///{missing}"]) == 2
     assert "no MLflow store" in capsys.readouterr().err and not missing.exists()
+
+
+def test_arms_are_compared_pairwise_over_the_same_prompts(tmp_path):
+    from selfalign.flows.compare import arm_rows, format_arms
+    from selfalign.tasks import artifacts
+
+    groups = {"p1": "seen", "p2": "seen", "p3": "heldout", "p4": "heldout"}
+
+    def write(run, r, values):
+        artifacts.round_dir(tmp_path / run, r)
+        artifacts.write_json(tmp_path / run / f"round_{r}" / "eval_per_prompt.json",
+                             {"groups": groups, "greedy": {"preferred_rate": dict(zip(groups, values))}})
+
+    write("dice", 0, [0, 0, 0, 0])
+    write("off", 0, [0, 0, 0, 0])
+    write("dice", 1, [1, 1, 1, 0])
+    write("off", 1, [1, 0, 0, 0])
+    rows = {(r["round"], r["metric"]): r for r in arm_rows(tmp_path / "dice", tmp_path / "off")}
+    assert set(rows) == {(r, m) for r in (0, 1) for m in ("preferred_rate", "preferred_rate/heldout", "preferred_rate/seen")}
+    one = rows[1, "preferred_rate"]
+    assert one["run"][0] == 0.75 and one["control"][0] == 0.25 and one["diff"] == 0.5 and one["prompts"] == 4
+    # differences 0, 1, 1, 0: sample sd 0.577, half-width 1.96 * 0.577 / 2
+    assert one["diff_ci95"] == pytest.approx(1.959964 * (1 / 3) ** 0.5 / 2, rel=1e-5)
+    assert rows[1, "preferred_rate/heldout"]["diff"] == 0.5 and rows[1, "preferred_rate/seen"]["vs_pi0"][0] == 1.0
+    text = format_arms(list(rows.values()), ("dice", "off"))
+    assert "dice - off" in text and "0.750 ± 0.490" in text and "0.500 ± 0.566" in text
