@@ -44,22 +44,75 @@ def prepare_environment(run_dir: Path) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    control = "--control" in args.overrides
+    overrides = [o for o in args.overrides if o != "--control"]
     try:
-        cfg = load_config(args.preset, args.overrides)
+        cfg = load_config(args.preset, overrides)
         check_options(cfg.tracking.log_model)
+        if control and cfg.pairs.source != "dice":
+            raise ConfigError(f"pairs.source: {cfg.pairs.source!r}: --control runs the dice arm and then its "
+                              "offline-only control; leave pairs.source at dice")
+        if control and not cfg.pairs.budget:
+            raise ConfigError("pairs.budget: 0: --control needs a pair budget (pairs per round, e.g. "
+                              "--pairs.budget=128) so that both arms train on as many pairs, for as many steps")
     except ValueError as e:  # ConfigError and the tracking section's choices
         print(f"config error: {e}", file=sys.stderr)
         return 2
     prepare_environment(cfg.run_dir)
-    server = start_temporary_prefect()
+    from selfalign.tasks.artifacts import RunLocked, run_lock
+
+    try:
+        with run_lock(cfg.run_dir):  # before the server starts: a second run on the folder stops at once
+            return _run_arms(cfg, server=start_temporary_prefect(), control=control, preset=args.preset,
+                             overrides=overrides)
+    except RunLocked as e:
+        print(f"run: {e}", file=sys.stderr)
+        return 2
+
+
+def _run_arms(cfg, server, control: bool, preset: str, overrides: list[str]) -> int:
+    """The run (and with `control` its offline-only arm after it) on `server`; prints the tables."""
+    ctrl = ctrl_summary = None
     try:
         summary = _run(cfg, server)
+        if control and not isinstance(summary, int):
+            ctrl = control_config(preset, overrides, cfg)
+            print(f"\ncontrol arm: {ctrl.run.name} (offline pairs only, {ctrl.pairs.budget} a round) in {ctrl.run_dir}",
+                  flush=True)
+            ctrl_summary = _run(ctrl, server)
     finally:
         if server is not None:
             stop_temporary_prefect(server)
     if isinstance(summary, int):
         return summary
+    _print_summary(cfg, summary)
+    if ctrl is not None:
+        if isinstance(ctrl_summary, int):
+            return ctrl_summary
+        _print_summary(ctrl, ctrl_summary)
+        from selfalign.flows.compare import arm_rows, format_arms
+
+        print(f"\n{cfg.run.name} against its control {ctrl.run.name}: paired over the eval prompts, 95% intervals")
+        print(format_arms(arm_rows(cfg.run_dir, ctrl.run_dir), (cfg.run.name, ctrl.run.name)))
+    return 0
+
+
+def control_config(preset: str, overrides: list[str], cfg):
+    """The offline-only arm of `cfg`: the same rounds, seeds and pair budget, offline pairs only, from
+    the same pi_0 (round 0 of `cfg`'s run when that trained it), in `<run dir>-offline`, logged to
+    the same MLflow store."""
+    from selfalign.flows.pipeline import tracking_uri
+
+    extra = ["--pairs.source=offline", f"--run.name={cfg.run.name}-offline",
+             f"--run.dir={cfg.run_dir.resolve()}-offline", f"--tracking.uri={tracking_uri(cfg)}"]
+    if not cfg.model.policy:
+        extra.append(f"--model.policy={(cfg.run_dir / 'round_0' / 'model').resolve()}")
+    return load_config(preset, overrides + extra)
+
+
+def _print_summary(cfg, summary: dict) -> None:
     print()
+    print(f"{cfg.run.name}:")
     print(format_table(summary["rounds"]))
     if summary["stopped"]:
         print(f"\nstopped early: {summary['stopped']}")
@@ -71,7 +124,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"compare rounds: mlflow ui --backend-store-uri {uri}")
     if uri != "none":
         print(f"round table from MLflow: selfalign compare {cfg.run.name} --uri {uri}")
-    return 0
 
 
 def _run(cfg, server) -> dict | int:
@@ -91,7 +143,8 @@ def _run(cfg, server) -> dict | int:
         print(f"data error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the policy's tokenizer or config cannot be read
-        print(f"model.policy {cfg.model.policy!r} cannot be loaded: {e}", file=sys.stderr)
+        key = "model.policy" if cfg.model.policy else "model.reference"
+        print(f"{key} {cfg.model.policy or cfg.model.reference!r} cannot be loaded: {e}", file=sys.stderr)
         return 2
     if server is not None:
         # Work the flow would do (in a thread beside round 0's evaluation), done here instead while
@@ -163,6 +216,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     info = parent.info
     print(f"run {info.run_name} ({info.run_id}, {info.status})")
     print(format_table(rows))
+    if args.against:
+        from selfalign.flows.compare import arm_rows, format_arms, run_folder
+
+        try:
+            other, _ = compare(args.against, args.uri, args.experiment)
+        except CompareError as e:
+            print(f"compare: {e}", file=sys.stderr)
+            return 2
+        print(f"\n{info.run_name} against {other.info.run_name}: paired over the eval prompts, 95% intervals")
+        print(format_arms(arm_rows(run_folder(parent), run_folder(other)), (info.run_name, other.info.run_name)))
     if args.csv:
         write_csv(rows, Path(args.csv))
         print(f"wrote {args.csv}")
@@ -218,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run multi-round DICE from a preset")
     p.add_argument("preset", help="preset YAML, e.g. deploy/presets/demo.yaml")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.key=value overrides")
+    p.add_argument("overrides", nargs=argparse.REMAINDER,
+                   help="--section.key=value overrides; --control also runs the offline-only control arm "
+                        "(the same rounds and pair budget on offline pairs alone) and compares the two")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("compare", help="print a run's round table from MLflow")
     p.add_argument("run", help="run name (the latest run of that name) or MLflow run id")
@@ -226,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiment", help="only this MLflow experiment")
     p.add_argument("--csv", help="also write every round metric to this CSV file")
     p.add_argument("--markdown", help="also write the table to this Markdown file")
+    p.add_argument("--against", help="another run (e.g. the control arm) evaluated on the same prompts: each "
+                   "rate side by side, with the paired difference and its 95%% interval")
     p.set_defaults(func=cmd_compare)
     p = sub.add_parser("server", help="start a Prefect server and an MLflow tracking server; Ctrl-C stops both")
     p.add_argument("--host", default="127.0.0.1")

@@ -29,7 +29,8 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    policy: str = ""               # pi_0: the DPO model the rounds start from (path or hub id)
+    policy: str = ""               # pi_0: the DPO model the rounds start from (path or hub id); empty: round 0
+                                   # trains pi_0 = DPO(model.reference, offline pairs) first (see `start`)
     reference: str = ""            # the model pi_0 was DPO-trained against (usually the SFT model)
     dtype: str = "float32"         # float32 | bfloat16 (training, scoring and generation)
     trust_remote_code: bool = False
@@ -100,8 +101,15 @@ class PairsConfig:
     length_unit: str = "chars"     # chars (DICE) | tokens: the unit of the alpha * length penalty
     alpha_step: float = 0.001
     alpha_max: float = 1.0
+    alpha_min: float = -1.0        # < 0: two-sided sweep, alpha* may be negative and so cancel a reward's taste
+                                   # for shorter answers as well as for longer ones | 0: DICE's one-sided sweep
     validity: str = ""             # optional hook package.module:function(prompt, response) -> bool
-    gamma: float = 0.5             # fraction of offline (replay) pairs in the training set
+    gamma: float = 0.5             # fraction of offline (replay) pairs in the training set (0: every generated
+                                   # pair, no replay; 1: offline pairs only)
+    budget: int = 0                # training pairs per round: generated ones at 1 - gamma, offline ones fill the
+                                   # rest (0 = DICE's rule: ~as many as there are offline pairs)
+    source: str = "dice"           # dice: generated pairs mixed with offline ones | offline: offline pairs only,
+                                   # no generation or scoring (the control arm: iterated DPO on the offline data)
 
 
 @dataclass
@@ -205,6 +213,8 @@ class TrainConfig:
 class EvaluateConfig:
     preferred: str = ""            # hook package.module:function(prompt, response) -> bool
     checker: str = ""              # hook for correctness, same signature
+    group: str = ""                # hook package.module:function(prompt) -> str: the eval rates are also
+                                   # reported per group (eval/<rate>/<group>), e.g. seen vs held-out kinds
     samples: int = 4               # sampled answers per eval prompt (temperature of generate)
     max_tokens: int = 0            # 0 = generate.max_tokens
     # External judge (tasks/judge.py): round r's greedy answers against round r-1's on the eval prompts,
@@ -213,6 +223,15 @@ class EvaluateConfig:
     judge_model: str = ""          # the model name the endpoint serves
     judge_api_key_env: str = ""    # name of the environment variable holding the API key ("" = send none);
                                    # the key itself is never a config value and never logged
+
+
+@dataclass
+class StartConfig:
+    # pi_0 from an SFT model: with model.policy empty, round 0 trains pi_0 on the offline pairs with
+    # model.reference as its reference, through the training stage (train.* apply, except these).
+    pairs: int = 0                 # offline pairs pi_0 trains on (0 = all of them)
+    epochs: float = 1.0            # passes over them
+    lr: float = 0.0                # learning rate (0 = train.lr)
 
 
 @dataclass
@@ -242,6 +261,7 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    start: StartConfig = field(default_factory=StartConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -272,6 +292,7 @@ _CHOICES = {
     "data.on_bad_row": {"error", "skip"},
     "score.reference": {"previous", "sft", "initial"},
     "pairs.length_unit": {"chars", "tokens"},
+    "pairs.source": {"dice", "offline"},
     "train.launcher": {"local", "torchrun", "deepspeed"},
     "train.alpha_mode": {"stable", "official"},
     "train.zero_stage": {0, 1, 2, 3, "auto"},
@@ -282,7 +303,7 @@ _INT_OR_AUTO = {"train.zero_stage"}
 # (named here so that checking a config does not import torch; tests/test_train.py compares).
 LOSSES = sorted(["dpo", "cdpo", "ipo", "hinge", "robust", "exo_pair", "bco_pair", "sppo_hard", "nca_pair",
                  "apo_zero", "apo_down", "discopop", "sigmoid_norm", "aot", "simpo"]) + ["alpha_dpo", "mrpo", "hpo"]
-_REQUIRED = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs"]
+_REQUIRED = ["model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs"]
 # Values given relative to a preset file ("./x", "../x") are resolved against the preset's folder.
 _PATH_KEYS = {"model.policy", "model.reference", "data.prompts", "data.eval_prompts",
               "data.offline_pairs", "data.heldout_pairs", "run.dir", "train.hostfile"}
@@ -292,6 +313,7 @@ _PATH_LIST_KEYS = {"train.mrpo_references", "train.mrpo_tokenizers"}
 _NUMBER_LIST_KEYS = {"train.hpo_reward_weights"}
 _SOURCE_KEYS = ["model.policy", "model.reference", "data.prompts", "data.eval_prompts", "data.offline_pairs",
                 "data.heldout_pairs"]
+_RUN_NAME = re.compile(r"[A-Za-z0-9._-]+", re.ASCII)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", re.ASCII)
 
 
@@ -405,7 +427,8 @@ def validate(cfg: Config) -> None:
         if flat[key] not in allowed:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {sorted(allowed, key=str)}")
     checks = [
-        ("run.name", bool(cfg.run.name.strip()), "must not be empty"),
+        ("run.name", bool(_RUN_NAME.fullmatch(cfg.run.name)) and cfg.run.name not in (".", ".."),
+         "must be letters, digits, '.', '_' or '-' (it names the run's folder under runs/), not '.' or '..'"),
         ("run.rounds", cfg.run.rounds >= 1, "must be >= 1"),
         ("run.seed", cfg.run.seed >= 0, "must be >= 0"),
         ("data.prompts_per_round", cfg.data.prompts_per_round >= 0, "must be >= 0 (0 = all)"),
@@ -427,6 +450,11 @@ def validate(cfg: Config) -> None:
         ("pairs.gamma", 0 <= cfg.pairs.gamma <= 1, "must be in [0, 1]"),
         ("pairs.alpha_step", cfg.pairs.alpha_step > 0, "must be > 0"),
         ("pairs.alpha_max", cfg.pairs.alpha_max >= 0, "must be >= 0"),
+        ("pairs.alpha_min", cfg.pairs.alpha_min <= 0, "must be <= 0 (0 = one-sided, as DICE)"),
+        ("pairs.budget", cfg.pairs.budget >= 0, "must be >= 0 (0 = DICE's replay rule)"),
+        ("start.pairs", cfg.start.pairs >= 0, "must be >= 0 (0 = all offline pairs)"),
+        ("start.epochs", cfg.start.epochs > 0, "must be > 0"),
+        ("start.lr", cfg.start.lr >= 0, "must be >= 0 (0 = train.lr)"),
         ("pairs.min_chars", cfg.pairs.min_chars >= 0, "must be >= 0"),
         ("pairs.max_chars", cfg.pairs.max_chars > cfg.pairs.min_chars, f"must be > pairs.min_chars={cfg.pairs.min_chars}"),
         ("train.beta", cfg.train.beta > 0, "must be > 0"),
@@ -582,13 +610,14 @@ def _validate_lora(t: TrainConfig, model: ModelConfig) -> None:
         if name != "all-linear" and not _MODULE_NAME.fullmatch(name):
             raise bad("lora_target_modules", f"has {name!r}, which is not a module name (comma-separated names "
                                              f"such as q_proj,v_proj, or all-linear)")
-    if (Path(model.policy).expanduser() / "config.json").is_file():
+    key, path = ("model.policy", model.policy) if model.policy else ("model.reference", model.reference)
+    if (Path(path).expanduser() / "config.json").is_file():
         from selfalign.tasks.train_worker import check_lora_targets
 
         try:
-            check_lora_targets(str(Path(model.policy).expanduser()), t.lora_spec(), model.trust_remote_code)
+            check_lora_targets(str(Path(path).expanduser()), t.lora_spec(), model.trust_remote_code)
         except ValueError as e:
-            raise ConfigError(f"{e} (model.policy: {model.policy})") from None
+            raise ConfigError(f"{e} ({key}: {path})") from None
 
 
 def parse_override(arg: str) -> tuple[str, Any]:

@@ -92,7 +92,7 @@ def deploy(cfg: Config, name: str, pool: str = "selfalign", cron: str | None = N
     dep_id = flow.deploy(
         name=name, work_pool_name=pool, parameters={"config": params}, schedules=plan,
         job_variables={"env": JOB_ENV | (env or {})}, build=False, push=False,
-        description=f"DICE run {cfg.run.name!r}: {cfg.run.rounds} rounds from {cfg.model.policy}",
+        description=f"DICE run {cfg.run.name!r}: {cfg.run.rounds} rounds from {cfg.model.policy or cfg.model.reference}",
         tags=["selfalign"], print_next_steps=False, ignore_warnings=True,
     )
     out(f"deployment {FLOW_NAME}/{name} ({dep_id}) on pool {pool!r}"

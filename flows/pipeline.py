@@ -16,8 +16,7 @@ them and joins their parts; with no Prefect server the flow's temporary one reco
 """
 from __future__ import annotations
 
-import concurrent.futures
-
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,7 +28,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
-from selfalign.flows.config import Config, from_dict
+from selfalign.flows.config import Config, ConfigError, from_dict
 from selfalign.tasks import artifacts, plots
 from selfalign.tasks.data import load_data
 from selfalign.tasks.evaluate import run_evaluate
@@ -47,9 +46,12 @@ def _log():
 
 def _stage(output: Path, key: dict[str, Any], work, stats_path: Path) -> dict[str, Any]:
     """Run `work()` unless `output` is already there from the same key; returns the stage's stats."""
-    if artifacts.is_done(output, key) and stats_path.exists():
+    why = artifacts.why_not_done(output, key)
+    if not why and stats_path.exists():
         _log()(f"{output.name}: up to date, skipped")
         return artifacts.read_json(stats_path)
+    if why != "not made yet":
+        _log()(f"{output.name}: running again, {why or 'its stats are missing'}")
     stats = work()
     artifacts.write_json(stats_path, stats)
     artifacts.mark_done(output, key)
@@ -125,13 +127,15 @@ def score_task(cfg: Config, r: int, samples: Path, policy: str, reference: str,
 
 
 @task(name="pairs", cache_policy=NO_CACHE)
-def pairs_task(cfg: Config, r: int, scores: Path, offline: list[dict[str, str]]) -> tuple[Path, dict]:
+def pairs_task(cfg: Config, r: int, scores: Path | None, offline: list[dict[str, str]]) -> tuple[Path, dict]:
+    """Round r's training pairs; from the offline pairs alone when `scores` is None."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "pairs.parquet"
-    key = {"config": cfg.section_hash("pairs", "evaluate", "data"), "scores": artifacts.input_token(scores),
-           "seed": cfg.run.seed + r}
+    key = {"config": cfg.section_hash("pairs", "evaluate", "data"),
+           "scores": artifacts.input_token(scores) if scores else "", "seed": cfg.run.seed + r}
     stats = _stage(out, key, lambda: run_pairs(cfg, scores, offline, out, rd / "alpha_sweep.json",
-                                               cfg.run.seed + r, _log()), rd / "pairs.stats.json")
+                                               cfg.run.seed + r, _log(), get_run_logger().warning),
+                   rd / "pairs.stats.json")
     return out, stats
 
 
@@ -174,7 +178,7 @@ def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
     key = {"config": cfg.section_hash("model", "generate", "evaluate"), "model": artifacts.input_token(model),
            "prompts": [p["id"] for p in prompts]}
     nxt = None
-    if r < cfg.run.rounds and cfg.generate.shards == 1:
+    if r < cfg.run.rounds and cfg.generate.shards == 1 and cfg.pairs.source == "dice":
         nd = artifacts.round_dir(cfg.run_dir, r + 1)
         next_prompts = round_prompts(load_data(cfg).prompts, cfg.data.prompts_per_round, r + 1)
         next_key = generate_key(cfg, r + 1, model, next_prompts)
@@ -217,10 +221,48 @@ def round_prompts(prompts: list[dict[str, str]], per_round: int, r: int) -> list
 def scoring_reference(cfg: Config, r: int, reference_prev: str) -> str:
     if cfg.score.reference == "previous" or r == 1:
         return reference_prev if cfg.score.reference == "previous" else cfg.model.reference
-    return cfg.model.policy if cfg.score.reference == "initial" else cfg.model.reference
+    if cfg.score.reference == "initial":  # pi_0: given, or trained in round 0
+        return cfg.model.policy or str(artifacts.round_dir(cfg.run_dir, 0) / "model")
+    return cfg.model.reference
 
 
-@flow(name="dice-round", flow_run_name="round-{r}")
+def start_config(cfg: Config) -> Config:
+    """The config of round 0 from an SFT model: offline pairs only (`start.pairs` of them), the
+    start's learning rate and epochs; everything else as the rounds'."""
+    return dataclasses.replace(
+        cfg, pairs=dataclasses.replace(cfg.pairs, source="offline", budget=cfg.start.pairs),
+        train=dataclasses.replace(cfg.train, lr=cfg.start.lr or cfg.train.lr, epochs=cfg.start.epochs, max_steps=0))
+
+
+@flow(name="dice-start", flow_run_name="{config[run][name]}-pi0")
+def start_flow(config: dict, parent_run_id: str = "") -> dict:
+    """Round 0 from an SFT model: pi_0 = DPO(model.reference, offline pairs) through the pair and
+    training stages, then evaluated like every round; its own MLflow run (round_0)."""
+    cfg = from_dict(config)
+    start = start_config(cfg)
+    t0 = time.time()
+    tracker = _tracker(cfg, parent_run_id, "round_0")
+    tracker.log_params({"round": 0, "policy": cfg.model.reference, "reference": cfg.model.reference})
+    try:
+        pairs, metrics = pairs_task(start, 0, None, load_data(cfg).offline_pairs)
+        tracker.log_artifact(pairs, "tables")
+        model, steps = train_task(start, 0, cfg.model.reference, pairs)
+        for s in steps:
+            tracker.log_metrics({k: v for k, v in s.items() if k != "step"}, step=s["step"])
+        if steps:
+            metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
+        metrics |= evaluate_task(cfg, 0, str(model), load_prompts_eval(cfg))
+        metrics["round/seconds"] = time.time() - t0
+        tracker.log_metrics(metrics, step=0)
+        log_round_model(tracker, cfg, 0, model, cfg.model.reference)
+        tracker.close("FINISHED")
+    except BaseException:
+        tracker.close("FAILED")
+        raise
+    return {"model": str(model), "metrics": metrics}
+
+
+@flow(name="dice-round", flow_run_name="{config[run][name]}-round-{r}")
 def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id: str = "") -> dict:
     cfg = from_dict(config)
     log = _log()
@@ -232,19 +274,21 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
     tracker.log_params({"round": r, "policy": policy, "reference": reference})
     result: dict[str, Any] = {"round": r, "model": policy, "stopped": ""}
     metrics: dict[str, Any] = {}
-    drawing = None  # the pair plots, drawn in a thread during the evaluation
     try:
-        samples, st = generate_task(cfg, r, policy, prompts)
-        metrics |= st
-        scores, st = score_task(cfg, r, samples, policy, scoring_reference(cfg, r, reference), heldout)
-        metrics |= st
+        scores = None  # the offline arm (pairs.source=offline) neither samples nor scores
+        if cfg.pairs.source == "dice":
+            samples, st = generate_task(cfg, r, policy, prompts)
+            metrics |= st
+            scores, st = score_task(cfg, r, samples, policy, scoring_reference(cfg, r, reference), heldout)
+            metrics |= st
         pairs, st = pairs_task(cfg, r, scores, offline)
         metrics |= st
         rd = artifacts.round_dir(cfg.run_dir, r)
         tracker.log_artifact(pairs, "tables")
-        tracker.log_artifact(rd / "alpha_sweep.json", "tables")
+        if scores:
+            tracker.log_artifact(rd / "alpha_sweep.json", "tables")
         acc = metrics.get("eval/pair_accuracy", math.nan)
-        if heldout and not acc >= cfg.guard.min_pair_accuracy:
+        if scores and heldout and not acc >= cfg.guard.min_pair_accuracy:
             result["stopped"] = (f"round {r}: the implicit reward ranks only {acc:.3f} of the held-out pairs "
                                  f"correctly (guard.min_pair_accuracy = {cfg.guard.min_pair_accuracy}); "
                                  f"stopping before training, the run ends with {policy}")
@@ -258,10 +302,6 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
                 tracker.log_metrics({k: v for k, v in s.items() if k != "step"}, step=s["step"])
             if steps:
                 metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
-            if cfg.tracking.plots:
-                # The evaluation is a vLLM process on one thread that this one only waits on: the
-                # pair plots (~1 s of matplotlib) are drawn meanwhile, on the idle core.
-                drawing = _in_thread("selfalign-plots", plots.pair_plots, cfg.run_dir, r, cfg.pairs.length_unit)
             metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg))
             if cfg.evaluate.judge_url:
                 metrics |= judge_task(cfg, r)
@@ -270,8 +310,7 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         tracker.log_metrics(metrics, step=r)
         artifacts.write_json(artifacts.round_dir(cfg.run_dir, r) / "metrics.json", metrics)
         if cfg.tracking.plots:
-            pngs = drawing.result() if drawing else plots.pair_plots(cfg.run_dir, r, cfg.pairs.length_unit)
-            for png in pngs + plots.metrics_plots(cfg.run_dir, r):
+            for png in plots.round_plots(cfg.run_dir, r, cfg.pairs.length_unit):
                 tracker.log_artifact(png, "plots")
         if not result["stopped"]:
             log_round_model(tracker, cfg, r, Path(result["model"]), policy)
@@ -282,15 +321,6 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         raise
     result["metrics"] = metrics
     return result
-
-
-def _in_thread(name: str, fn, *args) -> concurrent.futures.Future:
-    """`fn(*args)` in a thread of its own (named `name`); the Future gives its result or raises its error."""
-    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=name)
-    try:
-        return pool.submit(fn, *args)
-    finally:
-        pool.shutdown(wait=False)  # the thread ends with the call
 
 
 def load_prompts_eval(cfg: Config) -> list[dict[str, str]]:
@@ -313,34 +343,41 @@ def tracking_uri(cfg: Config) -> str:
 
 @flow(name="selfalign-run", flow_run_name="{config[run][name]}")
 def run_flow(config: dict) -> dict:
-    """Multi-round DICE from pi_0 (`model.policy`, DPO-trained against `model.reference`)."""
+    """Multi-round DICE from pi_0: `model.policy` (DPO-trained against `model.reference`), or with
+    `model.policy` empty, pi_0 trained first from the SFT model `model.reference` (round 0)."""
     cfg = from_dict(config)
-    log = _log()
     check_options(cfg.tracking.log_model)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    # The run's MLflow run is opened in a thread (MLflow's import, the store, the run and its params:
-    # 2-3 s) while round 0's evaluation runs: that is a vLLM process, and this one only waits on it.
-    opening = _in_thread("selfalign-mlflow", _open_tracker, cfg)
-    if cfg.run.rounds > 0:
-        _in_thread("selfalign-imports", _import_scoring, opening)
-    tracker = data = None
+    if cfg.model.policy and artifacts.same_weights(cfg.model.policy, cfg.model.reference):
+        raise ConfigError(f"model.policy and model.reference hold the same weights ({cfg.model.policy}): the implicit "
+                          "reward log pi - log ref is zero for every sample, so round 1 would rank nothing. Leave "
+                          "model.policy empty to train pi_0 from the SFT model (model.reference) on the offline pairs first")
+    with artifacts.run_lock(cfg.run_dir):
+        return _rounds(cfg, config)
+
+
+def _rounds(cfg: Config, config: dict) -> dict:
+    log = _log()
+    # Every dataset is read and checked (rows, ids, lengths against the model's context) before the
+    # first engine starts; under data.on_bad_row=skip the dropped rows are counted here.
+    data = load_data(cfg)
+    if data.warning():
+        get_run_logger().warning(data.warning())
+    tracker = _open_tracker(cfg)
+    parent = getattr(tracker, "run_id", "")
+    tracker.log_metrics(data.metrics(), step=0)
     rows = []
     try:
-        # Every dataset is read and checked (rows, ids, lengths against the model's context) before
-        # the first engine starts; under data.on_bad_row=skip the dropped rows are counted here.
-        data = load_data(cfg)
-        if data.warning():
-            get_run_logger().warning(data.warning())
         t0 = time.time()
-        base = evaluate_task(cfg, 0, cfg.model.policy, load_prompts_eval(cfg))
-        base["round/seconds"] = time.time() - t0
+        policy, reference = cfg.model.policy, cfg.model.reference
+        if policy:
+            base = evaluate_task(cfg, 0, policy, load_prompts_eval(cfg))
+            base["round/seconds"] = time.time() - t0
+        else:  # round 0: pi_0 from the SFT model
+            start = start_flow(config, parent)
+            policy, base = start["model"], start["metrics"]
         artifacts.write_json(artifacts.round_dir(cfg.run_dir, 0) / "metrics.json", base)
-        tracker = opening.result()
-        parent = getattr(tracker, "run_id", "")
-        tracker.log_metrics(data.metrics(), step=0)
         tracker.log_metrics(base, step=0)
         rows.append({"round": 0, **base})
-        policy, reference = cfg.model.policy, cfg.model.reference
         stopped = ""
         for r in range(1, cfg.run.rounds + 1):
             res = round_flow(config, r, policy, reference, parent)
@@ -358,32 +395,10 @@ def run_flow(config: dict) -> dict:
             tracker.log_artifact(plots.rounds_plot(rows, cfg.run_dir / "rounds.png", f"{cfg.run.name}: evaluation over rounds"), "plots")
         tracker.close("FINISHED")
     except BaseException:
-        if tracker is None:  # failed before the tracker was taken: take it, with the data's counts
-            try:
-                tracker = opening.result()
-            except Exception:  # opening it failed: no run to mark (its error is the one raised, or follows)
-                tracker = None
-            if tracker is not None and data is not None:
-                tracker.log_metrics(data.metrics(), step=0)
-        if tracker is not None:
-            tracker.close("FAILED")
+        tracker.close("FAILED")
         raise
     log(f"final model: {policy}")
     return summary
-
-
-def _import_scoring(after: concurrent.futures.Future) -> None:
-    """Once `after` is done, imports what round 1's scoring stage runs in this process (torch,
-    transformers' model classes, the scorer: ~1.5 s of one core). Called in a thread during round 0's
-    evaluation, a vLLM process this one only waits on; the command line's start no longer imports
-    them (tasks/data.load_tokenizer)."""
-    import importlib
-
-    from selfalign.tasks.data import import_loaders
-
-    concurrent.futures.wait([after])  # not beside MLflow's imports: one interpreter runs one at a time
-    import_loaders(models=True)
-    importlib.import_module("selfalign.tasks.score")
 
 
 def _open_tracker(cfg: Config):
@@ -393,4 +408,5 @@ def _open_tracker(cfg: Config):
     artifacts_at = (cfg.run_dir / "mlartifacts").resolve().as_uri() if local else None
     tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name, artifacts_at)
     tracker.log_params(cfg.flat())
+    tracker.set_tag("selfalign.arm", cfg.pairs.source)  # dice, or the offline-only control arm
     return tracker

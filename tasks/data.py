@@ -358,12 +358,13 @@ def load_data(cfg: Any) -> Datasets:
     d = cfg.data
     sources = {name: getattr(d, name) for name in DATASETS}
     stamps = {name: _stamp(s) for name, s in sources.items()}
-    key = json.dumps([cfg.section_hash("data"), cfg.model.policy, cfg.model.trust_remote_code,
+    model = cfg.model.policy or cfg.model.reference  # pi_0 trained from the SFT model keeps its tokenizer
+    key = json.dumps([cfg.section_hash("data"), model, cfg.model.trust_remote_code,
                       cfg.generate.max_model_len, stamps])
     if key in _loaded:
         return _loaded[key]
-    tokenizer = load_tokenizer(cfg.model.policy, cfg.model.trust_remote_code)
-    max_len = context_length(cfg.model.policy, cfg.generate.max_model_len, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model, cfg.model.trust_remote_code)
+    max_len = context_length(model, cfg.generate.max_model_len, cfg.model.trust_remote_code)
     rows: dict[str, list[dict[str, str]]] = {}
     skipped: dict[str, dict[str, int]] = {}
     for name, source in sources.items():

@@ -2,7 +2,8 @@
 Drop truncated, degenerate and (optionally, by a user hook) invalid samples; keep prompts with at
 least `min_valid` samples; sweep alpha so that the length penalty cancels the mean chosen-minus-
 rejected length; chosen = best, rejected = worst shaped score; mix in offline pairs at fraction gamma
-with prompts disjoint from the generated ones."""
+with prompts disjoint from the generated ones. With `pairs.source=offline` (the control arm) the round
+trains on offline pairs alone, as many as the DICE arm's budget."""
 from __future__ import annotations
 
 import math
@@ -20,15 +21,18 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: Path, sweep_path: Path,
-              seed: int, log=print) -> dict[str, Any]:
+def run_pairs(cfg, scores_path: Path | None, offline: list[dict[str, str]], out_path: Path, sweep_path: Path,
+              seed: int, log=print, warn=None) -> dict[str, Any]:
+    """Round pairs from `scores_path` (None: offline pairs only) and the offline pairs."""
     t0 = time.time()
     pc = cfg.pairs
-    samples = artifacts.read_table(scores_path)
+    warn = warn or log
+    samples = artifacts.read_table(scores_path) if scores_path is not None else []
     valid_fn = load_hook(pc.validity, "pairs.validity") if pc.validity else None
     preferred_fn = load_hook(cfg.evaluate.preferred, "evaluate.preferred") if cfg.evaluate.preferred else None
+    checker_fn = load_hook(cfg.evaluate.checker, "evaluate.checker") if cfg.evaluate.checker else None
 
-    dropped = {"truncated": 0, "degenerate": 0, "special": 0, "invalid": 0}
+    dropped = {"truncated": 0, "degenerate": 0, "special": 0, "invalid": 0, "identical": 0}
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for s in samples:
         if s["finish_reason"] != "stop" or not math.isfinite(s["score"]):
@@ -45,14 +49,18 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
     kept = {pid: group for pid, group in by_prompt.items() if len(group) >= pc.min_valid}
     groups = [([s["score"] for s in g], [s["length"] for s in g]) for g in kept.values()]
 
-    alpha, trace = rules.sweep_alpha(groups, step=pc.alpha_step, max_alpha=pc.alpha_max)
-    artifacts.write_json(sweep_path, {"alpha_star": alpha, "trace": trace})
+    alpha, trace = rules.sweep_alpha(groups, step=pc.alpha_step, max_alpha=pc.alpha_max, min_alpha=pc.alpha_min)
+    if scores_path is not None:
+        artifacts.write_json(sweep_path, {"alpha_star": alpha, "side": rules.alpha_side(alpha), "trace": trace})
 
     generated = []
     for pid, group in kept.items():
         scores, lengths = [s["score"] for s in group], [s["length"] for s in group]
         w, l = rules.best_worst(scores, lengths, alpha)
         cw, cl = group[w], group[l]
+        if rules.same_text(cw["response"], cl["response"]):
+            dropped["identical"] += 1  # nothing to prefer; typical of a near-greedy temperature
+            continue
         generated.append({
             "source": "generated", "prompt_id": pid, "prompt": cw["prompt"],
             "chosen": cw["response"], "rejected": cl["response"],
@@ -67,8 +75,15 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
             "chosen_len": cw["length"], "rejected_len": cl["length"],
         })
 
+    gamma = 1.0 if pc.source == "offline" else pc.gamma
     gen_idx, off_idx = rules.mix_replay([g["prompt"] for g in generated], [o["prompt"] for o in offline],
-                                        pc.gamma, seed)
+                                        gamma, seed, pc.budget)
+    if pc.source == "dice" and len(gen_idx) < len(generated):
+        warn(f"pairs: replay uses {len(gen_idx)} of the {len(generated)} generated pairs built "
+             f"(pairs.gamma={pc.gamma}, pairs.budget={pc.budget}, {len(offline)} offline pairs)")
+    if pc.budget and len(gen_idx) + len(off_idx) < pc.budget:
+        warn(f"pairs: {len(gen_idx) + len(off_idx)} pairs, short of pairs.budget={pc.budget}: too few offline "
+             f"pairs ({len(offline)}) with prompts apart from the generated ones")
     rows = [generated[i] for i in gen_idx]
     for i in off_idx:
         o = offline[i]
@@ -86,6 +101,7 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
     gap0 = trace[0]["mean_len_gap"] if trace else math.nan
     stats = {
         "alpha_star": alpha,
+        "alpha_side": {"none": 0, "longer": 1, "shorter": -1}[rules.alpha_side(alpha)],
         "pairs/prompts": len({s["prompt_id"] for s in samples}),
         "pairs/prompts_kept": len(kept),
         "pairs/generated_built": len(generated),
@@ -96,6 +112,7 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
         "pairs/dropped_degenerate": dropped["degenerate"],
         "pairs/dropped_special": dropped["special"],
         "pairs/dropped_invalid": dropped["invalid"],
+        "pairs/dropped_identical": dropped["identical"],
         "len/gap_alpha0": gap0,
         "len/gap": _mean([g["chosen_len"] - g["rejected_len"] for g in generated]),
         "len/chosen_mean": _mean([g["chosen_len"] for g in generated]),
@@ -106,6 +123,10 @@ def run_pairs(cfg, scores_path: Path, offline: list[dict[str, str]], out_path: P
         prec, n = rules.label_precision([preferred_fn(g["prompt"], g["chosen"]) for g in generated],
                                         [preferred_fn(g["prompt"], g["rejected"]) for g in generated])
         stats["eval/label_precision"], stats["pairs/decisive"] = prec, n
-    log(f"pairs: {len(kept)}/{stats['pairs/prompts']} prompts kept (dropped {dropped}), alpha*={alpha:.3f}, "
+        stats["pairs/chosen_preferred"] = _mean([float(bool(preferred_fn(g["prompt"], g["chosen"]))) for g in generated])
+    if checker_fn is not None:
+        stats["pairs/chosen_correct"] = _mean([float(bool(checker_fn(g["prompt"], g["chosen"]))) for g in generated])
+    log(f"pairs: {len(kept)}/{stats['pairs/prompts']} prompts kept (dropped {dropped}), alpha*={alpha:.3f} "
+        f"({rules.alpha_side(alpha)}), "
         f"length gap {gap0:+.1f} -> {stats['len/gap']:+.1f}, {len(gen_idx)} generated + {len(off_idx)} offline pairs")
     return stats

@@ -69,6 +69,7 @@ class MetricLogger(Protocol):
     def log_model(self, model_dir: Path, how: str, *, step: int = 0, dtype: str = "", card: str = "",
                   registered_model_name: str = "", version_tags: dict[str, str] | None = None,
                   description: str = "") -> dict[str, str]: ...
+    def set_tag(self, key: str, value: str) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -87,6 +88,9 @@ class NullLogger:
 
     def log_model(self, model_dir: Path, how: str, **_: Any) -> dict[str, str]:
         return {}
+
+    def set_tag(self, key: str, value: str) -> None:
+        pass
 
     def close(self, status: str = "FINISHED") -> None:
         pass

@@ -2,6 +2,7 @@
 folders; every class of bad row named by file, row and field (or dropped and counted under
 data.on_bad_row=skip); lengths checked against the model's context before any stage starts."""
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -348,10 +349,13 @@ def load_tokenizer_of(path):
 
 class Recorder:
     def __init__(self):
-        self.metrics, self.status = {}, None
+        self.metrics, self.status, self.tags = {}, None, {}
 
     def log_params(self, params):
         pass
+
+    def set_tag(self, key, value):
+        self.tags[key] = value
 
     def log_metrics(self, metrics, step=None):
         self.metrics |= metrics
@@ -376,7 +380,14 @@ def test_run_flow_checks_data_before_any_stage(tmp_path, tiny_model, monkeypatch
     files = {"prompts": write(tmp_path / "prompts.jsonl", [P, {"id": "b", "prompt": ""}]),
              "eval_prompts": write(tmp_path / "eval.jsonl", [P]),
              "offline_pairs": write(tmp_path / "offline.jsonl", [Q])}
-    cfg = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "run.dir": str(tmp_path / "run"),
+    sft = tmp_path / "sft"  # another model (pi_0 = its own reference is refused before any data is read)
+    shutil.copytree(tiny_model, sft)
+    with open(sft / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    cfg = load_config(None, {"model.policy": tiny_model, "model.reference": str(sft), "run.dir": str(tmp_path / "run"),
                              "data.on_bad_row": policy} | {f"data.{k}": v for k, v in files.items()})
     tracker, warnings = Recorder(), []
     started = []
@@ -395,14 +406,14 @@ def test_run_flow_checks_data_before_any_stage(tmp_path, tiny_model, monkeypatch
     if policy == "error":
         with pytest.raises(DataError, match="prompts.jsonl: row 2, field 'prompt': is empty"):
             pipeline.run_flow.fn(cfg.to_dict())
-        assert not started
+        assert not started and tracker.status is None  # no MLflow run is opened for a run that cannot start
     else:
         with pytest.raises(ExpensiveStage):
             pipeline.run_flow.fn(cfg.to_dict())
         assert tracker.metrics["data/skipped_prompts"] == 1 and tracker.metrics["data/skipped_prompts/empty"] == 1
         assert tracker.metrics["data/skipped_offline_pairs"] == 0
         assert warnings == ["data.on_bad_row=skip dropped bad rows: data.prompts: 1 (empty 1)"]
-    assert tracker.status == "FAILED"
+        assert tracker.status == "FAILED"
 
 
 def test_hooks():
@@ -432,11 +443,12 @@ def test_cli_prints_a_data_error_without_a_traceback(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing started
 
 
-def test_cli_catches_project_errors_raised_inside_a_command(monkeypatch, capsys):
+def test_cli_catches_project_errors_raised_inside_a_command(monkeypatch, capsys, tmp_path):
     from selfalign.flows import cli, pipeline
     from selfalign.flows.config import ConfigError
     from selfalign.tasks import data
 
+    monkeypatch.chdir(tmp_path)  # the run folder (runs/demo) and its lock
     monkeypatch.setattr(cli, "prepare_environment", lambda run_dir: None)
     monkeypatch.setattr(cli, "start_temporary_prefect", lambda: None)  # no flow runs here
     monkeypatch.setattr(data, "load_data", lambda cfg: None)

@@ -68,3 +68,44 @@ def test_demo_round_end_to_end(tmp_path):
     again = run_cli(tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("up to date, skipped") + again.stderr.count("up to date, skipped") >= 5
+
+
+@pytest.mark.slow
+def test_sft_start_then_dice_and_the_offline_control_arm(tmp_path):
+    """From the SFT model alone: round 0 trains pi_0 (its own MLflow run), the DICE round follows,
+    then --control runs the offline-only arm from the same pi_0 with the same pair budget, and the
+    comparison is printed. Policy = reference is refused at load time, naming the option."""
+    same = run_cli(tmp_path, "--model.policy=" + str(ROOT / "assets" / "demo" / "sft"))
+    assert same.returncode == 2 and "hold the same weights" in same.stderr and "Leave model.policy empty" in same.stderr
+
+    proc = run_cli(tmp_path, "--model.policy=", "--start.pairs=32", "--pairs.budget=16", "--control")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run, ctrl = tmp_path / "run", Path(f"{tmp_path / 'run'}-offline")
+    pi0 = run / "round_0" / "model"
+    assert (pi0 / "model.safetensors").is_file()
+    start_pairs = json.loads((run / "round_0" / "pairs.stats.json").read_text())
+    assert start_pairs["pairs/kept"] == start_pairs["pairs/offline"] == 32
+    steps0 = [json.loads(line) for line in (run / "round_0" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps0) == 4  # 32 pairs, batch 8, one epoch
+    dice = json.loads((run / "round_1" / "pairs.stats.json").read_text())
+    off = json.loads((ctrl / "round_1" / "pairs.stats.json").read_text())
+    assert dice["pairs/kept"] == off["pairs/kept"] == 16 and off["pairs/generated"] == 0
+    assert not (ctrl / "round_1" / "samples.parquet").exists() and not (ctrl / "round_0" / "model").exists()
+    # the same max_steps on the same number of pairs: the same training budget
+    assert len((ctrl / "round_1" / "train" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert json.loads((ctrl / "summary.json").read_text())["rounds"][0]["eval/preferred_rate"] == \
+        json.loads((run / "summary.json").read_text())["rounds"][0]["eval/preferred_rate"]  # one pi_0
+    assert "demo against its control demo-offline" in proc.stdout
+    assert "preferred_rate" in proc.stdout.split("against its control")[1]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("selfalign")
+    parents = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])
+               if "mlflow.parentRunId" not in r.data.tags}
+    assert parents["demo"].data.tags["selfalign.arm"] == "dice"
+    assert parents["demo-offline"].data.tags["selfalign.arm"] == "offline"
+    rounds = {r.info.run_name for r in client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents['demo'].info.run_id}'")}
+    assert rounds == {"round_0", "round_1"}

@@ -267,7 +267,7 @@ def test_nan_in_training_fails_the_round_and_the_rerun_resumes_from_the_last_goo
     # Prefect: the round sub-flow and the run flow ended Failed
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:
         states = dict(db.execute("select name, state_type from flow_run"))
-    assert states == {"demo": "FAILED", "round-1": "FAILED"}
+    assert states == {"demo": "FAILED", "demo-round-1": "FAILED"}
 
     # the same command again: training resumes from step 2, never from a half-trained model
     rerun = run_to_end(run, home)
@@ -283,7 +283,7 @@ def _assert_failed_in_tracking(run: Path, home: Path) -> None:
     assert sorted((r.info.run_name, r.info.status) for r in runs) == [("demo", "FAILED"), ("round_1", "FAILED")]
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:
         states = dict(db.execute("select name, state_type from flow_run"))
-    assert states == {"demo": "FAILED", "round-1": "FAILED"}
+    assert states == {"demo": "FAILED", "demo-round-1": "FAILED"}
 
 
 @pytest.mark.slow
