@@ -99,15 +99,33 @@ def _run_arms(cfg, server, control: bool, preset: str, overrides: list[str]) -> 
 
 def control_config(preset: str, overrides: list[str], cfg):
     """The offline-only arm of `cfg`: the same rounds, seeds and pair budget, offline pairs only, from
-    the same pi_0 (round 0 of `cfg`'s run when that trained it), in `<run dir>-offline`, logged to
-    the same MLflow store."""
+    the same pi_0 (round 0 of `cfg`'s run, shared, when that trained it), in `<run dir>-offline`,
+    logged to the same MLflow store."""
     from selfalign.flows.pipeline import tracking_uri
 
     extra = ["--pairs.source=offline", f"--run.name={cfg.run.name}-offline",
              f"--run.dir={cfg.run_dir.resolve()}-offline", f"--tracking.uri={tracking_uri(cfg)}"]
+    ctrl = load_config(preset, overrides + extra)
     if not cfg.model.policy:
-        extra.append(f"--model.policy={(cfg.run_dir / 'round_0' / 'model').resolve()}")
-    return load_config(preset, overrides + extra)
+        share_start(cfg.run_dir, ctrl.run_dir)
+    return ctrl
+
+
+def share_start(run_dir: Path, control_dir: Path) -> None:
+    """Round 0 of a run that trained pi_0, hard-linked (or copied) into its control arm's folder: the
+    control's round 0 has the same stage keys, so it finds pi_0 and its evaluation done instead of
+    training it again."""
+    import shutil
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem
+            shutil.copy2(src, dst)
+
+    src, dst = Path(run_dir) / "round_0", Path(control_dir) / "round_0"
+    if src.is_dir() and not dst.exists():
+        shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns("train"))
 
 
 def _print_summary(cfg, summary: dict) -> None:

@@ -55,6 +55,7 @@ class DataConfig:
     heldout_pairs_config: str = ""
     prompts_per_round: int = 0     # prompts sampled per round (0 = all); rounds take fresh slices
     max_eval_prompts: int = 0      # cap on eval prompts (0 = all)
+    max_heldout_pairs: int = 0     # cap on held-out pairs scored each round for the guard (0 = all)
     on_bad_row: str = "error"      # error: stop at the first bad row, naming file, row and field |
                                    # skip: drop bad rows, counted per reason (MLflow data/skipped_*)
 
@@ -433,6 +434,7 @@ def validate(cfg: Config) -> None:
         ("run.seed", cfg.run.seed >= 0, "must be >= 0"),
         ("data.prompts_per_round", cfg.data.prompts_per_round >= 0, "must be >= 0 (0 = all)"),
         ("data.max_eval_prompts", cfg.data.max_eval_prompts >= 0, "must be >= 0 (0 = all)"),
+        ("data.max_heldout_pairs", cfg.data.max_heldout_pairs >= 0, "must be >= 0 (0 = all)"),
         ("generate.k", cfg.generate.k >= 2, "must be >= 2 (best-vs-worst needs two samples)"),
         ("generate.temperature", cfg.generate.temperature > 0, "must be > 0 for sampling"),
         ("generate.top_p", 0 < cfg.generate.top_p <= 1, "must be in (0, 1]"),

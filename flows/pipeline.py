@@ -270,6 +270,8 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
     data = load_data(cfg)
     prompts = round_prompts(data.prompts, cfg.data.prompts_per_round, r)
     offline, heldout = data.offline_pairs, data.heldout_pairs
+    if cfg.data.max_heldout_pairs:
+        heldout = heldout[: cfg.data.max_heldout_pairs]
     tracker = _tracker(cfg, parent_run_id, f"round_{r}")
     tracker.log_params({"round": r, "policy": policy, "reference": reference})
     result: dict[str, Any] = {"round": r, "model": policy, "stopped": ""}

@@ -90,7 +90,10 @@ def test_sft_start_then_dice_and_the_offline_control_arm(tmp_path):
     dice = json.loads((run / "round_1" / "pairs.stats.json").read_text())
     off = json.loads((ctrl / "round_1" / "pairs.stats.json").read_text())
     assert dice["pairs/kept"] == off["pairs/kept"] == 16 and off["pairs/generated"] == 0
-    assert not (ctrl / "round_1" / "samples.parquet").exists() and not (ctrl / "round_0" / "model").exists()
+    assert not (ctrl / "round_1" / "samples.parquet").exists()
+    # the control shares pi_0: its round 0 finds the model and its evaluation done, and trains nothing
+    assert (ctrl / "round_0" / "model" / "model.safetensors").samefile(pi0 / "model.safetensors")
+    assert not (ctrl / "round_0" / "train").exists()
     # the same max_steps on the same number of pairs: the same training budget
     assert len((ctrl / "round_1" / "train" / "metrics.jsonl").read_text().splitlines()) == 3
     assert json.loads((ctrl / "summary.json").read_text())["rounds"][0]["eval/preferred_rate"] == \
