@@ -253,6 +253,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from selfalign.flows.config_doc import as_markdown, as_text, reference
+
+    print(as_markdown(reference()) if args.markdown else as_text(reference()), end="" if args.markdown else "\n")
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from selfalign.flows.server import serve
 
@@ -300,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run", help="run multi-round DICE from a preset")
     p.add_argument("preset", help="preset YAML, e.g. deploy/presets/demo.yaml")
     p.add_argument("overrides", nargs=argparse.REMAINDER,
-                   help="--section.key=value overrides; --control also runs the offline-only control arm "
-                        "(the same rounds and pair budget on offline pairs alone) and compares the two")
+                   help="--section.key=value overrides (every key: selfalign config); --control also runs the "
+                        "offline-only control arm (the same rounds and pair budget on offline pairs alone) and "
+                        "compares the two")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("compare", help="print a run's round table from MLflow")
     p.add_argument("run", help="run name (the latest run of that name) or MLflow run id")
@@ -312,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--against", help="another run (e.g. the control arm) evaluated on the same prompts: each "
                    "rate side by side, with the paired difference and its 95%% interval")
     p.set_defaults(func=cmd_compare)
+    p = sub.add_parser("config", help="list every config key with its type, default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as the Markdown of docs/config.md")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("server", help="start a Prefect server and an MLflow tracking server; Ctrl-C stops both")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--prefect-port", type=int, default=4200)

@@ -24,7 +24,7 @@ class RunConfig:
     name: str = "selfalign"        # run name: MLflow run name and default run directory
     dir: str = ""                  # run directory; default runs/<name>
     rounds: int = 2                # DICE rounds (the paper runs 2)
-    seed: int = 0
+    seed: int = 0                  # seeds sampling, pair mixing and training (round r uses seed + r)
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ModelConfig:
                                    # trains pi_0 = DPO(model.reference, offline pairs) first (see `start`)
     reference: str = ""            # the model pi_0 was DPO-trained against (usually the SFT model)
     dtype: str = "float32"         # float32 | bfloat16 (training, scoring and generation)
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # run a model's own code from its folder (off: only transformers' classes)
 
 
 @dataclass
@@ -64,12 +64,12 @@ class DataConfig:
 class GenerateConfig:
     k: int = 16                    # samples per prompt (DICE: 16)
     temperature: float = 0.7       # DICE Zephyr setting
-    top_p: float = 0.9
-    max_tokens: int = 2048
+    top_p: float = 0.9             # nucleus sampling: keep the smallest set of tokens with this much probability
+    max_tokens: int = 2048         # response length limit; a response cut here is dropped from the pairs
     kv_cache_gib: float = 1.0      # vLLM KV cache on CPU, GiB (fractions too)
-    gpu_memory_utilization: float = 0.85
+    gpu_memory_utilization: float = 0.85  # share of GPU memory vLLM may take (weights and KV cache)
     enforce_eager: bool = True     # skip torch.compile / CUDA graphs warm-up
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = 1  # GPUs per vLLM engine
     max_model_len: int = 0         # 0 = the model's own limit
     shard_size: int = 256          # prompts per shard: each is written when drawn, so a crash loses at most
                                    # one and a rerun draws only the missing ones (0 = one shard per stage)
@@ -100,8 +100,8 @@ class PairsConfig:
     min_chars: int = 4             # responses shorter than this are degenerate (DICE: <= 3 dropped)
     max_chars: int = 6699          # responses longer than this are degenerate (DICE: >= 6700 dropped)
     length_unit: str = "chars"     # chars (DICE) | tokens: the unit of the alpha * length penalty
-    alpha_step: float = 0.001
-    alpha_max: float = 1.0
+    alpha_step: float = 0.001      # grid step of the alpha sweep (DICE: 0.001)
+    alpha_max: float = 1.0         # the sweep's upper end, exclusive (DICE: 1.0)
     alpha_min: float = -1.0        # < 0: two-sided sweep, alpha* may be negative and so cancel a reward's taste
                                    # for shorter answers as well as for longer ones | 0: DICE's one-sided sweep
     validity: str = ""             # optional hook package.module:function(prompt, response) -> bool
@@ -118,7 +118,7 @@ class TrainConfig:
     loss: str = "dpo"              # dpo | cdpo | ipo | hinge | simpo | alpha_dpo | mrpo | hpo | TRL pair
                                    # losses (robust, exo_pair, bco_pair, sppo_hard, nca_pair, apo_zero,
                                    # apo_down, discopop, sigmoid_norm, aot); see kernels/losses.py
-    beta: float = 0.1
+    beta: float = 0.1              # strength of the KL anchor to the reference (DICE: 0.1)
     rpo_alpha: float = 0.0         # weight of an NLL term on the chosen responses (token mean over the
                                    # batch), added to any loss: TRL's rpo_alpha, iterative RPO
     label_smoothing: float = 0.0   # cDPO / robust / exo_pair / aot / simpo / alpha_dpo
@@ -151,12 +151,12 @@ class TrainConfig:
     hpo_value_lr: float = 1e-3     # learning rate of the value head (a linear layer on the prompt's
                                    # last hidden state, detached from the policy)
     lr: float = 5e-7               # DICE: 5e-7 constant
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0      # AdamW weight decay
     epochs: float = 1.0            # passes over the round's pairs (ignored when max_steps > 0)
-    max_steps: int = 0
+    max_steps: int = 0             # optimiser steps per round (0 = from train.epochs)
     batch_size: int = 32           # pairs per optimiser step, all processes together
     micro_batch_size: int = 4      # pairs per forward pass per process
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0         # clip the gradient norm to this (0 = no clipping)
     zero_stage: int | str = "auto" # DeepSpeed ZeRO stage 0-3, or auto: 0 on one process (ZeRO partitions
                                    # across processes; on one it only adds work), 2 on several
     nproc: int = 1                 # training processes on this node (with train.hostfile: the hosts' slots)
@@ -244,7 +244,7 @@ class GuardConfig:
 class TrackingConfig:
     uri: str = ""                  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else
                                    # sqlite:///<run_dir>/mlflow.db
-    experiment: str = "selfalign"
+    experiment: str = "selfalign"  # MLflow experiment the runs go to
     plots: bool = True             # per-round PNG plots as MLflow artifacts (plots/) and in round_<r>/plots
     log_model: str = "none"        # none | artifact: each round's model folder as MLflow artifacts (model/) |
                                    # transformers: as an MLflow Model of the transformers flavour (model/)
