@@ -140,14 +140,27 @@ def pairs_task(cfg: Config, r: int, scores: Path | None, offline: list[dict[str,
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def train_task(cfg: Config, r: int, model: str, pairs: Path) -> tuple[Path, list[dict]]:
+def train_task(cfg: Config, r: int, model: str, pairs: Path, tracker: MetricLogger | None = None) -> tuple[Path, list[dict]]:
+    """Round r's training; with `tracker`, each step's metrics reach it while training runs, and the
+    steps it did not see then (a skipped stage, a resumed one's earlier steps) when it ends."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "model"
     key = {"config": train_config_hash(cfg), "model": artifacts.input_token(model),
            "pairs": artifacts.input_token(pairs), "seed": cfg.run.seed + r} | _mrpo_key(cfg)
     steps_path = rd / "train.steps.json"
-    _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log(), key=key)},
+    seen: set[int] = set()
+
+    def on_step(row: dict) -> None:
+        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        seen.add(row["step"])
+
+    _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log(), key=key,
+                                                 on_step=on_step if tracker is not None else None)},
            steps_path)
+    if tracker is not None:
+        for row in artifacts.read_json(steps_path)["steps"]:
+            if row["step"] not in seen:
+                on_step(row)
     if not cfg.train.keep_checkpoints and checkpoint_dir(out).exists():
         shutil.rmtree(checkpoint_dir(out))  # only once the model and its manifest are written
     return out, artifacts.read_json(steps_path)["steps"]
@@ -246,9 +259,7 @@ def start_flow(config: dict, parent_run_id: str = "") -> dict:
     try:
         pairs, metrics = pairs_task(start, 0, None, load_data(cfg).offline_pairs)
         tracker.log_artifact(pairs, "tables")
-        model, steps = train_task(start, 0, cfg.model.reference, pairs)
-        for s in steps:
-            tracker.log_metrics({k: v for k, v in s.items() if k != "step"}, step=s["step"])
+        model, steps = train_task(start, 0, cfg.model.reference, pairs, tracker)
         if steps:
             metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
         metrics |= evaluate_task(cfg, 0, str(model), load_prompts_eval(cfg))
@@ -299,9 +310,7 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
             result["stopped"] = f"round {r}: no training pairs survived the filters; stopping"
             log(result["stopped"])
         else:
-            model, steps = train_task(cfg, r, policy, pairs)
-            for s in steps:
-                tracker.log_metrics({k: v for k, v in s.items() if k != "step"}, step=s["step"])
+            model, steps = train_task(cfg, r, policy, pairs, tracker)
             if steps:
                 metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
             metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg))

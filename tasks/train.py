@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -150,11 +151,30 @@ def adapter_dir(out_dir: Path) -> Path:
     return out_dir.parent / "train" / "adapter"
 
 
+def follow_steps(path: Path, on_step, stop: threading.Event, every: float = 1.0) -> None:
+    """Calls `on_step(row)` for each step row appended to the metrics file `path` (JSON lines), as it
+    is written, until `stop` is set and the file is read to its end."""
+    pos = 0
+    while True:
+        done = stop.is_set()
+        if path.exists():
+            with open(path, encoding="utf-8") as f:
+                f.seek(pos)
+                while (line := f.readline()).endswith("\n"):  # a line still being written waits
+                    pos = f.tell()
+                    if line.strip():
+                        on_step(json.loads(line))
+        if done:
+            return
+        stop.wait(every)
+
+
 def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=print,
-              key: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+              key: dict[str, Any] | None = None, on_step=None) -> list[dict[str, Any]]:
     """Trains pi_r from pi_{r-1} (= `model`) on the round's pairs; writes `out_dir` (HF format).
     Every `train.checkpoint_every` steps the worker saves a DeepSpeed checkpoint; a later call with
-    the same spec and stage `key` resumes from the latest one (others are discarded first)."""
+    the same spec and stage `key` resumes from the latest one (others are discarded first).
+    `on_step(row)` is called with each step's metrics while training runs (MLflow's live curves)."""
     t0 = time.time()
     work = out_dir.parent / "train"
     work.mkdir(parents=True, exist_ok=True)
@@ -203,6 +223,12 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     where = f"the hosts of {t.hostfile}" if t.hostfile else f"{t.nproc} process(es)"
     auto = f" ({t.zero_stage})" if t.zero_stage == "auto" else ""
     log(f"train: launching {where} with {t.launcher}, ZeRO-{zero_stage}{auto}")
+    stop = threading.Event()
+    follower = None
+    if on_step is not None:
+        follower = threading.Thread(target=follow_steps, args=(metrics_path, on_step, stop), daemon=True,
+                                    name="selfalign-train-steps")
+        follower.start()
     with open(work / "worker.log", "w") as logf:
         proc = subprocess.Popen(cmd, env=worker_env(single_node=not t.hostfile), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
@@ -216,6 +242,9 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
             if line.startswith("train:"):
                 log(line.rstrip())
         rc = proc.wait()
+    if follower is not None:
+        stop.set()
+        follower.join()
     if rc != 0:
         if fault:
             raise NonFiniteTraining(f"{fault[-1]} (log: {work / 'worker.log'})")

@@ -682,6 +682,8 @@ def main(spec_path: str) -> None:
              "logps/chosen", "logps/rejected"]
     if loss_name == "hpo":
         names += ["value_loss", "aux/chosen", "aux/rejected", "value/mean"]
+    if spec.get("rpo_alpha"):
+        names += ["nll_loss"]  # TRL's name for the NLL term rpo_alpha weighs
     # The pairs' numbers and the index stream go to the device once: a micro-batch selects its rows
     # there. Each tensor built from a Python list per micro-batch was a copy from pageable memory,
     # which waits for the device; so did reading a loss or the statistics back. Within a step the host
@@ -736,7 +738,9 @@ def main(spec_path: str) -> None:
             if spec.get("rpo_alpha"):
                 # NLL of the chosen responses, token mean over the micro-batch (TRL's rpo_alpha): keeps
                 # the likelihood of what was chosen from falling, which plain DPO lets happen.
-                loss = loss + spec["rpo_alpha"] * (-pc.sum() / nc.sum())
+                nll = -pc.sum() / nc.sum()
+                loss = loss + spec["rpo_alpha"] * nll
+                extra.append(nll.detach())
             if fault_step == step + 1:
                 loss = loss * math.nan
             losses_of_step.append(loss.detach())
@@ -769,6 +773,7 @@ def main(spec_path: str) -> None:
         if metrics_f:
             rec = {"step": step + 1, **dict(zip(names, acc.tolist())),
                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                   "learning_rate": float(engine.get_lr()[0]),
                    "seconds": time.time() - t0}
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()

@@ -113,7 +113,7 @@ def test_round_flow_draws_the_round_plots_and_logs_all(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "generate_task", lambda cfg, r, policy, prompts: (tmp_path / "s", {}))
     monkeypatch.setattr(pipeline, "score_task", lambda *a: (tmp_path / "sc", {"eval/pair_accuracy": 0.9}))
     monkeypatch.setattr(pipeline, "pairs_task", pairs_task)
-    monkeypatch.setattr(pipeline, "train_task", lambda cfg, r, policy, pairs: (model, []))
+    monkeypatch.setattr(pipeline, "train_task", lambda cfg, r, policy, pairs, tracker=None: (model, []))
     monkeypatch.setattr(pipeline, "evaluate_task", evaluate_task)
     monkeypatch.setattr(pipeline, "log_round_model", lambda *a: None)
     (cfg.run_dir / "round_0").mkdir(parents=True)

@@ -150,6 +150,8 @@ def test_rpo_alpha_adds_the_token_mean_nll_of_the_chosen_responses(tiny_model, t
     nll = -sum(logps_of(model, seqs, tok.pad_token_id)) / sum(len(c) for _, c in seqs)
     assert nll > 1.0  # a random model: the term is far from negligible
     assert steps[0]["loss"] == pytest.approx(LN2 + 0.5 * nll, abs=1e-5)
+    # the term itself is logged under TRL's name, and so is the learning rate
+    assert steps[0]["nll_loss"] == pytest.approx(nll, abs=1e-5) and steps[0]["learning_rate"] == pytest.approx(1e-3)
 
 
 def test_deepspeed_compiles_its_decorated_kernels_on_first_call_only(monkeypatch):
@@ -198,3 +200,66 @@ def test_deepspeed_engine_start_no_longer_loads_torch_inductor(tmp_path):
         assert r.returncode == 0, (how, r.stderr[-2000:])
     assert runs["deferred"].stdout.split()[-1] == "False"
     assert runs["eager"].stdout.split()[-1] == "True"
+
+
+def test_follow_steps_reads_rows_as_they_are_written(tmp_path):
+    import json
+    import threading
+
+    from selfalign.tasks.train import follow_steps
+
+    path, seen, stop = tmp_path / "metrics.jsonl", [], threading.Event()
+    path.write_text(json.dumps({"step": 1}) + "\n" + '{"step": 2')  # the second row is half written
+    follower = threading.Thread(target=follow_steps, args=(path, seen.append, stop, 0.01))
+    follower.start()
+    while not seen:
+        pass
+    assert seen == [{"step": 1}]
+    with open(path, "a") as f:
+        f.write("}\n")
+    stop.set()
+    follower.join()
+    assert seen == [{"step": 1}, {"step": 2}]
+
+
+def test_step_metrics_reach_mlflow_while_training_runs(tiny_model, tmp_path, monkeypatch):
+    """The train task with an MLflow run: each step's metrics (TRL's names, learning_rate) are in
+    MLflow, read back by another client, before the training worker has saved its model."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import write_replay_pairs
+    from selfalign.flows import pipeline
+    from selfalign.tasks import artifacts
+    from selfalign.tasks.tracking import MlflowLogger
+
+    class Logger:
+        info = warning = staticmethod(lambda *a: None)
+
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: Logger)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
+                             "data.eval_prompts": "e", "data.offline_pairs": "o", "run.dir": str(tmp_path / "run"),
+                             "train.lr": 1e-3, "train.max_steps": 40, "train.batch_size": 2,
+                             "train.micro_batch_size": 2, "train.checkpoint_every": 0})
+    pairs = write_replay_pairs(artifacts.round_dir(cfg.run_dir, 1) / "pairs.parquet", n=16)
+    tracker = MlflowLogger(uri, "selfalign", "round_1")
+    saved = cfg.run_dir / "round_1" / "model.partial" / "model.safetensors"  # the worker's last act
+    reader = MlflowClient(uri)
+    seen_while_running = []
+    log_metrics = tracker.log_metrics
+
+    def logged(metrics, step=None):
+        log_metrics(metrics, step)
+        if not saved.exists():  # the worker is still training: it saves the model when it is done
+            seen_while_running.append(len(reader.get_metric_history(tracker.run_id, "loss")))
+
+    tracker.log_metrics = logged
+    t0 = time.time()
+    pipeline.train_task.fn(cfg, 1, tiny_model, pairs, tracker)
+    assert seen_while_running and seen_while_running[0] >= 1, f"no step reached MLflow during {time.time() - t0:.0f}s"
+    history = reader.get_metric_history(tracker.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 41))
+    run = reader.get_run(tracker.run_id)
+    assert {"rewards/margins", "rewards/accuracies", "learning_rate", "grad_norm"} <= set(run.data.metrics)
