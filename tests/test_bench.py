@@ -53,3 +53,22 @@ def test_topp_sampling_quick():
 def test_draw_sampling_quick():
     out = run_bench("draw_sampling.py", "--quick")
     assert out["shapes"] == "8x1000" and out["ours"] > 0 and out["baseline"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_sh_dry_run(tmp_path):
+    """bench/gpu.sh --dry-run: every step of the GPU script runs at smoke sizes on the CPU and leaves
+    one JSON line in the results file, with the device named."""
+    import os
+
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run"], capture_output=True, text=True,
+                          timeout=1500, cwd=ROOT, env=dict(os.environ, OUT=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == ["gpu-tests", "train_vs_trl", "score_vs_hf", "logps_memory", "mfu"]
+    assert all(r["device"] == "cpu" for r in rows)
+    assert "skipped" in rows[0]["summary"] and rows[0]["rc"] == 0  # no CUDA here: the gpu tests skip
+    for r in rows[1:]:
+        assert r["rc"] == 0 or r.get("status") == "skipped", r  # TRL is a bench-only extra
+    mfu = rows[-1]
+    assert mfu["bench"] == "mfu" and 0 < mfu["mfu"] and mfu["peak_tflops"] > 0 and mfu["tokens_per_step"] > 0
