@@ -301,7 +301,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, parsed: `args.func` runs the command; `args.overrides` holds the config
+    overrides of run and deploy."""
     parser = argparse.ArgumentParser(prog="selfalign", description="Iterative self-alignment with DPO implicit rewards (DICE).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run multi-round DICE from a preset")
@@ -351,6 +353,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.command != "run":
         gc.enable()  # `entry` paused the collector for a run's imports (`_run` freezes them)
     try:

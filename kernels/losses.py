@@ -372,7 +372,7 @@ def hpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
              chosen_lengths, rejected_lengths, chosen_aux_rewards, rejected_aux_rewards, values,
              *, beta: float = 0.1, preference: str = "dpo", eta: float = 1.0, lam: float = 1.0,
              w_max: float = 20.0, nll: str = "mean", aux_on_rejected: bool = True) -> Losses:
-    """HPO (Badrinath et al., 2024, arXiv 2405.17956), reconstructed: no public code (ALGORITHMS.md §4).
+    """HPO (Badrinath et al., 2024, arXiv 2405.17956), reconstructed: no public code (docs/algorithms.md §4).
 
     loss = L_pref + lam * mean_y[ -w(y) * log pi(y|x) ]
     L_pref = DPO sigmoid on sums, or preference="kto": TRL 0.8 kto_pair, the per-pair mean of

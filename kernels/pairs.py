@@ -1,7 +1,7 @@
 """DICE pair construction as pure functions: degenerate filter, length-regularised best-vs-worst
 pairs, the alpha sweep, experience-replay counts and mixing, and label precision.
 
-Spec: ALGORITHMS.md §2.4-2.6 (official code: `generate_dpo_scores.py::filt_invalid_pairs`,
+Spec: docs/algorithms.md §2.4-2.6 (official code: `generate_dpo_scores.py::filt_invalid_pairs`,
 `generate_lc_paired_set.py::process_dataframes, optimize_alpha, create_mix_paired_set`).
 Scores are DPO implicit rewards S_pi(y|x) - S_ref(y|x) (summed log-probs, no beta); lengths are
 characters of the stripped response. No torch, no I/O.

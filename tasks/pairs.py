@@ -1,4 +1,4 @@
-"""Pairs stage: from scored samples to the round's training pairs (ALGORITHMS.md §2.4-2.6).
+"""Pairs stage: from scored samples to the round's training pairs (docs/algorithms.md §2.4-2.6).
 Drop truncated, degenerate and (optionally, by a user hook) invalid samples; keep prompts with at
 least `min_valid` samples; sweep alpha so that the length penalty cancels the mean chosen-minus-
 rejected length; chosen = best, rejected = worst shaped score; mix in offline pairs at fraction gamma

@@ -1,7 +1,7 @@
 """Score stage: the DPO implicit reward of every sample,
     score(x, y) = S_policy(y | x) - S_reference(y | x),
 with S the summed log-prob of the response tokens (prompt masked, end-of-turn token counted), no beta
-and no length normalisation (ALGORITHMS.md §2.4). The same pass scores the held-out offline pairs, so
+and no length normalisation (docs/algorithms.md §2.4). The same pass scores the held-out offline pairs, so
 the round knows how well this reward ranks pairs a human labelled (the guard reads it).
 
 With `score.shards` = N > 1 the stage runs N worker processes (`python -m selfalign.tasks.score

@@ -1,7 +1,7 @@
 """The embedded demo task: 2-digit addition answered in one of four response styles, one preferred.
 
 Why this task: a ~1M-parameter model's DPO implicit reward does not encode "the sum is correct"
-(STACK.md, toy-task evidence), but it does learn a *style* preference. So the preference here is a
+(docs/demo.md), but it does learn a *style* preference. So the preference here is a
 learnable property of the response (a complete, polite sentence), while correctness is measured on
 the side. Every style is a strict grammar, so near-miss variants ("thesum is 828, thanks!") that game
 a previous round's implicit reward can be rejected by ``is_valid`` (the config's validity hook

@@ -57,7 +57,7 @@ def test_demo_round_end_to_end(tmp_path):
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "eval/preferred_rate", "eval/pair_accuracy", "alpha_star"):
         assert key in child.data.metrics, key
-    # first step of a round: policy == reference, so the DPO loss is ln 2 (ALGORITHMS.md 8.6)
+    # first step of a round: policy == reference, so the DPO loss is ln 2 (docs/algorithms.md 8.6)
     history = client.get_metric_history(child.info.run_id, "loss")
     assert min(history, key=lambda h: h.step).value == pytest.approx(0.693147, abs=1e-4)
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "tables")}

@@ -1,4 +1,4 @@
-"""Preference losses: golden values of ALGORITHMS.md §8, float64 gradchecks, behaviour."""
+"""Preference losses: golden values of docs/algorithms.md §8, float64 gradchecks, behaviour."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +20,7 @@ def close(actual, expected, atol=1e-6):
     torch.testing.assert_close(torch.as_tensor(actual, dtype=F64), t(expected), atol=atol, rtol=0)
 
 
-# ALGORITHMS.md §8.1: four pairs, sequence sums and response token counts.
+# docs/algorithms.md §8.1: four pairs, sequence sums and response token counts.
 TOY = dict(
     policy_chosen_logps=t([-100.0, -72.0, -150.0, -40.0]),
     policy_rejected_logps=t([-135.0, -66.0, -160.0, -90.0]),

@@ -9,7 +9,7 @@ from selfalign.kernels import losses as L
 from selfalign.kernels.losses import PAIR_LOSSES
 from selfalign.tasks.train_worker import Objective
 
-# ALGORITHMS.md 8.1 toy batch
+# docs/algorithms.md 8.1 toy batch
 PC = torch.tensor([-100.0, -72, -150, -40], dtype=torch.float64)
 PR = torch.tensor([-135.0, -66, -160, -90], dtype=torch.float64)
 RC = torch.tensor([-105.0, -70, -148, -45], dtype=torch.float64)
@@ -41,7 +41,7 @@ def test_every_loss_name_dispatches(name):
 
 
 def test_golden_values_through_the_dispatch():
-    # ALGORITHMS.md 8.2 / 8.3
+    # docs/algorithms.md 8.2 / 8.3
     mean = lambda name, **kw: Objective(SPEC | {"loss": name} | kw, world=1)(PC, PR, RC, RR, NC, NR)[0].mean().item()
     assert mean("dpo") == pytest.approx(0.377660, abs=1e-6)
     assert mean("cdpo", label_smoothing=0.1) == pytest.approx(0.457660, abs=1e-6)
@@ -57,14 +57,14 @@ def test_alpha_dpo_state_carries_across_steps():
     first = obj.state
     obj(PC, PR, RC, RR, NC, NR)
     assert first.initialized and obj.state is not first
-    # stable mode initialises from the first batch (ALGORITHMS.md 8.4, last row: mean 1.053214)
+    # stable mode initialises from the first batch (docs/algorithms.md 8.4, last row: mean 1.053214)
     fresh = Objective(SPEC | {"loss": "alpha_dpo", "beta": 2.5, "gamma_beta_ratio": 0.6}, world=1)
     assert fresh(PC, PR, RC, RR, NC, NR)[0].mean().item() == pytest.approx(1.053214, abs=1e-6)
     assert math.isfinite(float(first.std))
 
 
 def test_mrpo_golden_values_through_the_dispatch():
-    # ALGORITHMS.md 8.5: rows (primary = S_ref, additional = S_ref1)
+    # docs/algorithms.md 8.5: rows (primary = S_ref, additional = S_ref1)
     mean = lambda **kw: Objective(SPEC | {"loss": "mrpo"} | kw, world=1)(*_args("mrpo"))[0].mean().item()
     assert mean() == pytest.approx(0.452039, abs=1e-6)
     assert mean(mrpo_naive=True) == pytest.approx(0.467082, abs=1e-6)
@@ -73,7 +73,7 @@ def test_mrpo_golden_values_through_the_dispatch():
 
 
 def test_hpo_golden_values_through_the_dispatch():
-    # ALGORITHMS.md 8.7, pair 1: L_total 3.009361 with token-mean NLL (2.0, 2.25); value loss 0.209
+    # docs/algorithms.md 8.7, pair 1: L_total 3.009361 with token-mean NLL (2.0, 2.25); value loss 0.209
     obj = Objective(SPEC | {"loss": "hpo"}, world=1)
     args = [a[:1] for a in _args("hpo")]
     losses, c, r = obj(*args)

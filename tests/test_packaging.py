@@ -1,5 +1,5 @@
 """Hugging Face ships a package named `kernels` that transformers probes for and imports; ours must
-never be importable under that name (shared/DESIGN.md §3)."""
+never be importable under that name (the layout note in pyproject.toml)."""
 import importlib.util
 import subprocess
 import sys

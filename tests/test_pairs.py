@@ -1,4 +1,4 @@
-"""DICE pair construction (kernels/pairs.py) against the hand-computed toy of ALGORITHMS.md §8.6."""
+"""DICE pair construction (kernels/pairs.py) against the hand-computed toy of docs/algorithms.md §8.6."""
 import math
 from collections import Counter
 

@@ -1,5 +1,5 @@
 """Every preset in deploy/presets loads and validates; the GPU presets carry the DICE paper's settings
-(ALGORITHMS.md 2.3-2.7) and their memory estimate. Hub ids are accepted without a download."""
+(docs/algorithms.md 2.3-2.7) and their memory estimate. Hub ids are accepted without a download."""
 from pathlib import Path
 
 import pytest

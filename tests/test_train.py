@@ -47,7 +47,7 @@ def test_two_processes_train_the_same_model_as_one(tiny_model, tmp_path, replay_
     steps2, w2 = _train(tiny_model, tmp_path, replay_pairs, "two", **{"train.nproc": 2, "train.micro_batch_size": 2})
     steps3, w3 = _train(tiny_model, tmp_path, replay_pairs, "ds", **{"train.launcher": "deepspeed"})
     steps4, w4 = _train(tiny_model, tmp_path, replay_pairs, "trun", **{"train.launcher": "torchrun", "train.nproc": 2})
-    # round start: policy == reference, so the first loss is ln 2 for every pair (ALGORITHMS.md 8.6)
+    # round start: policy == reference, so the first loss is ln 2 for every pair (docs/algorithms.md 8.6)
     assert steps1[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert steps1[-1]["loss"] < steps1[0]["loss"]
     for s1, s2 in zip(steps1, steps2):
