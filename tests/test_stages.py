@@ -150,3 +150,31 @@ def test_two_sided_sweep_is_the_default_and_its_side_is_recorded(tmp_path):
                           seed=0, log=lambda m: None)
         assert stats["alpha_side"] == side and (stats["alpha_star"] < 0) == (side == -1)
         assert artifacts.read_json(tmp_path / "s.json")["side"] == {-1: "shorter", 0: "none"}[side]
+
+
+def test_the_guard_stops_a_round_whose_reward_misranks_the_heldout_pairs(tmp_path, monkeypatch):
+    """The round flow, its stages replaced by stand-ins: a scoring reward that ranks too few held-out
+    pairs right stops the round before training, and the run keeps the round's input model."""
+    from pathlib import Path
+
+    from selfalign.flows import pipeline
+
+    demo = Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml"
+    cfg = load_config(demo, {"run.dir": str(tmp_path / "run"), "tracking.uri": "none", "tracking.plots": False})
+    trained = []
+
+    class Logger:
+        info = warning = staticmethod(lambda *a: None)
+
+    def pairs_task(cfg, r, scores, offline):
+        artifacts.write_json(artifacts.round_dir(cfg.run_dir, r) / "alpha_sweep.json", {})
+        return tmp_path / "pairs.parquet", {"pairs/kept": 10}
+
+    monkeypatch.setattr(pipeline, "get_run_logger", lambda: Logger)
+    monkeypatch.setattr(pipeline, "generate_task", lambda cfg, r, policy, prompts: (tmp_path / "s", {}))
+    monkeypatch.setattr(pipeline, "score_task", lambda *a: (tmp_path / "sc", {"eval/pair_accuracy": 0.55}))
+    monkeypatch.setattr(pipeline, "pairs_task", pairs_task)
+    monkeypatch.setattr(pipeline, "train_task", lambda *a: trained.append(a))
+    res = pipeline.round_flow.fn(cfg.to_dict(), 1, "pi0", "sft")
+    assert not trained and res["model"] == "pi0"
+    assert "ranks only 0.550 of the held-out pairs" in res["stopped"] and "guard.min_pair_accuracy = 0.6" in res["stopped"]
