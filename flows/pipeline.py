@@ -265,6 +265,7 @@ def start_flow(config: dict, parent_run_id: str = "") -> dict:
         metrics |= evaluate_task(cfg, 0, str(model), load_prompts_eval(cfg))
         metrics["round/seconds"] = time.time() - t0
         tracker.log_metrics(metrics, step=0)
+        log_tables(tracker, artifacts.round_dir(cfg.run_dir, 0))
         log_round_model(tracker, cfg, 0, model, cfg.model.reference)
         tracker.close("FINISHED")
     except BaseException:
@@ -320,6 +321,7 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         metrics["round/seconds"] = time.time() - t0
         tracker.log_metrics(metrics, step=r)
         artifacts.write_json(artifacts.round_dir(cfg.run_dir, r) / "metrics.json", metrics)
+        log_tables(tracker, artifacts.round_dir(cfg.run_dir, r))
         if cfg.tracking.plots:
             for png in plots.round_plots(cfg.run_dir, r, cfg.pairs.length_unit):
                 tracker.log_artifact(png, "plots")
@@ -332,6 +334,35 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         raise
     result["metrics"] = metrics
     return result
+
+
+# Rows of each browsable table in MLflow; the whole tables stay in the round's folder as Parquet.
+TABLE_ROWS = 500
+
+
+def log_tables(tracker: MetricLogger, rd: Path) -> None:
+    """Round tables the MLflow UI can show (tables/*.json): the generated samples with their scores
+    (the first TABLE_ROWS), the training pairs with their shaped scores and lengths, and the greedy
+    eval answers with the checkers' verdicts."""
+    def cut(rows: list[dict], keys: list[str]) -> dict[str, list]:
+        return {k: [row.get(k) for row in rows[:TABLE_ROWS]] for k in keys}
+
+    if (rd / "scores.parquet").exists():
+        tracker.log_table(cut(artifacts.read_table(rd / "scores.parquet"),
+                              ["prompt_id", "k", "prompt", "response", "score", "policy_logp", "ref_logp", "n_tokens",
+                               "finish_reason"]), "tables/samples.json")
+    if (rd / "pairs.parquet").exists():
+        tracker.log_table(cut(artifacts.read_table(rd / "pairs.parquet"),
+                              ["source", "prompt_id", "prompt", "chosen", "rejected", "chosen_score", "rejected_score",
+                               "chosen_len", "rejected_len"]), "tables/pairs.json")
+    if (rd / "eval_greedy.parquet").exists() and (rd / "eval_per_prompt.json").exists():
+        rows, verdicts = artifacts.read_table(rd / "eval_greedy.parquet"), artifacts.read_json(rd / "eval_per_prompt.json")
+        for row in rows:
+            for name, values in (verdicts.get("greedy") or {}).items():
+                row[name] = values.get(row["prompt_id"])
+            row["group"] = (verdicts.get("groups") or {}).get(row["prompt_id"], "")
+        tracker.log_table(cut(rows, ["prompt_id", "prompt", "response", "finish_reason", "group",
+                                     *(verdicts.get("greedy") or {})]), "tables/eval_answers.json")
 
 
 def load_prompts_eval(cfg: Config) -> list[dict[str, str]]:

@@ -70,6 +70,7 @@ class MetricLogger(Protocol):
                   registered_model_name: str = "", version_tags: dict[str, str] | None = None,
                   description: str = "") -> dict[str, str]: ...
     def set_tag(self, key: str, value: str) -> None: ...
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -90,6 +91,9 @@ class NullLogger:
         return {}
 
     def set_tag(self, key: str, value: str) -> None:
+        pass
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -222,6 +226,11 @@ class MlflowLogger:
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
+
+    def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
+        """A table the MLflow UI shows (the run's artifacts, and its Evaluation view): equal-length
+        columns, written as `artifact_file` (a .json path)."""
+        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
     def child(self, name: str) -> "MlflowLogger":
         return MlflowLogger(self.uri, self.experiment, name, parent_run_id=self.run_id)

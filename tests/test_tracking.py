@@ -215,7 +215,7 @@ def test_round_flow_logs_and_registers_each_rounds_model(tiny_model, tmp_path, m
         rd = artifacts.round_dir(cfg.run_dir, r)
         rd.mkdir(parents=True, exist_ok=True)
         artifacts.write_json(rd / "alpha_sweep.json", {})
-        (rd / "pairs.parquet").write_bytes(b"")
+        artifacts.write_table(rd / "pairs.parquet", [])
         return rd / "pairs.parquet", {"pairs/kept": 0 if r in stop_round else 4}
 
     monkeypatch.setattr(pipeline, "get_run_logger", lambda: Logger)
@@ -267,3 +267,37 @@ def test_create_local_store_makes_a_usable_store_once(tmp_path):
     for other in ("none", "http://127.0.0.1:9", f"file://{tmp_path / 'runs'}"):
         create_local_store(other)  # nothing to create, nothing contacted
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_round_tables_are_browsable_in_mlflow(tmp_path, monkeypatch):
+    """The round's samples with scores, its pairs and the eval answers with their verdicts become
+    MLflow tables (what the UI shows), read back through MLflow's own API."""
+    from mlflow.tracking import MlflowClient
+
+    from selfalign.flows.pipeline import log_tables
+    from selfalign.tasks import artifacts
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rd = artifacts.round_dir(tmp_path / "run", 1)
+    artifacts.write_table(rd / "scores.parquet", [
+        {"prompt_id": "p", "k": k, "prompt": "Q?", "response": f"a{k}", "score": float(k), "policy_logp": -1.0,
+         "ref_logp": -2.0, "n_tokens": 3, "finish_reason": "stop"} for k in range(3)])
+    artifacts.write_table(rd / "pairs.parquet", [
+        {"source": "generated", "prompt_id": "p", "prompt": "Q?", "chosen": "a2", "rejected": "a0", "chosen_score": 2.0,
+         "rejected_score": 0.0, "chosen_len": 2.0, "rejected_len": 2.0}])
+    artifacts.write_table(rd / "eval_greedy.parquet", [
+        {"prompt_id": "e1", "prompt": "Say hi.", "response": "hi", "finish_reason": "stop"},
+        {"prompt_id": "e2", "prompt": "Say no.", "response": "yes", "finish_reason": "stop"}])
+    artifacts.write_json(rd / "eval_per_prompt.json", {"groups": {"e1": "seen", "e2": "heldout"},
+                                                       "greedy": {"preferred_rate": {"e1": 1.0, "e2": 0.0}}})
+    tracker = MlflowLogger(uri, "selfalign", "round_1", artifact_location=(tmp_path / "art").as_uri())
+    log_tables(tracker, rd)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # load_table searches runs through MLflow's global URI
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("selfalign").experiment_id
+    samples = client.load_table(exp, "tables/samples.json", [tracker.run_id])
+    assert list(samples["score"]) == [0.0, 1.0, 2.0]
+    pairs = client.load_table(exp, "tables/pairs.json", [tracker.run_id])
+    assert list(pairs["chosen"]) == ["a2"] and list(pairs["chosen_score"]) == [2.0]
+    answers = client.load_table(exp, "tables/eval_answers.json", [tracker.run_id])
+    assert list(answers["preferred_rate"]) == [1.0, 0.0] and list(answers["group"]) == ["seen", "heldout"]
