@@ -376,7 +376,32 @@ def _tracker(cfg: Config, parent_run_id: str, name: str) -> MetricLogger:
     uri = tracking_uri(cfg)
     if uri == "none":
         return NullLogger()
-    return MlflowLogger(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id or None)
+    return MlflowLogger(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id or None, tags=prefect_tags())
+
+
+def prefect_tags() -> dict[str, str]:
+    """The Prefect flow run an MLflow run belongs to: its id and its page in the Prefect UI."""
+    from prefect.runtime import flow_run
+
+    return {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_url": str(flow_run.ui_url or "")}
+
+
+def mlflow_run_url(uri: str, tracker: MetricLogger) -> str:
+    """The run's page in the MLflow UI when the store is a server; else how to open the UI on it."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{tracker.experiment_id}/runs/{tracker.run_id}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def summary_markdown(cfg: Config, rows: list[dict], tracker: MetricLogger, stopped: str) -> str:
+    """The Prefect run's artifact: the round table and where the MLflow run is."""
+    from selfalign.flows.compare import format_markdown
+
+    where = mlflow_run_url(tracking_uri(cfg), tracker) if getattr(tracker, "run_id", "") else "tracking is off"
+    lines = [f"# {cfg.run.name}: {len(rows) - 1} round(s)", "", format_markdown(rows), f"MLflow: {where}", ""]
+    if stopped:
+        lines.insert(4, f"Stopped early: {stopped}\n")
+    return "\n".join(lines)
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -433,6 +458,10 @@ def _rounds(cfg: Config, config: dict) -> dict:
                    "tracking_uri": tracking_uri(cfg), "run_dir": str(cfg.run_dir)}
         artifacts.write_json(cfg.run_dir / "summary.json", summary)
         tracker.log_artifact(cfg.run_dir / "summary.json")
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(summary_markdown(cfg, rows, tracker, stopped), key="round-table",
+                                 description=f"{cfg.run.name}: the round table and the MLflow run")
         if cfg.tracking.plots:
             tracker.log_artifact(plots.rounds_plot(rows, cfg.run_dir / "rounds.png", f"{cfg.run.name}: evaluation over rounds"), "plots")
         tracker.close("FINISHED")
@@ -450,5 +479,7 @@ def _open_tracker(cfg: Config):
     artifacts_at = (cfg.run_dir / "mlartifacts").resolve().as_uri() if local else None
     tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name, artifacts_at)
     tracker.log_params(cfg.flat())
+    for key, value in prefect_tags().items():
+        tracker.set_tag(key, value)
     tracker.set_tag("selfalign.arm", cfg.pairs.source)  # dice, or the offline-only control arm
     return tracker

@@ -108,7 +108,15 @@ def test_sft_start_then_dice_and_the_offline_control_arm(tmp_path):
     parents = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])
                if "mlflow.parentRunId" not in r.data.tags}
     assert parents["demo"].data.tags["selfalign.arm"] == "dice"
+    # linked to their Prefect flow runs, and the round tables browsable
+    tags = parents["demo"].data.tags
+    assert tags["prefect.flow_run_id"] and tags["prefect.flow_run_url"].endswith(tags["prefect.flow_run_id"])
     assert parents["demo-offline"].data.tags["selfalign.arm"] == "offline"
     rounds = {r.info.run_name for r in client.search_runs(
         [exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parents['demo'].info.run_id}'")}
     assert rounds == {"round_0", "round_1"}
+    [r1] = client.search_runs([exp.experiment_id], filter_string="attributes.run_name = 'round_1' and "
+                              f"tags.mlflow.parentRunId = '{parents['demo'].info.run_id}'")
+    assert r1.data.tags["prefect.flow_run_id"] != tags["prefect.flow_run_id"]  # the round's own sub-flow run
+    assert {a.path for a in client.list_artifacts(r1.info.run_id, "tables")} >= {
+        "tables/samples.json", "tables/pairs.json", "tables/eval_answers.json"}
