@@ -77,10 +77,17 @@ def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, 
         kept[name] = values
         metrics |= _rates(rows, values, groups, "" if name == "greedy" else "_sampled")
     artifacts.write_json(out_dir / "eval_per_prompt.json", kept)
-    metrics["eval/seconds"] = time.time() - t0
+    # The engine draws its runs in order and writes each run's table when it is done: the evaluation's
+    # time ends with its last table (the engine's start included), the next round's sampling's
+    # starts there. Each stage is credited with its own part of the shared engine.
+    eval_done = max(Path(r["output"]).stat().st_mtime for r in runs[:n_eval])
+    metrics["eval/seconds"] = eval_done - t0
     shown = {k: round(v, 3) for k, v in metrics.items() if "rate" in k or "accuracy" in k}
     log(f"evaluate: {len(prompts)} prompts: {shown}")
     gen = None
     if next_round:
-        gen = generate_stats(join_shards(next_out, shards), len(next_prompts), g.k, time.time() - t0, log)
+        drawn = [Path(r["output"]) for r in runs[n_eval:] if Path(r["output"]).exists()]
+        seconds = max(f.stat().st_mtime for f in drawn) - eval_done if drawn else 0.0
+        gen = generate_stats(join_shards(next_out, shards), len(next_prompts), g.k, seconds, log)
+        gen["generate/shared_engine"] = 1  # drawn by the previous round's evaluation engine
     return metrics, gen

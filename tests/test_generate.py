@@ -4,6 +4,7 @@ seeds an uninterrupted run used, and joins them into `samples.parquet`. The eval
 job (eval of round r + round r+1's samples in one engine start) draws the same shards."""
 import os
 import shutil
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +26,7 @@ class Crash(RuntimeError):
 def engine(monkeypatch):
     """The vLLM job, faked by its contract: each run's slice of the job's prompts, n samples each,
     written (with the manifest, for a shard) as the run completes; `crash_after` runs it dies."""
-    state = SimpleNamespace(calls=[], crash_after=None)
+    state = SimpleNamespace(calls=[], crash_after=None, seconds_per_run=0.0)
 
     def run_vllm(job, job_path, kv_cache_gib, log=print):
         state.calls.append(job)
@@ -38,6 +39,7 @@ def engine(monkeypatch):
             rows = [{"prompt_id": p["id"], "prompt": p["prompt"], "k": k, "seed": run.get("seed", -1),
                      "response": f"{p['id']}/{k}/{run.get('seed')}", "finish_reason": "stop", "n_tokens": 3}
                     for p in prompts for k in range(run["n"])]
+            time.sleep(state.seconds_per_run)
             artifacts.write_table(run["output"], rows)
             if "manifest" in run:
                 artifacts.mark_done(run["output"], run["manifest"])
@@ -121,6 +123,20 @@ def test_evaluate_draws_the_next_rounds_shards_in_its_job(engine, tmp_path, monk
     assert [(r.get("first", 0), r["count"]) for r in runs] == [(0, 3), (0, 3), (3, 4), (11, 2)]
     assert [p["id"] for p in prompts[3:]] == [p["id"] for p in PROMPTS]
     assert nxt.read_bytes() == ref.read_bytes() and gen["generate/samples"] == 20
+
+
+def test_a_shared_engine_credits_each_stage_with_its_own_time(engine, tmp_path):
+    """Evaluation and the next round's sampling share one engine: the evaluation's seconds end with
+    its last table, the sampling's are the rest (here 2 eval runs, then 3 shards, 0.3 s each)."""
+    cfg = load_config(None, BASE)
+    evals = [{"id": f"e{i}", "prompt": f"What is {i} + 2?"} for i in range(3)]
+    nxt = tmp_path / "round_1" / "samples.parquet"
+    nxt.parent.mkdir()
+    engine.seconds_per_run = 0.3
+    metrics, gen = evaluate.run_evaluate(cfg, "pi0", evals, tmp_path, 7, print, next_round=(PROMPTS, nxt, 1, KEY))
+    assert len(engine.calls[-1]["runs"]) == 5
+    assert 0.6 <= metrics["eval/seconds"] < 0.85 and 0.9 <= gen["generate/seconds"] < 1.15
+    assert gen["generate/shared_engine"] == 1
 
 
 @pytest.mark.slow
