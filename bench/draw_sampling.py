@@ -36,7 +36,11 @@ def main() -> None:
         args.shapes, args.reps, args.check_draws = "8x1000", 1, 2000
 
     import torch
-    import vllm._C  # noqa: F401  (registers torch.ops._C.fused_gumbel_argmax)
+    from vllm.platforms import current_platform
+
+    # Registers torch.ops._C.fused_gumbel_argmax from the kernel library built for this CPU's vector
+    # units (AVX2, AVX-512 or AVX-512 with bf16); vLLM's engine loads it the same way.
+    current_platform.import_kernels()
 
     from selfalign.kernels.sampling import sample_inverse_cdf
 
