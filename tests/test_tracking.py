@@ -1,6 +1,7 @@
 """Each round's model logged through the MLflow seam as the round flow does (tasks.tracking.log_round_model):
 the transformers flavour loads back with the round's weights and generates as the folder does; a
 registered model name gets versions 1..n for n rounds; the tracking keys are checked at load time."""
+import json
 import shutil
 from pathlib import Path
 
@@ -269,7 +270,7 @@ def test_create_local_store_makes_a_usable_store_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-def test_round_tables_are_browsable_in_mlflow(tmp_path, monkeypatch):
+def test_round_tables_are_browsable_in_mlflow(tmp_path):
     """The round's samples with scores, its pairs and the eval answers with their verdicts become
     MLflow tables (what the UI shows), read back through MLflow's own API."""
     from mlflow.tracking import MlflowClient
@@ -292,12 +293,17 @@ def test_round_tables_are_browsable_in_mlflow(tmp_path, monkeypatch):
                                                        "greedy": {"preferred_rate": {"e1": 1.0, "e2": 0.0}}})
     tracker = MlflowLogger(uri, "selfalign", "round_1", artifact_location=(tmp_path / "art").as_uri())
     log_tables(tracker, rd)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # load_table searches runs through MLflow's global URI
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("selfalign").experiment_id
-    samples = client.load_table(exp, "tables/samples.json", [tracker.run_id])
-    assert list(samples["score"]) == [0.0, 1.0, 2.0]
-    pairs = client.load_table(exp, "tables/pairs.json", [tracker.run_id])
-    assert list(pairs["chosen"]) == ["a2"] and list(pairs["chosen_score"]) == [2.0]
-    answers = client.load_table(exp, "tables/eval_answers.json", [tracker.run_id])
-    assert list(answers["preferred_rate"]) == [1.0, 0.0] and list(answers["group"]) == ["seen", "heldout"]
+    # what the UI lists as the run's tables
+    logged = json.loads(client.get_run(tracker.run_id).data.tags["mlflow.loggedArtifacts"])
+    assert sorted((a["path"], a["type"]) for a in logged) == [
+        ("tables/eval_answers.json", "table"), ("tables/pairs.json", "table"), ("tables/samples.json", "table")]
+
+    def table(name):
+        path = client.download_artifacts(tracker.run_id, f"tables/{name}.json", str(tmp_path / name))
+        data = json.loads(Path(path).read_text())
+        return [dict(zip(data["columns"], row)) for row in data["data"]]
+
+    assert [r["score"] for r in table("samples")] == [0.0, 1.0, 2.0]
+    assert [(r["chosen"], r["chosen_score"]) for r in table("pairs")] == [("a2", 2.0)]
+    assert [(r["preferred_rate"], r["group"]) for r in table("eval_answers")] == [(1.0, "seen"), (0.0, "heldout")]
