@@ -120,10 +120,10 @@ def run_pairs(cfg, scores_path: Path | None, offline: list[dict[str, str]], out_
         "pairs/seconds": time.time() - t0,
     }
     if preferred_fn is not None:
-        prec, n = rules.label_precision([preferred_fn(g["prompt"], g["chosen"]) for g in generated],
-                                        [preferred_fn(g["prompt"], g["rejected"]) for g in generated])
+        chosen_ok = [bool(preferred_fn(g["prompt"], g["chosen"])) for g in generated]
+        prec, n = rules.label_precision(chosen_ok, [preferred_fn(g["prompt"], g["rejected"]) for g in generated])
         stats["eval/label_precision"], stats["pairs/decisive"] = prec, n
-        stats["pairs/chosen_preferred"] = _mean([float(bool(preferred_fn(g["prompt"], g["chosen"]))) for g in generated])
+        stats["pairs/chosen_preferred"] = _mean([float(ok) for ok in chosen_ok])
     if checker_fn is not None:
         stats["pairs/chosen_correct"] = _mean([float(bool(checker_fn(g["prompt"], g["chosen"]))) for g in generated])
     log(f"pairs: {len(kept)}/{stats['pairs/prompts']} prompts kept (dropped {dropped}), alpha*={alpha:.3f} "
