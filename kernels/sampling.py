@@ -247,14 +247,12 @@ def sample_inverse_cdf(logits: torch.Tensor, u: torch.Tensor, *, block: int = DE
     full, tail = divmod(vocab, block)
     nblk = full + (tail > 0)
     step = max(1, chunk_elements // vocab)
-    probs = torch.empty(min(step, rows), vocab, dtype=torch.float32, device=logits.device)
     sums = torch.empty(min(step, rows), nblk, dtype=torch.float32, device=logits.device)
     offsets = torch.arange(block, device=logits.device)
     for first in range(0, rows, step):
         x = logits[first:first + step]
         r = x.shape[0]
-        q, bs = probs[:r], sums[:r]
-        torch.ops.aten._softmax.out(x, -1, False, out=q)  # into the reused buffer
+        q, bs = torch.softmax(x, -1, dtype=torch.float32), sums[:r]
         torch.sum(q[:, :full * block].view(r, full, block), -1, out=bs[:, :full])
         if tail:
             bs[:, full] = q[:, full * block:].sum(-1)

@@ -408,7 +408,9 @@ def test_triton_linear_interpreted(dtype, with_bias):
 @needs_interpreter
 def test_triton_linear_interpreted_vocab_split(monkeypatch):
     # more vocab slices than token blocks: exercises the host-side combine of partial logsumexps
-    monkeypatch.setattr(L, "_num_sms", lambda device: 16)
+    from selfalign.kernels import logps_triton
+
+    monkeypatch.setattr(logps_triton, "_num_sms", lambda device: 16)
     h, w, b, y, g = _linear_inputs(1, 20, 31, 203, torch.float32, seed=14)
     _check_linear(h, w, b, y, g, torch.float32, backend="triton")
 
