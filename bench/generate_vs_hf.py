@@ -80,7 +80,7 @@ def main() -> None:
     from selfalign.flows.config import load_config
     from selfalign.tasks.data import encode_prompt, load_tokenizer
     from selfalign.tasks.generate import run_generate
-    from selfalign.tasks.score import load_model
+    from selfalign.tasks.lm_logps import load_model
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

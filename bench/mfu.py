@@ -78,7 +78,6 @@ def main() -> None:
         args.dtype = "bfloat16"
     if args.pairs % args.micro_batch:
         raise SystemExit("--pairs must be a multiple of --micro-batch")
-    import torch
 
     from train_vs_trl import make_pairs, run_ours
 

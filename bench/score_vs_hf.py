@@ -69,7 +69,7 @@ def main() -> None:
     import torch
 
     from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-    from selfalign.tasks.score import fused_head_ok, load_model, logps_of, packing_path
+    from selfalign.tasks.lm_logps import fused_head_ok, load_model, logps_of, packing_path
 
     if args.threads:
         torch.set_num_threads(args.threads)

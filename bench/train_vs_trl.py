@@ -43,7 +43,7 @@ def make_pairs(work: Path, args) -> tuple[str, str, Path, Path]:
     """Policy and reference models, our pair table (with reference log-probs) and TRL's dataset."""
     from selfalign.tasks import artifacts
     from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-    from selfalign.tasks.score import load_model, logps_of
+    from selfalign.tasks.lm_logps import load_model, logps_of
 
     policy = common.build_model(work / "policy", args)
     reference = common.build_model(work / "reference", args, seed=args.seed + 100)
@@ -185,7 +185,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         print(f"# train_vs_trl: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, {args.dtype}, "
-              f"{args.threads or torch.get_num_threads()} threads, device {common.device_name(args.device)}; {args.pairs} pairs per step, micro-batch "
+              f"{args.threads or torch.get_num_threads()} threads, device {common.device_name(args.device)}; "
+              f"{args.pairs} pairs per step, micro-batch "
               f"{args.micro_batch}, {args.steps} steps (prompts {args.prompt_len}, responses {args.response_len} "
               f"words); load average {common.load_average():.1f}", flush=True)
         policy, reference, pairs, trl_data = make_pairs(work, args)
@@ -216,7 +217,8 @@ def main() -> None:
     extra = {"ours_padded": round(pps["ours_padded"], 4)} if "ours_padded" in pps else {}
     common.emit("train_vs_trl", pps["ours"], pps["baseline"], "pairs/s", **extra,
                 first_loss_ours=round(first["ours"], 6), first_loss_trl=round(first["baseline"], 6),
-                loss_agree=gap <= tol, loss_tol=tol, device=common.device_name(args.device), pairs=args.pairs, micro_batch=args.micro_batch, steps=args.steps,
+                loss_agree=gap <= tol, loss_tol=tol, device=common.device_name(args.device), pairs=args.pairs,
+                micro_batch=args.micro_batch, steps=args.steps,
                 layers=args.layers, hidden=args.hidden, vocab=args.vocab, dtype=args.dtype,
                 threads=args.threads or torch.get_num_threads(), reps=args.reps,
                 wall_s={k: round(common.median(v), 1) for k, v in wall.items()},

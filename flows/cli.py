@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import gc
+import errno
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from selfalign.flows.compare import CompareError, compare, format_markdown, format_table, write_csv
@@ -60,29 +60,68 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     prepare_environment(cfg.run_dir)
     from selfalign.tasks.artifacts import RunLocked, run_lock
+    from selfalign.tasks.procs import Interrupted, stop_on_signals
 
     try:
-        with run_lock(cfg.run_dir):  # before the server starts: a second run on the folder stops at once
-            return _run_arms(cfg, server=start_temporary_prefect(), control=control, preset=args.preset,
-                             overrides=overrides)
+        with run_lock(cfg.run_dir), stop_on_signals():  # a second run on the folder stops at once
+            code = check_inputs(cfg)
+            if code:
+                return code
+            with temporary_prefect() as server:
+                return _run_arms(cfg, control=control, preset=args.preset, overrides=overrides, server=server)
     except RunLocked as e:
         print(f"run: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"run: stopped by {e}. Finished stages are kept: the same command resumes the run.", file=sys.stderr)
+        return e.exit_code
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            raise
+        # Every output is written to a temporary file and renamed into place: what was there is intact.
+        print(f"run: cannot write {e.filename or 'to the disk'}: {e.strerror}. Nothing already written was changed; "
+              "free some space or make the folder writable, then run the same command to resume.", file=sys.stderr)
+        return 1
 
 
-def _run_arms(cfg, server, control: bool, preset: str, overrides: list[str]) -> int:
-    """The run (and with `control` its offline-only arm after it) on `server`; prints the tables."""
-    ctrl = ctrl_summary = None
+# Write failures that a user fixes (a full or read-only disk, permissions), reported in one line.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+@contextmanager
+def temporary_prefect():
+    """Without a Prefect API configured (PREFECT_API_URL, a profile), a temporary Prefect server for
+    the run (`flows.server.TemporaryPrefect`), stopped at the end; otherwise None."""
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        yield None
+        return
+    from selfalign.flows.server import TemporaryPrefect
+
+    home = Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+    server = TemporaryPrefect(home, timeout=float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90)))
     try:
-        summary = _run(cfg, server)
-        if control and not isinstance(summary, int):
-            ctrl = control_config(preset, overrides, cfg)
-            print(f"\ncontrol arm: {ctrl.run.name} (offline pairs only, {ctrl.pairs.budget} a round) in {ctrl.run_dir}",
-                  flush=True)
-            ctrl_summary = _run(ctrl, server)
+        server.start()
+        print(f"prefect: temporary server on {server.api_url} (log {server.service.log})", flush=True)
+        with server.settings():
+            yield server
     finally:
-        if server is not None:
-            stop_temporary_prefect(server)
+        server.stop()
+
+
+def _run_arms(cfg, control: bool, preset: str, overrides: list[str], server=None) -> int:
+    """The run (and with `control` its offline-only arm after it); prints the tables."""
+    ctrl = ctrl_summary = None
+    summary = _run(cfg)
+    if control and not isinstance(summary, int):
+        ctrl = control_config(preset, overrides, cfg)
+        print(f"\ncontrol arm: {ctrl.run.name} (offline pairs only, {ctrl.pairs.budget} a round) in {ctrl.run_dir}",
+              flush=True)
+        from selfalign.tasks.artifacts import run_lock
+
+        with run_lock(ctrl.run_dir):
+            ctrl_summary = _run(ctrl)
     if isinstance(summary, int):
         return summary
     _print_summary(cfg, summary)
@@ -139,90 +178,47 @@ def _print_summary(cfg, summary: dict) -> None:
 
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:"):
-        print(f"compare rounds: mlflow ui --backend-store-uri {uri}")
+        print(f"compare rounds: mlflow ui --backend-store-uri {uri}, then {summary.get('runs_table', '')}")
+    elif summary.get("runs_table"):
+        print(f"compare rounds: {summary['runs_table']}")
     if uri != "none":
         print(f"round table from MLflow: selfalign compare {cfg.run.name} --uri {uri}")
 
 
-def _run(cfg, server) -> dict | int:
-    """The run flow, or the exit status of an error found before or during it."""
-    from selfalign.flows.pipeline import run_flow
-    from selfalign.tasks.data import import_loaders, load_data
-    from selfalign.tasks.procs import freeze_imports
-    from selfalign.tasks.train import NonFiniteTraining
+def check_inputs(cfg) -> int:
+    """Every dataset read and checked, and the models' tokenizers loaded, before any server or engine
+    starts (the flow reuses what was loaded): a bad file, row or model is one message and exit
+    status 2 rather than a failed flow run. 0 when all is well."""
+    from selfalign.tasks.data import ModelError, check_tokenizers, load_data
 
-    import_loaders()
-    freeze_imports()  # the collector was off for the imports (`entry`); from here it skips them
     try:
-        # Every dataset read and checked here, before the engines start (the flow reuses what was
-        # loaded), so a bad file or row is one message rather than a failed flow run.
         load_data(cfg)
+        check_tokenizers(cfg)
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
+        return 2
+    except ModelError as e:
+        print(f"model error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the policy's tokenizer or config cannot be read
         key = "model.policy" if cfg.model.policy else "model.reference"
         print(f"{key} {cfg.model.policy or cfg.model.reference!r} cannot be loaded: {e}", file=sys.stderr)
         return 2
-    if server is not None:
-        # Work the flow would do (in a thread beside round 0's evaluation), done here instead while
-        # a server that migrates a new database is still starting; an existing database's server
-        # is ready about when the checks above end, and the store would only delay the flow.
-        if server.migrating and not server.service.healthy():
-            from selfalign.tasks.tracking import create_local_store, resolve_uri
+    return 0
 
-            create_local_store(resolve_uri(cfg.tracking.uri, cfg.run_dir))
-        try:
-            server.wait()
-        except RuntimeError as e:
-            print(f"prefect: {e}", file=sys.stderr)
-            return 1
+
+def _run(cfg) -> dict | int:
+    """The run flow, or the exit status of an error found during it."""
+    from selfalign.flows.pipeline import run_flow
+    from selfalign.tasks.train import NonFiniteTraining
+
     try:
-        with server.settings() if server is not None else nullcontext():
-            return run_flow(cfg.to_dict())
+        return run_flow(cfg.to_dict())
     except NonFiniteTraining as e:
         print(f"\nrun failed: {e}\nThe round is marked failed and its model was not written. Rerunning the same "
               "command resumes from the last good checkpoint, if any; a changed train config (say a lower train.lr) starts "
               "the round's training again from its input model.", file=sys.stderr)
         return 3
-
-
-def start_temporary_prefect():
-    """Without a Prefect API configured (PREFECT_API_URL, a profile, prefect.toml), starts the
-    run's temporary Prefect server now, in the background (`flows.server.TemporaryPrefect`);
-    otherwise None, and the flows go to the configured server. Unless the environment names an
-    API, the server is started before Prefect's settings are read (importing Prefect takes a
-    second), and stopped again at once should they name one."""
-    from selfalign.flows.server import TemporaryPrefect
-
-    def start() -> TemporaryPrefect:
-        server = TemporaryPrefect(Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect"),
-                                  timeout=float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", 90)))
-        server.start()
-        return server
-
-    server = None if os.environ.get("PREFECT_API_URL") else start()
-    from prefect.settings import get_current_settings
-
-    if get_current_settings().api.url:
-        if server is not None:
-            server.stop()
-        return None
-    server = server or start()  # PREFECT_API_URL set but empty
-    print(f"prefect: temporary server on {server.api_url} (log {server.service.log})", flush=True)
-    return server
-
-
-def stop_temporary_prefect(server) -> None:
-    """Sends what Prefect's background workers still hold (the last log lines, events) to the
-    server, then stops it."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    with server.settings():
-        for worker in (APILogWorker, EventsWorker):
-            worker.drain_all(timeout=10)
-    server.stop()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -358,8 +354,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.command != "run":
-        gc.enable()  # `entry` paused the collector for a run's imports (`_run` freezes them)
     try:
         return args.func(args)
     except USER_ERRORS as e:  # raised past a command's own checks, e.g. from inside the flow
@@ -369,17 +363,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `selfalign` console script: `main`, then an exit that skips the interpreter's teardown
-    of torch, transformers and the rest (seconds; `tasks.procs.exit_now`)."""
-    from selfalign.tasks.procs import exit_now, pause_gc, skip_unused_imports
-
-    pause_gc()  # for a run, until its imports are done (`_run`); `main` resumes it for the others
-    skip_unused_imports()
-    try:
-        code = main()
-    finally:
-        gc.enable()  # a run that ended before `_run` (a config error, say)
-    exit_now(code)
+    """The `selfalign` console script."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ class RunConfig:
     dir: str = ""                  # run directory; default runs/<name>
     rounds: int = 2                # DICE rounds (the paper runs 2)
     seed: int = 0                  # seeds sampling, pair mixing and training (round r uses seed + r)
+    keep_old_models: bool = True   # a round model trained again (its config or inputs changed) first moves
+                                   # aside to model.before-<time>; false: replaced
 
 
 @dataclass
@@ -58,6 +60,9 @@ class DataConfig:
     max_heldout_pairs: int = 0     # cap on held-out pairs scored each round for the guard (0 = all)
     on_bad_row: str = "error"      # error: stop at the first bad row, naming file, row and field |
                                    # skip: drop bad rows, counted per reason (MLflow data/skipped_*)
+    strict: bool = False           # true: duplicate prompts, prompts reused across rounds, eval prompts among
+                                   # the training prompts or held-out pairs on offline pairs' prompts stop the
+                                   # run; false: warned and counted (MLflow data/duplicate_prompts, ...)
 
 
 @dataclass
@@ -236,6 +241,16 @@ class StartConfig:
 
 
 @dataclass
+class ContinualConfig:
+    # Continual bootstrapping, for scheduled runs: each run starts from the model a registered-model
+    # alias names, on training prompts no earlier run of the chain used, in a fresh folder
+    # <run dir>/<time>, and moves the alias to its final model only if that beats the start model.
+    alias: str = ""                # alias of tracking.registered_model_name (e.g. champion); "" = off
+    metric: str = "eval/preferred_rate"  # the held-out metric that decides the promotion (higher is better)
+    margin: float = 0.0            # promote when final - start > margin on that metric
+
+
+@dataclass
 class GuardConfig:
     min_pair_accuracy: float = 0.6  # stop before training if the scoring reward ranks held-out pairs worse
 
@@ -250,6 +265,7 @@ class TrackingConfig:
                                    # transformers: as an MLflow Model of the transformers flavour (model/)
     registered_model_name: str = ""  # each round's logged model becomes the next version of this registered
                                    # model ("" = none); needs tracking.log_model and a database or server store
+    system_metrics: bool = True    # CPU, memory (and GPU) use sampled every 10 s into each round's MLflow run
 
 
 @dataclass
@@ -265,6 +281,7 @@ class Config:
     start: StartConfig = field(default_factory=StartConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -278,14 +295,14 @@ class Config:
 
     def section_hash(self, *sections: str) -> str:
         d = self.to_dict()
-        blob = json.dumps({s: {k: v for k, v in d[s].items() if k not in _NOT_HASHED.get(s, ())} for s in sections},
+        blob = json.dumps({s: {k: v for k, v in d[s].items() if k not in NOT_HASHED.get(s, ())} for s in sections},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # Keys that change no stage's output (the judge reads the eval answers, it has a stage key of its own):
 # left out of the section hashes, so setting them reruns no evaluation.
-_NOT_HASHED = {"evaluate": {"judge_url", "judge_model", "judge_api_key_env"},
+NOT_HASHED = {"evaluate": {"judge_url", "judge_model", "judge_api_key_env"},
                # how many workers draw or score the shards: the tables are the same for any number
                "generate": {"shards"}, "score": {"shards"}}
 _CHOICES = {
@@ -319,18 +336,37 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", re.ASCII)
 
 
 def _check_source(key: str, value: str) -> None:
-    """A model or dataset is a local path or a hub id (`org/name`). A value that looks local
-    (/x, ./x, ../x, ~/x, a file name with a dataset suffix) must exist; models are folders."""
+    """A model or dataset is a local path or a hub id (`org/name`). A value that looks local must
+    exist: /x, ./x, ../x, ~/x, a file name with a dataset suffix, or a path whose first part is a
+    folder here (`assets/dpoo` when ./assets exists). A local model is a folder with its weights."""
     if not value:
         return
-    path = Path(value)
+    path = Path(value).expanduser()
     if path.exists():
-        if key.startswith("model.") and not path.is_dir():
-            raise ConfigError(f"{key}: {value!r} is not a model folder")
+        if key.startswith("model.") or key == "train.mrpo_references":
+            check_model_folder(key, path)
         return
-    local = value.startswith(("/", ".", "~")) or path.suffix in {".jsonl", ".json", ".parquet"}
+    first = Path(value).parts[0] if Path(value).parts else ""
+    local = (value.startswith(("/", ".", "~")) or path.suffix in {".jsonl", ".json", ".parquet"}
+             or (len(Path(value).parts) > 1 and Path(first).is_dir()))
     if local or not _HUB_ID.fullmatch(value):
         raise ConfigError(f"{key}: {value!r} does not exist (and is not a hub id)")
+
+
+def check_model_folder(key: str, path: Path) -> None:
+    """A local model folder has a config.json and its weights as safetensors (a pickled checkpoint
+    is never loaded: it could run code)."""
+    if not path.is_dir():
+        raise ConfigError(f"{key}: {str(path)!r} is not a model folder")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{key}: {str(path)!r} has no config.json: not a model folder")
+    if any(path.glob("*.safetensors")):
+        return
+    pickled = sorted(f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise ConfigError(f"{key}: {str(path)!r} holds only pickled weights ({', '.join(pickled[:3])}), which are never "
+                          "loaded here: save the model with safetensors (model.save_pretrained(path), the default)")
+    raise ConfigError(f"{key}: {str(path)!r} has no weights (*.safetensors)")
 
 
 def _check_splits(flat: dict[str, Any]) -> None:
@@ -423,6 +459,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} is required (a local path or a hub id)")
     for key in _SOURCE_KEYS:
         _check_source(key, flat[key])
+    for model, _ in cfg.train.mrpo_reference_list():
+        _check_source("train.mrpo_references", model)
     _check_splits(flat)
     for key, allowed in _CHOICES.items():
         if flat[key] not in allowed:
@@ -515,6 +553,15 @@ def _validate_tracking(cfg: Config) -> None:
         check_options(tr.log_model, tr.registered_model_name, resolve_uri(tr.uri, cfg.run_dir))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    c = cfg.continual
+    if c.alias:
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", c.alias):
+            raise ConfigError(f"continual.alias: {c.alias!r} must be an alias name such as champion")
+        if not tr.registered_model_name or tr.log_model == "none":
+            raise ConfigError(f"continual.alias: {c.alias!r} needs tracking.registered_model_name and tracking.log_model "
+                              "(artifact or transformers): the alias names a registered version")
+        if not c.metric.startswith("eval/"):
+            raise ConfigError(f"continual.metric: {c.metric!r} must be a held-out metric of the round table (eval/...)")
 
 
 def _validate_hostfile(t: TrainConfig) -> None:
@@ -614,7 +661,7 @@ def _validate_lora(t: TrainConfig, model: ModelConfig) -> None:
                                              f"such as q_proj,v_proj, or all-linear)")
     key, path = ("model.policy", model.policy) if model.policy else ("model.reference", model.reference)
     if (Path(path).expanduser() / "config.json").is_file():
-        from selfalign.tasks.train_worker import check_lora_targets
+        from selfalign.tasks.lora import check_lora_targets
 
         try:
             check_lora_targets(str(Path(path).expanduser()), t.lora_spec(), model.trust_remote_code)

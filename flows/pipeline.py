@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -37,25 +38,43 @@ from selfalign.tasks.judge import Judge, judge_round
 from selfalign.tasks.pairs import run_pairs
 from selfalign.tasks.tracking import (MetricLogger, check_options, local_uri, log_round_model, make_logger,
                                       resolve_uri)
-from selfalign.tasks.train import checkpoint_dir, run_train
+from selfalign.tasks.train import SAVING_KEYS, checkpoint_dir, run_train
 
 
 def _log():
     return get_run_logger().info
 
 
-def _stage(output: Path, key: dict[str, Any], work, stats_path: Path) -> dict[str, Any]:
-    """Run `work()` unless `output` is already there from the same key; returns the stage's stats."""
-    why = artifacts.why_not_done(output, key)
+def _stage(output: Path, key: dict[str, Any], work, stats_path: Path, settings: dict[str, Any] | None = None,
+           keep_old: bool = False) -> dict[str, Any]:
+    """Run `work()` unless `output` is already there from the same key; returns the stage's stats.
+    `settings` (the config keys the stage reads) are recorded beside the key, so that a rerun names
+    the keys that changed; with `keep_old`, an output made again is first moved aside, not replaced."""
+    why = artifacts.why_not_done(output, key, settings)
     if not why and stats_path.exists():
         _log()(f"{output.name}: up to date, skipped")
         return artifacts.read_json(stats_path)
     if why != "not made yet":
         _log()(f"{output.name}: running again, {why or 'its stats are missing'}")
+        if keep_old and output.exists():
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            kept = next(k for i in range(1, 1000) if not (k := output.with_name(
+                f"{output.name}.before-{stamp}" + (f"-{i}" if i > 1 else ""))).exists())
+            os.replace(output, kept)
+            _log()(f"{output.name}: the earlier one is kept as {kept.name} (run.keep_old_models)")
     stats = work()
     artifacts.write_json(stats_path, stats)
-    artifacts.mark_done(output, key)
+    artifacts.mark_done(output, key, settings)
     return stats
+
+
+def settings(cfg: Config, *sections: str) -> dict[str, Any]:
+    """The values of the config keys of `sections`, as `section.key`, less those that change no
+    output (worker counts, the judge)."""
+    from selfalign.flows.config import NOT_HASHED
+
+    return {k: v for k, v in cfg.flat().items()
+            if (s := k.split(".")[0]) in sections and k.split(".", 1)[1] not in NOT_HASHED.get(s, ())}
 
 
 def generate_key(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> dict[str, Any]:
@@ -97,9 +116,39 @@ def generate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
     key = generate_key(cfg, r, model, prompts)
     stats = _stage(out, key, lambda: run_generate(cfg, model, prompts, out, rd, r, key, _log(),
                                                   map_workers=_map_generate(cfg.generate.kv_cache_gib)),
-                   rd / "generate.stats.json")
+                   rd / "generate.stats.json", settings(cfg, "model", "generate"))
     artifacts.remove_shards(out)
     return out, stats
+
+
+def rows_digest(rows: list[dict[str, Any]]) -> str:
+    """A stage input given as rows (offline or held-out pairs): a digest of their contents."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def config_digest(values: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def score_settings(cfg: Config) -> dict[str, Any]:
+    """The keys scoring reads: the model's and the score section's (not how many workers share it)."""
+    return settings(cfg, "model", "score")
+
+
+def score_key(cfg: Config, samples: Path, policy: str, reference: str, heldout: list[dict[str, str]]) -> dict[str, Any]:
+    return {"config": config_digest(score_settings(cfg)), "samples": artifacts.input_token(samples),
+            "policy": artifacts.input_token(policy), "reference": artifacts.input_token(reference),
+            "heldout": rows_digest(heldout)} | _mrpo_key(cfg)
+
+
+def pairs_settings(cfg: Config) -> dict[str, Any]:
+    """The keys the pair stage reads: its section, and the two hooks that label the pairs."""
+    return settings(cfg, "pairs") | {"evaluate.preferred": cfg.evaluate.preferred, "evaluate.checker": cfg.evaluate.checker}
+
+
+def pairs_key(cfg: Config, r: int, scores: Path | None, offline: list[dict[str, str]]) -> dict[str, Any]:
+    return {"config": config_digest(pairs_settings(cfg)), "offline": rows_digest(offline),
+            "scores": artifacts.input_token(scores) if scores else "", "seed": cfg.run.seed + r}
 
 
 def _mrpo_key(cfg: Config) -> dict[str, Any]:
@@ -118,11 +167,9 @@ def score_task(cfg: Config, r: int, samples: Path, policy: str, reference: str,
 
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "scores.parquet"
-    key = {"config": cfg.section_hash("model", "score", "data"), "samples": artifacts.input_token(samples),
-           "policy": artifacts.input_token(policy), "reference": artifacts.input_token(reference)}
-    key |= _mrpo_key(cfg)
+    key = score_key(cfg, samples, policy, reference, heldout)
     stats = _stage(out, key, lambda: run_score(cfg, samples, policy, reference, heldout, out, _log(),
-                                               map_workers=_map_score), rd / "score.stats.json")
+                                               map_workers=_map_score), rd / "score.stats.json", score_settings(cfg))
     return out, stats
 
 
@@ -131,11 +178,10 @@ def pairs_task(cfg: Config, r: int, scores: Path | None, offline: list[dict[str,
     """Round r's training pairs; from the offline pairs alone when `scores` is None."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "pairs.parquet"
-    key = {"config": cfg.section_hash("pairs", "evaluate", "data"),
-           "scores": artifacts.input_token(scores) if scores else "", "seed": cfg.run.seed + r}
+    key = pairs_key(cfg, r, scores, offline)
     stats = _stage(out, key, lambda: run_pairs(cfg, scores, offline, out, rd / "alpha_sweep.json",
                                                cfg.run.seed + r, _log(), get_run_logger().warning),
-                   rd / "pairs.stats.json")
+                   rd / "pairs.stats.json", pairs_settings(cfg))
     return out, stats
 
 
@@ -156,7 +202,7 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path, tracker: MetricLogg
 
     _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log(), key=key,
                                                  on_step=on_step if tracker is not None else None)},
-           steps_path)
+           steps_path, settings(cfg, "model", "train"), keep_old=cfg.run.keep_old_models)
     if tracker is not None:
         for row in artifacts.read_json(steps_path)["steps"]:
             if row["step"] not in seen:
@@ -166,16 +212,13 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path, tracker: MetricLogg
     return out, artifacts.read_json(steps_path)["steps"]
 
 
-# How often training saves checkpoints, whether they are kept, and where reference log-probs are
-# cached do not change the model; nor does how its processes are started and where they meet.
-_SAVING_KEYS = ("checkpoint_every", "keep_checkpoints", "ref_cache", "launcher", "master_addr", "master_port")
 
 
 def train_config_hash(cfg: Config) -> str:
     """`section_hash("model", "train")` without the keys that only decide what training saves or how
     its processes are started."""
     d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in _SAVING_KEYS
+    d["train"] = {k: v for k, v in d["train"].items() if k not in SAVING_KEYS
                   and not (k.startswith("lora_") and not cfg.train.lora_enabled)}
     blob = json.dumps({s: d[s] for s in ("model", "train")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -193,7 +236,7 @@ def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
     nxt = None
     if r < cfg.run.rounds and cfg.generate.shards == 1 and cfg.pairs.source == "dice":
         nd = artifacts.round_dir(cfg.run_dir, r + 1)
-        next_prompts = round_prompts(load_data(cfg).prompts, cfg.data.prompts_per_round, r + 1)
+        next_prompts = round_prompts(training_prompts(cfg), cfg.data.prompts_per_round, r + 1)
         next_key = generate_key(cfg, r + 1, model, next_prompts)
         if not artifacts.is_done(nd / "samples.parquet", next_key):
             nxt = (next_prompts, nd / "samples.parquet", next_key)
@@ -208,7 +251,7 @@ def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
             artifacts.remove_shards(nxt[1])
         return metrics
 
-    return _stage(out, key, work, rd / "evaluate.stats.json")
+    return _stage(out, key, work, rd / "evaluate.stats.json", settings(cfg, "model", "generate", "evaluate"))
 
 
 @task(name="judge", cache_policy=NO_CACHE)
@@ -221,6 +264,14 @@ def judge_task(cfg: Config, r: int) -> dict:
     judge = Judge(url=e.judge_url, model=e.judge_model, api_key_env=e.judge_api_key_env)
     return _stage(rd / "judge.parquet", key, lambda: judge_round(judge, cfg.run_dir, r, _log()),
                   rd / "judge.stats.json")
+
+
+def training_prompts(cfg: Config) -> list[dict[str, str]]:
+    """data.prompts, less those earlier runs of a continual chain trained on."""
+    from selfalign.flows.continual import excluded_prompts
+
+    prompts, used = load_data(cfg).prompts, excluded_prompts(cfg.run_dir)
+    return [p for p in prompts if p["id"] not in used] if used else prompts
 
 
 def round_prompts(prompts: list[dict[str, str]], per_round: int, r: int) -> list[dict[str, str]]:
@@ -247,6 +298,11 @@ def start_config(cfg: Config) -> Config:
         train=dataclasses.replace(cfg.train, lr=cfg.start.lr or cfg.train.lr, epochs=cfg.start.epochs, max_steps=0))
 
 
+def end_status(e: BaseException) -> str:
+    """The MLflow status of a run that ended with `e`: KILLED when a signal stopped it."""
+    return "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+
+
 @flow(name="dice-start", flow_run_name="{config[run][name]}-pi0")
 def start_flow(config: dict, parent_run_id: str = "") -> dict:
     """Round 0 from an SFT model: pi_0 = DPO(model.reference, offline pairs) through the pair and
@@ -268,8 +324,8 @@ def start_flow(config: dict, parent_run_id: str = "") -> dict:
         log_tables(tracker, artifacts.round_dir(cfg.run_dir, 0))
         log_round_model(tracker, cfg, 0, model, cfg.model.reference)
         tracker.close("FINISHED")
-    except BaseException:
-        tracker.close("FAILED")
+    except BaseException as e:
+        tracker.close(end_status(e))
         raise
     return {"model": str(model), "metrics": metrics}
 
@@ -280,7 +336,7 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
     log = _log()
     t0 = time.time()
     data = load_data(cfg)
-    prompts = round_prompts(data.prompts, cfg.data.prompts_per_round, r)
+    prompts = round_prompts(training_prompts(cfg), cfg.data.prompts_per_round, r)
     offline, heldout = data.offline_pairs, data.heldout_pairs
     if cfg.data.max_heldout_pairs:
         heldout = heldout[: cfg.data.max_heldout_pairs]
@@ -313,7 +369,8 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
         else:
             model, steps = train_task(cfg, r, policy, pairs, tracker)
             if steps:
-                metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
+                metrics |= {f"train/{k}": v for k, v in steps[-1].items()
+                            if k in ("loss", "rewards/accuracies", "rewards/margins")}
             metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg))
             if cfg.evaluate.judge_url:
                 metrics |= judge_task(cfg, r)
@@ -329,8 +386,8 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
             log_round_model(tracker, cfg, r, Path(result["model"]), policy)
         tracker.close("KILLED" if result["stopped"] else "FINISHED")
     except BaseException as e:
-        log(f"round {r} failed: {e}")
-        tracker.close("FAILED")
+        log(f"round {r} {'interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'}: {e}")
+        tracker.close(end_status(e))
         raise
     result["metrics"] = metrics
     return result
@@ -376,7 +433,8 @@ def _tracker(cfg: Config, parent_run_id: str, name: str) -> MetricLogger:
     uri = tracking_uri(cfg)
     if uri == "none":
         return NullLogger()
-    return MlflowLogger(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id or None, tags=prefect_tags())
+    return MlflowLogger(uri, cfg.tracking.experiment, name, parent_run_id=parent_run_id or None, tags=prefect_tags(),
+                        system_metrics=cfg.tracking.system_metrics)
 
 
 def prefect_tags() -> dict[str, str]:
@@ -384,6 +442,15 @@ def prefect_tags() -> dict[str, str]:
     from prefect.runtime import flow_run
 
     return {"prefect.flow_run_id": str(flow_run.id or ""), "prefect.flow_run_url": str(flow_run.ui_url or "")}
+
+
+def runs_table_url(uri: str, tracker: MetricLogger) -> str:
+    """The MLflow UI's runs table of the run's experiment: on the tracking server, or on `mlflow ui`
+    started on a local store at its default address."""
+    if not getattr(tracker, "experiment_id", ""):
+        return ""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{tracker.experiment_id}/runs"
 
 
 def mlflow_run_url(uri: str, tracker: MetricLogger) -> str:
@@ -414,6 +481,12 @@ def run_flow(config: dict) -> dict:
     `model.policy` empty, pi_0 trained first from the SFT model `model.reference` (round 0)."""
     cfg = from_dict(config)
     check_options(cfg.tracking.log_model)
+    if cfg.continual.alias:  # a run of a chain: from the champion, in a fresh folder
+        from selfalign.flows.continual import continue_chain
+
+        config = continue_chain(config)
+        cfg = from_dict(config)
+        _log()(f"continual: from {cfg.model.policy or cfg.model.reference}, into {cfg.run_dir}")
     if cfg.model.policy and artifacts.same_weights(cfg.model.policy, cfg.model.reference):
         raise ConfigError(f"model.policy and model.reference hold the same weights ({cfg.model.policy}): the implicit "
                           "reward log pi - log ref is zero for every sample, so round 1 would rank nothing. Leave "
@@ -455,7 +528,15 @@ def _rounds(cfg: Config, config: dict) -> dict:
                 break
             reference, policy = policy, res["model"]
         summary = {"rounds": rows, "final_model": policy, "stopped": stopped,
-                   "tracking_uri": tracking_uri(cfg), "run_dir": str(cfg.run_dir)}
+                   "tracking_uri": tracking_uri(cfg), "run_dir": str(cfg.run_dir),
+                   "runs_table": runs_table_url(tracking_uri(cfg), tracker)}
+        if cfg.continual.alias:
+            from selfalign.flows.continual import decide, describe
+
+            used = [p["id"] for r in range(1, rows[-1]["round"] + 1)
+                    for p in round_prompts(training_prompts(cfg), cfg.data.prompts_per_round, r)]
+            summary["continual"] = decide(cfg, rows, used, tracker)
+            log(describe(summary["continual"]))
         artifacts.write_json(cfg.run_dir / "summary.json", summary)
         tracker.log_artifact(cfg.run_dir / "summary.json")
         from prefect.artifacts import create_markdown_artifact
@@ -463,10 +544,11 @@ def _rounds(cfg: Config, config: dict) -> dict:
         create_markdown_artifact(summary_markdown(cfg, rows, tracker, stopped), key="round-table",
                                  description=f"{cfg.run.name}: the round table and the MLflow run")
         if cfg.tracking.plots:
-            tracker.log_artifact(plots.rounds_plot(rows, cfg.run_dir / "rounds.png", f"{cfg.run.name}: evaluation over rounds"), "plots")
+            title = f"{cfg.run.name}: evaluation over rounds"
+            tracker.log_artifact(plots.rounds_plot(rows, cfg.run_dir / "rounds.png", title), "plots")
         tracker.close("FINISHED")
-    except BaseException:
-        tracker.close("FAILED")
+    except BaseException as e:
+        tracker.close(end_status(e))
         raise
     log(f"final model: {policy}")
     return summary
@@ -474,12 +556,54 @@ def _rounds(cfg: Config, config: dict) -> dict:
 
 def _open_tracker(cfg: Config):
     """The run's tracker (MLflow parent run, or the null logger) with the config as its params."""
-    # With the default local store, artifacts live beside it in the run directory.
-    local = tracking_uri(cfg) == local_uri(cfg.run_dir)
-    artifacts_at = (cfg.run_dir / "mlartifacts").resolve().as_uri() if local else None
+    # With the default local store, artifacts live beside it in the run directory (a continual chain's
+    # runs share the store of the folder above theirs).
+    store_dir = cfg.run_dir.parent if cfg.continual.alias else cfg.run_dir
+    local = tracking_uri(cfg) == local_uri(store_dir)
+    artifacts_at = (store_dir / "mlartifacts").resolve().as_uri() if local else None
     tracker = make_logger(tracking_uri(cfg), cfg.tracking.experiment, cfg.run.name, artifacts_at)
     tracker.log_params(cfg.flat())
     for key, value in prefect_tags().items():
         tracker.set_tag(key, value)
     tracker.set_tag("selfalign.arm", cfg.pairs.source)  # dice, or the offline-only control arm
+    for key, value in run_tags(cfg).items():
+        tracker.set_tag(key, value)
+    tracker.log_inputs(dataset_inputs(cfg))
     return tracker
+
+
+def run_tags(cfg: Config) -> dict[str, str]:
+    """The parent run's description (MLflow's note), loss, start model and the source's git commit."""
+    start = cfg.model.policy or f"pi_0 trained from {cfg.model.reference}"
+    note = (f"{cfg.run.name}: {cfg.run.rounds} round(s) of {cfg.train.loss} "
+            f"({'DICE: generated pairs mixed with offline ones' if cfg.pairs.source == 'dice' else 'offline pairs only'}), "
+            f"from {start}")
+    tags = {"mlflow.note.content": note, "selfalign.loss": cfg.train.loss, "selfalign.start": start}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def git_commit() -> str:
+    """The commit of the selfalign source that runs, when it is a git checkout ("" otherwise)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def dataset_inputs(cfg: Config) -> dict[str, tuple[str, str]]:
+    """data.<name> -> (source, digest of its rows as loaded), for MLflow's run inputs."""
+    data = load_data(cfg)
+    out = {}
+    for name in ("prompts", "eval_prompts", "offline_pairs", "heldout_pairs"):
+        rows = getattr(data, name)
+        if getattr(cfg.data, name):
+            blob = json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()
+            out[name] = (getattr(cfg.data, name), hashlib.sha256(blob).hexdigest()[:16])
+    return out

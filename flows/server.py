@@ -12,7 +12,6 @@ grace period)."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ class Service:
     log: Path
     stop_signal: int = signal.SIGTERM
     # True: a session of its own (a Ctrl-C reaches only the command, which stops it); False: it
-    # stays in the command's session, gets a fresh log and dies with the command (Linux)
+    # stays in the command's session and gets a fresh log. Either way it dies with the command (Linux).
     detached: bool = True
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
@@ -44,8 +43,7 @@ class Service:
         with open(self.log, "ab" if self.detached else "wb") as f:
             self.proc = subprocess.Popen(
                 self.cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=self.detached,
-                preexec_fn=None if self.detached else (lambda: die_with_parent(signal.SIGTERM)))
+                start_new_session=self.detached, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
 
     def healthy(self) -> bool:
         try:
@@ -200,164 +198,57 @@ def serve(home: Path, host: str = "127.0.0.1", prefect_port: int = 4200, mlflow_
     return status
 
 
-def database_template() -> Path:
-    """A new home's Prefect database, copied from here: an empty database already migrated by this
-    Prefect version ($SELFALIGN_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, /selfalign/prefect-db/
-    <version>/prefect.db). Migrating a new database from scratch takes ~4 s of a 2-core machine
-    at every new home (a project's first run, every test's temporary home)."""
-    from importlib.metadata import version
-
-    from selfalign.tasks.procs import cache_dir
-
-    return cache_dir("prefect-db") / version("prefect") / "prefect.db"
-
-
-def _database_configured() -> bool:
-    """Whether Prefect's database is configured elsewhere than the home's prefect.db."""
-    return bool(os.environ.get("PREFECT_API_DATABASE_CONNECTION_URL"))
-
-
-def save_database_template(db: Path, template: Path) -> bool:
-    """Copies the database `db` of a server that has just migrated it (and recorded nothing yet) to
-    `template`, as one consistent file (SQLite's backup, WAL included), atomically. Nothing is saved
-    when a template exists, or when the copy holds a flow run. Returns whether it was saved."""
-    import sqlite3
-
-    if template.exists():
-        return False
-    tmp = template.with_name(f".{template.name}.{os.getpid()}.tmp")
-    try:
-        template.parent.mkdir(parents=True, exist_ok=True)
-        src = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        dst = sqlite3.connect(tmp)
-        try:
-            src.backup(dst)
-            dst.execute("PRAGMA journal_mode = DELETE")  # one file (the server turns WAL on again)
-            empty = dst.execute("SELECT count(*) FROM flow_run").fetchone()[0] == 0
-        finally:
-            src.close()
-            dst.close()
-        if not empty:
-            tmp.unlink()
-            return False
-        os.replace(tmp, template)
-        return True
-    except (OSError, sqlite3.Error):
-        tmp.unlink(missing_ok=True)
-        return False
-
-
 class TemporaryPrefect:
-    """The temporary Prefect server of one `selfalign run` that has no Prefect API configured: the
-    same server Prefect starts by itself in that case (its API app under uvicorn on a free loopback
-    port, no UI), but started by the command line at its first step, so that its start (the server's
-    imports, and on a new home the database's migrations: 6-12 s on 2 cores) overlaps the command
-    line's own imports and dataset checks instead of following them.
-
-    `start` returns at once; `wait` blocks until the API answers (or raises with the server's log);
-    `settings` gives the Prefect settings that point this process's flows at it; `stop` ends it.
-    The server process dies with this one (Linux) should the command line be killed."""
+    """The Prefect server of one `selfalign run` that has no Prefect API configured: `prefect server
+    start` on a free loopback port, API only (no UI, no background services), its database in
+    `home`. In a session of its own, so that a Ctrl-C in the terminal reaches only the command line,
+    which records the interrupted run on it before stopping it; it dies with the command line (Linux)."""
 
     def __init__(self, home: Path, timeout: float = 90.0):
-        self.home = home
-        self.timeout = timeout
-        self.port = 0
-        self.service: Service | None = None
-        self.ready = False
-        self.migrating = True  # whether its start creates the database (known at `start`)
-        self.from_template = False  # whether a new home's database was copied from `database_template`
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    def start(self) -> None:
         import socket
 
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        env = dict(os.environ, PREFECT_HOME=str(self.home), PREFECT_UI_ENABLED="0", PREFECT__SERVER_EPHEMERAL="1",
-                   PREFECT__SERVER_FINAL="1")
-        env.pop("PREFECT_API_URL", None)
-        # A new database is migrated from scratch at start (seconds); an existing one is only checked.
-        # A database configured elsewhere counts as new: its start time is unknown. A new home gets a
-        # copy of this Prefect version's empty migrated database when one was saved before.
-        configured = _database_configured()
-        db = self.home / "prefect.db"
-        if not configured and not db.exists():
-            self.from_template = self._copy_template(db)
-        self.migrating = configured or not db.exists()
-        cmd = [sys.executable, "-m", "selfalign.flows.prefect_server", "--factory", "prefect.server.api.server:create_app",
-               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"]
-        self.service = Service("prefect", cmd, env, f"{self.api_url}/health", self.home / "temporary-server.log",
-                               detached=False)
-        self.service.start()
+            port = s.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        self.timeout = timeout
+        home.mkdir(parents=True, exist_ok=True)
+        env = _base_env() | {"PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
+        cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+               "--port", str(port), "--no-services"]
+        self.service = Service("prefect", cmd, env, f"{self.api_url}/health", home / "temporary-server.log",
+                               stop_signal=signal.SIGINT)
 
-    def _copy_template(self, db: Path) -> bool:
-        template = database_template()
-        if not template.is_file():
-            return False
-        tmp = db.with_name(f".{db.name}.{os.getpid()}.tmp")
-        try:
-            self.home.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(template, tmp)
-            os.replace(tmp, db)
-            return True
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            return False
-
-    def wait(self) -> None:
-        """Blocks until the server answers. A server that migrated a new database leaves a copy of it
-        as the template of later new homes (`database_template`); one started from a template that
-        fails starts again without it (the template is removed)."""
+    def start(self) -> "TemporaryPrefect":
+        """Starts it and waits until it answers (RuntimeError with its log's end if it does not)."""
         svc = self.service
+        svc.start()
         deadline = time.time() + self.timeout
         while not svc.healthy():
-            if not svc.alive() and self.from_template:
-                self.from_template = False
-                database_template().unlink(missing_ok=True)
-                for name in ("prefect.db", "prefect.db-wal", "prefect.db-shm"):
-                    (self.home / name).unlink(missing_ok=True)
-                self.start()
-                svc = self.service
-                continue
             if not svc.alive():
                 raise RuntimeError(f"the temporary Prefect server exited during start-up (exit "
                                    f"{svc.proc.returncode}); last lines of {svc.log}:\n{svc.log_tail()}")
             if time.time() > deadline:
-                self.stop()
+                svc.stop()
                 raise RuntimeError(f"the temporary Prefect server did not answer within {self.timeout:.0f} s "
                                    f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); see {svc.log}")
-            time.sleep(0.02)  # the command line has nothing else to do; a refused connection costs ~0.1 ms
-        self.ready = True
-        if self.migrating and not _database_configured():
-            save_database_template(self.home / "prefect.db", database_template())
+            time.sleep(0.2)
+        return self
 
     def settings(self):
-        """A context in which this process's Prefect client uses the server (whatever Prefect read
-        from the environment when it was imported). Flow-run heartbeats are off: they let a
-        long-lived server mark a crashed run, while this one ends with the run; and each flow's end
-        waits up to a second for its heartbeat thread."""
-        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        """A context in which this process's Prefect client uses the server."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-        return temporary_settings({PREFECT_API_URL: self.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+        return temporary_settings({PREFECT_API_URL: self.api_url})
 
     def stop(self) -> None:
-        """SIGTERM once it served (uvicorn then shuts down cleanly); SIGKILL while it is still
-        starting, when uvicorn would finish its start-up first (a bad dataset found by the command
-        line, say). A database migration cut short is rolled back: SQLite's DDL is transactional."""
-        proc = self.service.proc if self.service is not None else None
-        if proc is None or proc.poll() is not None:
-            return
-        if self.ready:
-            proc.terminate()
-            try:
-                proc.wait(10)
-                return
-            except subprocess.TimeoutExpired:
-                pass
-        proc.kill()
-        proc.wait(10)
+        """Sends what Prefect's background workers still hold (the last log lines, events) to the
+        server, then stops it."""
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
 
+        if self.service.alive():
+            with self.settings():
+                for worker in (APILogWorker, EventsWorker):
+                    worker.drain_all(timeout=10)
+        self.service.stop()

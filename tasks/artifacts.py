@@ -102,9 +102,10 @@ def content_record(output: Path) -> dict[str, list]:
     return record
 
 
-def why_not_done(output: Path, key: dict[str, Any]) -> str:
+def why_not_done(output: Path, key: dict[str, Any], settings: dict[str, Any] | None = None) -> str:
     """Why `output` must be made again ("" when it is up to date): missing, made from other inputs
-    or config (naming the parts of the key that differ), or changed since it was written."""
+    or config (naming the parts of the key that differ, and the config keys among `settings` whose
+    values differ from those recorded), or changed since it was written."""
     m = manifest_path(output)
     if not Path(output).exists() or not m.exists():
         return "not made yet"
@@ -115,6 +116,12 @@ def why_not_done(output: Path, key: dict[str, Any]) -> str:
     old = manifest.get("key") or {}
     if old != key:
         changed = sorted(k for k in old.keys() | key.keys() if old.get(k) != key.get(k))
+        before = manifest.get("settings") or {}
+        if settings and before:
+            keys = sorted(k for k in settings.keys() | before.keys() if settings.get(k) != before.get(k))
+            if keys:
+                shown = ", ".join(f"{k} {before.get(k)!r} -> {settings.get(k)!r}" for k in keys[:5])
+                changed = [c for c in changed if c != "config"] + [shown + (", ..." if len(keys) > 5 else "")]
         return f"its inputs or config changed ({', '.join(changed)})"
     if "content" in manifest:  # manifests written before contents were recorded are trusted
         now = content_record(output)
@@ -130,10 +137,13 @@ def is_done(output: Path, key: dict[str, Any]) -> bool:
     return not why_not_done(output, key)
 
 
-def mark_done(output: Path, key: dict[str, Any]) -> None:
+def mark_done(output: Path, key: dict[str, Any], settings: dict[str, Any] | None = None) -> None:
     # The token changes every time the stage really runs, so stages downstream (whose keys include
-    # it through `input_token`) rerun whenever this one did.
-    write_json(manifest_path(output), {"key": key, "token": uuid.uuid4().hex, "content": content_record(output)})
+    # it through `input_token`) rerun whenever this one did. `settings` only explain a later rerun.
+    record = {"key": key, "token": uuid.uuid4().hex, "content": content_record(output)}
+    if settings:
+        record["settings"] = settings
+    write_json(manifest_path(output), record)
 
 
 def shard_path(output: Path, index: int) -> Path:

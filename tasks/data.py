@@ -279,7 +279,8 @@ def load_pairs(source: str, *, on_bad_row: str = "error", skipped: dict[str, int
         c, r = row.get("chosen"), row.get("rejected")
         if "prompt" not in row and isinstance(c, list) and isinstance(r, list) and len(c) > 1:
             if c[:-1] != r[:-1]:
-                raise BadRow(source, i, "bad_roles", "implicit prompt: the turns before the last differ from 'chosen'", "rejected")
+                raise BadRow(source, i, "bad_roles", "implicit prompt: the turns before the last differ from 'chosen'",
+                             "rejected")
             row = {"prompt": c[:-1], "chosen": c[-1:], "rejected": r[-1:]}
         out = {"prompt": _text(source, i, row, "prompt", "user")}
         for f in ("chosen", "rejected"):
@@ -333,6 +334,7 @@ class Datasets:
     offline_pairs: list[dict[str, str]]
     heldout_pairs: list[dict[str, str]]
     skipped: dict[str, dict[str, int]] = field(default_factory=dict)
+    findings: dict[str, int] = field(default_factory=dict)  # `overlaps`: what the data warnings count
 
     def metrics(self) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -340,13 +342,47 @@ class Datasets:
             out[f"data/rows_{name}"] = len(getattr(self, name))
             out[f"data/skipped_{name}"] = sum(counts.values())
             out |= {f"data/skipped_{name}/{reason}": n for reason, n in counts.items()}
-        return out
+        return out | {f"data/{k}": n for k, n in self.findings.items()}
 
     def warning(self) -> str:
-        """One line naming what was skipped, or "" when nothing was."""
+        """One line naming what was skipped and what the data checks found, or "" when nothing."""
         parts = [f"data.{name}: {sum(c.values())} ({', '.join(f'{r} {n}' for r, n in sorted(c.items()))})"
                  for name, c in self.skipped.items() if c]
-        return ("data.on_bad_row=skip dropped bad rows: " + "; ".join(parts)) if parts else ""
+        lines = [("data.on_bad_row=skip dropped bad rows: " + "; ".join(parts))] if parts else []
+        found = findings_text(self.findings)
+        return "\n".join(lines + ([found] if found else []))
+
+
+FINDINGS = {
+    "duplicate_prompts": "{n} prompt(s) of data.prompts repeat an earlier prompt's text (trained twice)",
+    "reused_prompts": "data.prompts has too few prompts for data.prompts_per_round x run.rounds: {n} draw(s) "
+                      "reuse a prompt of an earlier round",
+    "eval_in_train": "{n} eval prompt(s) of data.eval_prompts also appear in data.prompts or data.offline_pairs",
+    "heldout_in_offline": "{n} held-out pair(s) of data.heldout_pairs share their prompt with data.offline_pairs",
+}
+
+
+def findings_text(findings: dict[str, int]) -> str:
+    return "; ".join(FINDINGS[k].format(n=n) for k, n in findings.items() if n)
+
+
+def overlaps(data: "Datasets", per_round: int, rounds: int) -> dict[str, int]:
+    """What the data checks count (texts compared with their whitespace collapsed): duplicate training
+    prompts, prompt draws that repeat an earlier round's (fresh slices of `per_round` over `rounds`),
+    eval prompts seen in training, held-out pairs whose prompt an offline pair has."""
+    def norm(text: str) -> str:
+        return " ".join(text.split())
+
+    train = [norm(p["prompt"]) for p in data.prompts]
+    offline = {norm(p["prompt"]) for p in data.offline_pairs}
+    seen_train = set(train) | offline
+    draws = rounds * min(per_round, len(train)) if per_round else 0
+    return {
+        "duplicate_prompts": len(train) - len(set(train)),
+        "reused_prompts": max(0, draws - len(train)),
+        "eval_in_train": sum(norm(p["prompt"]) in seen_train for p in data.eval_prompts),
+        "heldout_in_offline": sum(norm(p["prompt"]) in offline for p in data.heldout_pairs),
+    }
 
 
 _loaded: dict[str, Datasets] = {}
@@ -360,7 +396,7 @@ def load_data(cfg: Any) -> Datasets:
     stamps = {name: _stamp(s) for name, s in sources.items()}
     model = cfg.model.policy or cfg.model.reference  # pi_0 trained from the SFT model keeps its tokenizer
     key = json.dumps([cfg.section_hash("data"), model, cfg.model.trust_remote_code,
-                      cfg.generate.max_model_len, stamps])
+                      cfg.generate.max_model_len, cfg.run.rounds, stamps])
     if key in _loaded:
         return _loaded[key]
     tokenizer = load_tokenizer(model, cfg.model.trust_remote_code)
@@ -375,9 +411,13 @@ def load_data(cfg: Any) -> Datasets:
         rows[name] = DATASETS[name](source, on_bad_row=d.on_bad_row, skipped=skipped[name],
                                     tokenizer=tokenizer, max_len=max_len, split=getattr(d, f"{name}_split"),
                                     config=getattr(d, f"{name}_config"))
+    data = Datasets(**rows, skipped=skipped)
+    data.findings = overlaps(data, d.prompts_per_round, cfg.run.rounds)
+    if d.strict and any(data.findings.values()):
+        raise DataError(f"data.strict: {findings_text(data.findings)}")
     _loaded.clear()
-    _loaded[key] = Datasets(**rows, skipped=skipped)
-    return _loaded[key]
+    _loaded[key] = data
+    return data
 
 
 def _stamp(source: str) -> str:
@@ -388,30 +428,35 @@ def _stamp(source: str) -> str:
     return f"{source}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def import_loaders(models: bool = False) -> None:
-    """Imports what `load_data` and `load_tokenizer` use (pyarrow, transformers' tokenizer base class),
-    and with `models` the auto classes and the model class loader too, so that a process can freeze
-    its imported objects before any data or model is read (`tasks.procs.freeze_imports`)."""
-    import pyarrow.parquet  # noqa: F401
-    import transformers.tokenization_utils_tokenizers  # noqa: F401
+class ModelError(ValueError):
+    """A model of the run cannot be used; the message names its config key."""
 
-    if models:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+def check_tokenizers(cfg: Any) -> None:
+    """Loads the tokenizer of every model the run starts from that `load_data` did not: the reference
+    (when it is not the policy) and the MRPO references (or their own tokenizers). ModelError names
+    the key of the first that does not load."""
+    seen = {cfg.model.policy or cfg.model.reference}
+    models = [("model.reference", cfg.model.reference)]
+    if cfg.train.loss == "mrpo":
+        models += [("train.mrpo_tokenizers" if tok else "train.mrpo_references", tok or m)
+                   for m, tok in cfg.train.mrpo_reference_list()]
+    for key, path in models:
+        if path in seen:
+            continue
+        seen.add(path)
+        try:
+            load_tokenizer(path, cfg.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{key}: the tokenizer of {path!r} does not load: {str(e).splitlines()[0]}") from None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """The tokenizer `AutoTokenizer.from_pretrained(path)` gives. For a local directory the class it
-    resolved is remembered (`_tokenizer_class_file`) and later loads instantiate that class directly:
-    importing AutoTokenizer pulls in torch and transformers' model and generation code (~1.5 s of the
-    command line's start, before its dataset checks), which a tokenizer does not use."""
-    known = None if trust_remote_code else _tokenizer_class_file(path)
-    tok = _tokenizer_of_known_class(path, known) if known else None
-    if tok is None:
-        from transformers import AutoTokenizer
+    """The model's tokenizer, with a chat template and a pad token (the end-of-sequence token when it
+    has none)."""
+    from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        if known:
-            _remember_tokenizer_class(known, type(tok))
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tok.chat_template is None:
         raise DataError(f"{path}: the tokenizer has no chat template")
     if tok.pad_token_id is None:
@@ -419,63 +464,10 @@ def load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
     return tok
 
 
-def _tokenizer_class_file(path: str) -> Path | None:
-    """Where the tokenizer class that AutoTokenizer resolved for the local model directory `path` is
-    kept: a file in the user cache (tasks/procs.cache_dir) named by the directory's real path,
-    the size and time of every file in it, and the transformers version. None for anything but a
-    local directory (a hub id: AutoTokenizer every time)."""
-    import hashlib
-    from importlib.metadata import version
-
-    from selfalign.tasks.procs import cache_dir
-
-    try:
-        d = Path(path).resolve()
-        files = sorted((e.name, (st := e.stat()).st_size, st.st_mtime_ns) for e in os.scandir(d) if e.is_file())
-    except (OSError, ValueError):
-        return None
-    key = json.dumps([str(d), files, version("transformers")])
-    return cache_dir("tokenizer-class") / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.json"
-
-
-def _tokenizer_of_known_class(path: str, f: Path) -> Any | None:
-    """The tokenizer of `path` from the class remembered in `f`, or None (nothing remembered, or it
-    cannot be used: then AutoTokenizer decides again)."""
-    import importlib
-
-    if not f.is_file():
-        return None
-    try:
-        known = json.loads(f.read_text(encoding="utf-8"))
-        module, name = known["module"], known["name"]
-        if not module.startswith("transformers."):  # only the library's own classes, never remote code
-            return None
-        cls = getattr(importlib.import_module(module), name)
-        # as AutoTokenizer calls the class it picks (tests/test_data.py compares the two)
-        return cls.from_pretrained(path, _from_auto=True, trust_remote_code=False)
-    except Exception:  # noqa: BLE001 - a stale or odd entry: AutoTokenizer decides, and its error is the one shown
-        return None
-
-
-def _remember_tokenizer_class(f: Path, cls: type) -> None:
-    if not cls.__module__.startswith("transformers."):
-        return
-    try:
-        from selfalign.tasks.artifacts import write_json
-
-        f.parent.mkdir(parents=True, exist_ok=True)
-        write_json(f, {"module": cls.__module__, "name": cls.__qualname__})
-    except OSError:  # a read-only cache: every load resolves the class again
-        pass
-
-
 def load_hook(spec: str, key: str):
     """Resolve a user hook named `package.module:function` (config key `key` for errors)."""
     import importlib
 
-    from selfalign.tasks.procs import allow_unused_imports
-
-    allow_unused_imports()  # a hook may use what our own processes skip
     mod, sep, fn = spec.partition(":")
     if not sep or not all(part.isidentifier() for part in mod.split(".")) or not fn.isidentifier():
         raise ValueError(f"{key}: {spec!r} must look like package.module:function")

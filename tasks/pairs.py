@@ -56,8 +56,8 @@ def run_pairs(cfg, scores_path: Path | None, offline: list[dict[str, str]], out_
     generated = []
     for pid, group in kept.items():
         scores, lengths = [s["score"] for s in group], [s["length"] for s in group]
-        w, l = rules.best_worst(scores, lengths, alpha)
-        cw, cl = group[w], group[l]
+        best, worst = rules.best_worst(scores, lengths, alpha)
+        cw, cl = group[best], group[worst]
         if rules.same_text(cw["response"], cl["response"]):
             dropped["identical"] += 1  # nothing to prefer; typical of a near-greedy temperature
             continue

@@ -1,36 +1,20 @@
-"""Process start-up and exit: imports no process of ours uses, exits without the interpreter's
-teardown, and where the processes' shared cache lives.
-
-A Python process that has imported torch, transformers, DeepSpeed or vLLM spends seconds after its
-last line in the interpreter's finalisation: every module's objects freed one by one, then the C++
-extensions' static destructors (measured here: 3.6 s for the vLLM worker, 2 s for a training rank,
-3 s for the command line; 0.5 s for a bare `import torch`). Nothing of ours depends on that work: the
-workers' outputs are written atomically and marked done before they return. `exit_now` does what the
-interpreter does at exit that matters (threads' exit hooks, `atexit` handlers, flushed streams),
-then ends the process.
-
-At start, transformers imports scikit-learn (and with it scipy and pandas) as soon as its auto classes
-load, for assisted generation's candidate generator, which none of our processes runs; vLLM imports
-it through transformers. That is ~1 s of every stage process (vLLM worker, scoring worker, training
-rank) and of the command line. `skip_unused_imports` makes those packages look absent to the
-libraries imported after it; `allow_unused_imports` undoes it before code that may use them (user
-hooks, MLflow's model flavours).
-
-`cache_dir` names the per-machine cache folders the processes share (the reference log-prob cache,
-remembered tokenizer classes, the Prefect database template); this module imports nothing heavy, so
-the command line can ask before its own imports."""
+"""Worker processes: how the stages start them (`run_worker_process`, `start_child`), share out
+devices and cores among several (`worker_resources`), report progress to the stage's log (`PROGRESS`
+lines), stop them all on SIGINT or SIGTERM (`stop_on_signals`), and where their shared per-machine
+cache lives (`cache_dir`). Imports nothing heavy."""
 from __future__ import annotations
 
-import atexit
-import gc
 import os
+import signal
+import subprocess
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, Iterator
 
-
-UNUSED_IMPORTS = ("sklearn",)
+PROGRESS = "selfalign-progress: "  # worker lines that start so go to the stage's log
 
 
 def cache_dir(name: str) -> Path:
@@ -41,78 +25,154 @@ def cache_dir(name: str) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "selfalign" / name
 
 
-def skip_unused_imports() -> None:
-    """Makes the packages of `UNUSED_IMPORTS` look absent to what is imported after this call: a
-    None entry in sys.modules, so `importlib.util.find_spec` answers None (transformers then takes
-    them for not installed) and importing them raises ModuleNotFoundError until
-    `allow_unused_imports`. Call it first in a process; one already imported is left alone."""
-    for name in UNUSED_IMPORTS:
-        if name not in sys.modules:
-            sys.modules[name] = None  # type: ignore[assignment]
+def quiet() -> bool:
+    """No progress lines in CI (CI=true, as GitHub Actions, GitLab and most runners set)."""
+    return os.environ.get("CI", "").lower() in ("true", "1")
 
 
-def pause_gc() -> None:
-    """Turns off the cyclic garbage collector for a process's start (call it first): importing vLLM or
-    torch with transformers creates ~700k objects, and the collections they trigger on the way
-    (each later one traversing everything imported so far) cost ~0.7 s of a vLLM worker's imports.
-    `freeze_imports` turns it back on."""
-    gc.disable()
-
-
-def freeze_imports() -> None:
-    """After `pause_gc`: moves every object alive now (the imported modules, classes and functions)
-    into the collector's permanent generation and turns the collector back on. Later collections
-    traverse only what is created after this call: vLLM calls `gc.collect()` three times while it
-    loads a model, ~0.5-1 s each over an unfrozen heap. Call it once the heavy imports are done.
-    Where the collector is on (nothing paused it: the command line's functions called from another
-    program, say) it does nothing: that program's objects are not ours to freeze."""
-    if gc.isenabled():
-        return
-    gc.freeze()
-    gc.enable()
-
-
-def allow_unused_imports() -> None:
-    """Undoes `skip_unused_imports`: the packages import normally again (for user hooks and
-    third-party code that may need them). Idempotent."""
-    for name in UNUSED_IMPORTS:
-        if name in sys.modules and sys.modules[name] is None:
-            del sys.modules[name]
-
-
-def exit_now(code: int = 0) -> NoReturn:
-    """Ends the process with `code` after the exit hooks threads registered (Prefect's log and event
-    workers drain there), waiting for the non-daemon threads, the `atexit` handlers and flushed
-    stdout/stderr; the per-object teardown of the loaded modules is skipped."""
-    try:
-        shutdown = getattr(threading, "_shutdown", None)  # what the interpreter calls first at exit
-        if shutdown is not None:
-            shutdown()
-        atexit._run_exitfuncs()
-    finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):  # closed or a broken pipe: nothing more can be written
-                pass
-        os._exit(code)
-
-
-def die_with_parent(sig: int) -> None:
-    """Linux sends this process `sig` when its parent ends (PR_SET_PDEATHSIG); elsewhere nothing.
-    Usable as a Popen `preexec_fn`."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux sends this process `sig` when the thread that started it ends (PR_SET_PDEATHSIG), so a
+    worker never outlives a killed parent; elsewhere nothing. Usable as a Popen `preexec_fn`."""
     if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(1, sig)
 
 
-def children_alive() -> bool:
-    """Whether this process still has live child processes (vLLM's multi-GPU workers, say), which a
-    skipped teardown would leave running."""
+_children: set[subprocess.Popen] = set()  # the worker processes running now (`start_child`)
+_children_lock = threading.Lock()
+
+
+def start_child(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
+    """`subprocess.Popen(cmd, ...)` for a worker or launcher: it dies with this process (even with
+    SIGKILL) and `stop_children` ends it. Call `forget_child` once it has been waited for."""
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent, **popen_kwargs)
+    with _children_lock:
+        _children.add(proc)
+    return proc
+
+
+def forget_child(proc: subprocess.Popen) -> None:
+    with _children_lock:
+        _children.discard(proc)
+
+
+def stop_children(grace: float = 10.0) -> None:
+    """SIGTERM to every running child, then SIGKILL to those still running after `grace` seconds."""
+    with _children_lock:
+        live = [p for p in _children if p.poll() is None]
+    for p in live:
+        p.terminate()
+    deadline = time.time() + grace
+    for p in live:
+        try:
+            p.wait(max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the command line. A KeyboardInterrupt, so that Prefect marks the flow
+    runs crashed ("aborted by an interrupt signal") as it does for a Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Within it, SIGINT and SIGTERM end every child (`stop_children`) and raise `Interrupted` in the
+    main thread, once: a second signal while the run is stopping only says so. Main thread only."""
+    stopping = False
+
+    def handler(signum, frame):
+        nonlocal stopping
+        if stopping:
+            print(f"selfalign: {signal.Signals(signum).name} again: still stopping", file=sys.stderr, flush=True)
+            return
+        stopping = True
+        print(f"\nselfalign: {signal.Signals(signum).name}: stopping the run", file=sys.stderr, flush=True)
+        stop_children()
+        raise Interrupted(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        import psutil
-    except ImportError:  # cannot tell: assume there are
-        return True
-    return any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE
-               for c in psutil.Process().children(recursive=True))
+        yield
+    finally:
+        stop_children()
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def run_worker_process(module: str, job_path: Path, env: dict[str, str], cpus, log) -> tuple[int, list[str]]:
+    """Runs `python -m module job_path` and waits: pinned to `cpus` when given (before the worker's
+    engine starts: vLLM binds within it), its PROGRESS lines passed to `log`. Returns the exit status
+    and the last 40 lines of output."""
+    proc = start_child([sys.executable, "-m", module, str(job_path)], env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    if cpus and hasattr(os, "sched_setaffinity"):
+        try:
+            os.sched_setaffinity(proc.pid, cpus)
+        except OSError:
+            pass  # the worker already ended: its exit status says why
+    tail: list[str] = []
+    try:
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-40:]
+            if line.startswith(PROGRESS):
+                log(line[len(PROGRESS):].rstrip())
+        return proc.wait(), tail
+    finally:
+        if proc.poll() is None:  # interrupted while it runs: the worker goes too
+            proc.kill()
+            proc.wait()
+        forget_child(proc)
+
+
+def thread_map(fn, items: list) -> list:
+    """`fn` over `items` concurrently, one thread each (the work is in subprocesses); results in
+    order, the first exception raised once all have ended."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, len(items))) as ex:
+        futures = [ex.submit(fn, item) for item in items]
+    return [f.result() for f in futures]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out: CUDA_VISIBLE_DEVICES, else every device torch sees."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_resources(n: int, per_worker: int, key: str) -> list[dict[str, Any]]:
+    """What each of `n` concurrent workers may use: on GPUs `per_worker` devices of its own
+    (`devices`, an error naming `key` when there are too few); on CPU a share of this process's
+    cores (`cpus`), so that engines binding their threads do not all pick the same core."""
+    gpus = visible_gpus()
+    if gpus:
+        if n * per_worker > len(gpus):
+            raise ValueError(f"{key}: {n} workers x {per_worker} GPU(s) each need {n * per_worker} GPUs, "
+                             f"{len(gpus)} are visible")
+        return [{"devices": ",".join(gpus[w * per_worker:(w + 1) * per_worker])} for w in range(n)]
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cpus) < n:
+        return [{} for _ in range(n)]
+    return [{"cpus": cpus[w::n]} for w in range(n)]
+
+
+def worker_threads(threads: int, cpus) -> int:
+    """The CPU threads of a worker: `threads` when > 0, else the worker's cores: its share `cpus`
+    when it has one, else every core this process may run on."""
+    if threads > 0:
+        return threads
+    if cpus:
+        return len(cpus)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

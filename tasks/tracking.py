@@ -71,6 +71,7 @@ class MetricLogger(Protocol):
                   description: str = "") -> dict[str, str]: ...
     def set_tag(self, key: str, value: str) -> None: ...
     def log_table(self, columns: dict[str, list], artifact_file: str) -> None: ...
+    def log_inputs(self, datasets: dict[str, tuple[str, str]]) -> None: ...
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -96,6 +97,9 @@ class NullLogger:
     def log_table(self, columns: dict[str, list], artifact_file: str) -> None:
         pass
 
+    def log_inputs(self, datasets: dict[str, tuple[str, str]]) -> None:
+        pass
+
     def close(self, status: str = "FINISHED") -> None:
         pass
 
@@ -106,7 +110,7 @@ class NullLogger:
 class MlflowLogger:
     def __init__(self, uri: str, experiment: str, run_name: str, parent_run_id: str | None = None,
                  tags: dict[str, str] | None = None, run_id: str | None = None,
-                 artifact_location: str | None = None):
+                 artifact_location: str | None = None, system_metrics: bool = False):
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         from mlflow.tracking import MlflowClient
 
@@ -117,6 +121,9 @@ class MlflowLogger:
         # directory happens to be.
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
             experiment, artifact_location=artifact_location)
+        if exp is None or "mlflow.experimentKind" not in exp.tags:
+            # The MLflow UI opens an experiment of this kind on its runs table, not its GenAI pages.
+            self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", "custom_model_development")
         self.experiment = experiment
         all_tags = dict(tags or {})
         if parent_run_id:
@@ -125,6 +132,14 @@ class MlflowLogger:
         if run_id is None:
             run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
         self.run_id = run_id
+        self.monitor = None
+        if system_metrics:
+            # MLflow's sampler of CPU, memory, disk, network (and GPU) use, as `log_system_metrics=True`
+            # gives an active run; here for a run of this client, which has no active run.
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(run_id, tracking_uri=uri)
+            self.monitor.start()
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -176,9 +191,6 @@ class MlflowLogger:
         # The flavour's save_model writes the MLflow Model folder and the client uploads it; this is
         # what mlflow.transformers.log_model does, minus its use of the process-wide tracking URI and
         # active experiment, which this logger never relies on (see the module docstring).
-        from selfalign.tasks.procs import allow_unused_imports
-
-        allow_unused_imports()  # MLflow's model code is not ours to vouch for
         import mlflow.transformers
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
         from mlflow.models import Model
@@ -235,7 +247,18 @@ class MlflowLogger:
     def child(self, name: str) -> "MlflowLogger":
         return MlflowLogger(self.uri, self.experiment, name, parent_run_id=self.run_id)
 
+    def log_inputs(self, datasets: dict[str, tuple[str, str]]) -> None:
+        """The run's datasets as MLflow inputs: name -> (source, digest)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        self.client.log_inputs(self.run_id, [
+            DatasetInput(Dataset(name=name, digest=digest, source_type="local" if Path(src).exists() else "hugging_face",
+                                 source=str(src)), tags=[InputTag("mlflow.data.context", name)])
+            for name, (src, digest) in datasets.items()])
+
     def close(self, status: str = "FINISHED") -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -299,7 +322,8 @@ def log_round_model(tracker: MetricLogger, cfg: Any, r: int, model_dir: Path, po
     t = cfg.tracking
     if t.log_model == "none":
         return {}
-    tags = {"selfalign.run": cfg.run.name, "selfalign.round": str(r), "selfalign.run_dir": str(cfg.run_dir)}
+    tags = {"selfalign.run": cfg.run.name, "selfalign.round": str(r), "selfalign.run_dir": str(cfg.run_dir),
+            "selfalign.model_dir": str(Path(model_dir).resolve()), "selfalign.reference": str(policy)}
     parent = getattr(tracker, "parent_run_id", "") or ""
     if parent:
         tags["selfalign.parent_run_id"] = parent

@@ -10,6 +10,7 @@ own, which torch binds to every interface). Across nodes the store must be reach
 on all interfaces of rank 0's node, at `train.master_addr`:`train.master_port`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfalign.tasks import artifacts, refcache
+from selfalign.tasks import artifacts, procs, refcache
 
 
 def _free_port() -> int:
@@ -116,26 +117,31 @@ def local_launch(nproc: int, master_port: int, worker_args: list[str]) -> int:
     """The `local` launcher: `nproc` worker processes on this node, ranks 0..nproc-1, rendezvous at
     127.0.0.1:`master_port` (rank 0 hosts the store on a loopback socket). When one fails the others
     are stopped; the exit status is the first failure's (0 when all succeed). The workers die with
-    this process (`train_worker._die_with_parent`)."""
+    this process (`train_worker.die_with_parent_or_exit`)."""
     import signal
 
-    procs = []
+    ranks = []
     for rank in range(nproc):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
                    LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
-        procs.append(subprocess.Popen([sys.executable, "-u", "-m", "selfalign.tasks.train_worker", *worker_args],
+        ranks.append(subprocess.Popen([sys.executable, "-u", "-m", "selfalign.tasks.train_worker", *worker_args],
                                       env=env))
     rc = 0
-    while any(p.poll() is None for p in procs):
-        failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
+    while any(p.poll() is None for p in ranks):
+        failed = [p.returncode for p in ranks if p.returncode not in (None, 0)]
         if failed and rc == 0:
             rc = failed[0]
-            for p in procs:
+            for p in ranks:
                 if p.poll() is None:
                     p.send_signal(signal.SIGTERM)
         time.sleep(0.1)
-    failed = [p.returncode for p in procs if p.returncode != 0]
+    failed = [p.returncode for p in ranks if p.returncode != 0]
     return rc or (failed[0] if failed else 0)
+
+
+# How often training saves checkpoints, whether they are kept, and where reference log-probs are
+# cached do not change the model; nor does how its processes are started and where they meet.
+SAVING_KEYS = ("checkpoint_every", "keep_checkpoints", "ref_cache", "launcher", "master_addr", "master_port")
 
 
 class NonFiniteTraining(RuntimeError):
@@ -184,7 +190,10 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     metrics_path = work / "metrics.jsonl"
     t = cfg.train
     zero_stage = t.zero_stage_for(None if t.hostfile else t.nproc)
-    spec = {
+    # Every train key by name (a loss's hyper-parameters reach it so: train_worker.pair_loss), then
+    # what the worker needs in another form.
+    spec = {k: v for k, v in dataclasses.asdict(t).items()
+            if k not in SAVING_KEYS and not (k.startswith("lora_") and not t.lora_enabled)} | {
         "model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
         "seed": seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
         "loss": t.loss, "beta": t.beta, "rpo_alpha": t.rpo_alpha, "label_smoothing": t.label_smoothing, "lr": t.lr,
@@ -230,21 +239,31 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
                                     name="selfalign-train-steps")
         follower.start()
     with open(work / "worker.log", "w") as logf:
-        proc = subprocess.Popen(cmd, env=worker_env(single_node=not t.hostfile), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
+        proc = procs.start_child(cmd, env=worker_env(single_node=not t.hostfile), stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
         tail: list[str] = []
         fault = []  # every rank names the fault; the launcher's report after them can outgrow the tail
-        for line in proc.stdout:
-            logf.write(line)
-            tail = (tail + [line.rstrip()])[-40:]
-            if "train: non-finite" in line:
-                fault.append(line[line.index("train: non-finite") + 7:].rstrip())
-            if line.startswith("train:"):
-                log(line.rstrip())
-        rc = proc.wait()
-    if follower is not None:
-        stop.set()
-        follower.join()
+        try:
+            for line in proc.stdout:
+                logf.write(line)
+                tail = (tail + [line.rstrip()])[-40:]
+                if "train: non-finite" in line:
+                    fault.append(line[line.index("train: non-finite") + 7:].rstrip())
+                if line.startswith("train:"):
+                    log(line.rstrip())
+            rc = proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: the launcher stops its ranks, which die with it anyway
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            procs.forget_child(proc)
+            if follower is not None:
+                stop.set()
+                follower.join()
     if rc != 0:
         if fault:
             raise NonFiniteTraining(f"{fault[-1]} (log: {work / 'worker.log'})")

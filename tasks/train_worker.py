@@ -6,7 +6,7 @@
 
 S_policy comes from the model's final hidden states through the fused LM-head kernel
 (`kernels/logps.py::linear_token_logps`): full (tokens x vocab) logits never exist in training
-(models that post-process their logits, see `score.fused_head_ok`, keep the logits path).
+(models that post-process their logits, see `lm_logps.fused_head_ok`, keep the logits path).
 Reference log-probs of generated pairs were computed by the score stage; only replay pairs need
 them, and they are computed here before the first update, when the policy still equals the reference
 (MRPO's additional references likewise, each with its own model and tokenizer). HPO's auxiliary
@@ -24,37 +24,43 @@ model is saved with the adapter merged (the adapter alone beside it).
 Usage: python -m selfalign.tasks.train_worker <spec.json>   (under torchrun / deepspeed)"""
 from __future__ import annotations
 
+import inspect
 import json
 from contextlib import nullcontext
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
-
-if __name__ == "__main__":  # a training rank: before the heavy imports (tasks/procs.py)
-    from selfalign.tasks.procs import pause_gc, skip_unused_imports
-
-    pause_gc()
-    skip_unused_imports()
 
 import torch
 import torch.distributed as dist
 
 from selfalign.kernels.logps import sequence_logps
 from selfalign.kernels.losses import (PAIR_LOSSES, AlphaDPOState, alpha_dpo_loss, expectile_loss, hpo_loss,
-                                      mrpo_loss, simpo_loss)
+                                      mrpo_loss)
 from selfalign.kernels.packing import pack, to_device
-from selfalign.tasks import artifacts, refcache
-from selfalign.tasks.data import encode_prompt, encode_response, load_hook, load_tokenizer
-from selfalign.tasks.score import (collate, fused_head_ok, load_model, logps_of, packed_logps, packing_path,
-                                   reference_logps, response_token_logps)
+from selfalign.tasks import artifacts
+from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
+from selfalign.tasks.lm_logps import (collate, fused_head_ok, load_model, packed_logps, packing_path,
+                                      response_token_logps)
+from selfalign.tasks.lora import lora_reference, save_lora, wrap_lora
+from selfalign.tasks.train_ckpt import client_state, resume, save_checkpoint, truncate_metrics
+from selfalign.tasks.train_guard import FAULT_NAN_STEP, GradGuard, NonFiniteLoss
+from selfalign.tasks.train_refs import fill_aux_rewards, fill_mrpo_reference_logps, fill_reference_logps, open_cache
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+def pair_loss(fn, hyper: dict, pc, pr, rc, rr, nc, nr):
+    """A loss of PAIR_LOSSES called by its contract: the tensors its signature names among
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
+    rejected_lengths (in its order), and each keyword-only hyper-parameter that the train config has
+    under the same name (`train.beta`, `train.label_smoothing`, ...); the others keep their defaults."""
+    tensors = {"policy_chosen_logps": pc, "policy_rejected_logps": pr, "ref_chosen_logps": rc,
+               "ref_rejected_logps": rr, "chosen_lengths": nc, "rejected_lengths": nr}
+    params = inspect.signature(fn).parameters.values()
+    args = [tensors[p.name] for p in params if p.name in tensors]
+    kwargs = {p.name: hyper[p.name] for p in params if p.kind is p.KEYWORD_ONLY and p.name in hyper}
+    return fn(*args, **kwargs)
 
 
 class Objective:
@@ -88,15 +94,7 @@ class Objective:
                 alpha=s["alpha"], label_smoothing=s["label_smoothing"], mode=s["alpha_mode"],
                 gather=self._gather if self.world > 1 else None)
             return losses, cr, rj
-        if name == "simpo":
-            return simpo_loss(pc, pr, nc, nr, beta=s["beta"], gamma_beta_ratio=s["gamma_beta_ratio"],
-                              label_smoothing=s["label_smoothing"])
-        fn = PAIR_LOSSES[name]
-        if name in ("ipo", "sigmoid_norm"):
-            return fn(pc, pr, rc, rr, nc, nr, beta=s["beta"])
-        if name in ("dpo", "cdpo", "robust", "aot") or (name == "exo_pair" and s["label_smoothing"] > 0):
-            return fn(pc, pr, rc, rr, beta=s["beta"], label_smoothing=s["label_smoothing"])
-        return fn(pc, pr, rc, rr, beta=s["beta"])
+        return pair_loss(PAIR_LOSSES[name], s, pc, pr, rc, rr, nc, nr)
 
     def value_loss(self, values, aux_c, aux_r) -> torch.Tensor:
         """HPO's value head: expectile regression of V(x) on the auxiliary rewards of both responses."""
@@ -167,200 +165,12 @@ def _ds_config(spec: dict, world: int) -> dict:
     }
 
 
-def wrap_lora(model, lora: dict):
-    """Injects LoRA adapters (peft) into `model` in place and freezes every other parameter; returns
-    the PeftModel. Adapters start at zero (B = 0), so the adapted model equals the base model until
-    the first update. Adapters on the input or output embeddings are refused: the fused LM head
-    reads the output layer's weight directly, and a merged adapter there would untie tied weights."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["target_modules"], bias="none")
-    embeddings = {id(model.get_input_embeddings()): "input", id(model.get_output_embeddings()): "output"}
-    names = {id(m): n for n, m in model.named_modules()}
-    try:
-        # adapters in the model's own dtype: DeepSpeed keeps one dtype per parameter group
-        peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
-    except ValueError as e:
-        raise ValueError(f"train.lora_target_modules: {lora['target_modules']!r} does not fit this model: {e}") from None
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for module in model.modules():
-        if isinstance(module, BaseTunerLayer) and id(module.get_base_layer()) in embeddings:
-            which = embeddings[id(module.get_base_layer())]
-            raise ValueError(f"train.lora_target_modules: {lora['target_modules']!r} puts an adapter on the {which} "
-                             f"embeddings ({names[id(module.get_base_layer())]}); name other modules")
-    return peft_model
-
-
-def check_lora_targets(model_path: str, lora: dict, trust_remote_code: bool = False) -> None:
-    """`wrap_lora`'s checks at config load time, on the model built on the meta device (no weights
-    read): a ValueError naming train.lora_target_modules if the adapters would not fit. A model
-    that cannot be built here is left to the training worker, which checks the same."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:  # noqa: BLE001 - not this check's to report: loading the model fails on its own
-        return
-    wrap_lora(model, lora)
-
-
-def lora_reference(peft_model):
-    """Context in which the policy model computes the reference: the start-of-round weights, i.e.
-    the adapter disabled (a no-op context without LoRA)."""
-    return peft_model.disable_adapter() if peft_model is not None else nullcontext()
-
-
-def _shared(todo: list[int], compute, rank: int, world: int) -> dict[int, Any]:
-    """Ranks split `todo` (row indices), each runs `compute(its indices) -> values`, and all ranks
-    get every result."""
-    mine = todo[rank::world]
-    local = dict(zip(mine, compute(mine))) if mine else {}
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, local)
-        for part in gathered:
-            local.update(part)
-    return local
-
-
-def _open_cache(spec: dict, model: str, rank: int, world: int, device: str, tokenizer: str = ""):
-    """The reference log-prob cache of `model` (tasks/refcache.py; with a separate `tokenizer`, of
-    the two together), or None (off, or a hub id). Rank 0 fingerprints; every rank reads the cache
-    before any rank writes to it."""
-    if not spec.get("ref_cache"):
-        return None
-    root = Path(spec["ref_cache"])
-    fp = [None]
-    if rank == 0:
-        parts = [refcache.model_fingerprint(m, root) for m in ([model, tokenizer] if tokenizer else [model])]
-        fp = ["-".join(parts) if all(parts) else None]
-    if world > 1:
-        dist.broadcast_object_list(fp, src=0)
-    if fp[0] is None:
-        return None
-    return refcache.LogpCache(root, fp[0], spec["dtype"], torch.device(device).type)
-
-
-def _cached(caches: list, rows: list[dict], missing: list[int]) -> tuple[list[int], dict[int, Any]]:
-    """Splits `missing` into rows still to compute and rows that every cache (one per reference
-    model) holds: {row: ([chosen value per cache], [rejected value per cache])}."""
-    todo, found = [], {}
-    for i in missing:
-        vals = [[c.get(k) if c is not None else None for c in caches] for k in _pair_keys(rows[i])]
-        if caches and all(v is not None for side in vals for v in side):
-            found[i] = vals
-        else:
-            todo.append(i)
-    return todo, found
-
-
-def _store(caches: list, rows: list[dict], computed: dict[int, Any]) -> None:
-    """Rank 0 adds computed values ({row: ([chosen per cache], [rejected per cache])}) to the caches."""
-    for j, cache in enumerate(caches):
-        if cache is not None:
-            cache.put({k: side[j] for i, vals in computed.items() for k, side in zip(_pair_keys(rows[i]), vals)})
-
-
-def _pair_keys(r: dict) -> tuple[str, str]:
-    return (refcache.entry_key(r["prompt"], r["chosen"], r["prompt_ids"], r["chosen_ids"]),
-            refcache.entry_key(r["prompt"], r["rejected"], r["prompt_ids"], r["rejected_ids"]))
-
-
-def _fill_reference_logps(model, rows: list[dict], pad_id: int, rank: int, world: int, batch_tokens: int,
-                          packing: bool = False, cache=None) -> None:
-    """Reference log-probs for rows that lack them (replay pairs), computed with the untouched
-    start-of-round weights; ranks split the work and exchange the results. With a `cache`
-    (refcache.LogpCache of this model), values found there are not recomputed and new ones are
-    added to it by rank 0."""
-    def compute(idx):
-        seqs = [s for i in idx for s in ((rows[i]["prompt_ids"], rows[i]["chosen_ids"]),
-                                          (rows[i]["prompt_ids"], rows[i]["rejected_ids"]))]
-        model.eval()
-        vals = logps_of(model, seqs, pad_id, batch_tokens, packing=packing)
-        model.train()
-        return [(vals[2 * j], vals[2 * j + 1]) for j in range(len(idx))]
-
-    missing = [i for i, r in enumerate(rows) if not math.isfinite(r["ref_chosen_logp"])]
-    caches = [cache] if cache is not None else []
-    todo, found = _cached(caches, rows, missing)
-    computed = _shared(todo, compute, rank, world)
-    for i, (c, r) in computed.items():
-        rows[i]["ref_chosen_logp"], rows[i]["ref_rejected_logp"] = c, r
-    for i, ([c], [r]) in found.items():
-        rows[i]["ref_chosen_logp"], rows[i]["ref_rejected_logp"] = c, r
-    if rank == 0:
-        _store(caches, rows, {i: ([c], [r]) for i, (c, r) in computed.items()})
-    if missing and rank == 0:
-        print(f"train: reference log-probs of {len(missing)} replay pairs: {len(found)} from the cache, "
-              f"{len(todo)} computed", flush=True)
-
-
-def _fill_mrpo_reference_logps(rows: list[dict], spec: dict, tok, rank: int, world: int, device: str) -> None:
-    """MRPO's additional references for rows that lack them (replay pairs; generated pairs carry the
-    score stage's): `mrpo_ref_chosen_logps` / `mrpo_ref_rejected_logps`, one value per reference.
-    Each reference scores with its own tokenizer and chat template when it differs from the policy's."""
-    refs = spec["mrpo_references"]
-
-    def complete(r: dict) -> bool:
-        vals = (r.get("mrpo_ref_chosen_logps") or []) + (r.get("mrpo_ref_rejected_logps") or [])
-        return len(vals) == 2 * len(refs) and all(math.isfinite(v) for v in vals)
-
-    def compute(idx):
-        items = [it for i in idx for it in ((rows[i]["prompt"], rows[i]["chosen"], rows[i]["prompt_ids"], rows[i]["chosen_ids"]),
-                                            (rows[i]["prompt"], rows[i]["rejected"], rows[i]["prompt_ids"], rows[i]["rejected_ids"]))]
-        per_ref = [reference_logps(path, tok_path, tok, items, dtype=spec["dtype"],
-                                   trust_remote_code=spec["trust_remote_code"],
-                                   batch_tokens=spec["batch_tokens"], device=device,
-                                   packing=spec.get("packing", False))
-                   for path, tok_path in refs]
-        return [([v[2 * j] for v in per_ref], [v[2 * j + 1] for v in per_ref]) for j in range(len(idx))]
-
-    caches = [_open_cache(spec, path, rank, world, device, tok_path) for path, tok_path in refs]
-    missing = [i for i, r in enumerate(rows) if not complete(r)]
-    todo, found = _cached(caches, rows, missing)
-    computed = _shared(todo, compute, rank, world)
-    for i, (c, r) in (found | computed).items():
-        rows[i]["mrpo_ref_chosen_logps"], rows[i]["mrpo_ref_rejected_logps"] = c, r
-    if rank == 0:
-        _store(caches, rows, computed)
-
-
-def _fill_aux_rewards(rows: list[dict], spec: dict, rank: int, world: int) -> None:
-    """HPO: r_aux = sum_k c_k R_k(prompt, response) of every pair's chosen and rejected response,
-    from the user hooks named in train.hpo_rewards (`aux_chosen`, `aux_rejected`)."""
-    hooks = [(load_hook(h, "train.hpo_rewards"), w) for h, w in spec["hpo_rewards"]]
-
-    def r_aux(prompt: str, response: str) -> float:
-        return sum(w * float(fn(prompt, response)) for fn, w in hooks)
-
-    def compute(idx):
-        return [(r_aux(rows[i]["prompt"], rows[i]["chosen"]), r_aux(rows[i]["prompt"], rows[i]["rejected"])) for i in idx]
-
-    for i, (c, r) in _shared(list(range(len(rows))), compute, rank, world).items():
-        if not (math.isfinite(c) and math.isfinite(r)):
-            raise ValueError(f"train.hpo_rewards: non-finite auxiliary reward ({c}, {r}) for pair {rows[i]['prompt_id']!r}")
-        rows[i]["aux_chosen"], rows[i]["aux_rejected"] = c, r
-
-
 def _index_stream(n: int, total: int, seed: int) -> list[int]:
     g = torch.Generator().manual_seed(seed)
     out: list[int] = []
     while len(out) < total:
         out.extend(torch.randperm(n, generator=g).tolist())
     return out[:total]
-
-
-# Test-only fault injection: the loss of this optimiser step becomes NaN (tests/test_resume.py).
-FAULT_NAN_STEP = "SELFALIGN_FAULT_NAN_STEP"
-# Test-only fault injection: at this optimiser step one element of one parameter's gradient becomes
-# inf on the last rank, the loss untouched (as an overflow in backward would); the parameter is the
-# first trainable one of the policy unless FAULT_INF_GRAD_PARAM names another (e.g. value_head.weight).
-FAULT_INF_GRAD_STEP = "SELFALIGN_FAULT_INF_GRAD_STEP"
-FAULT_INF_GRAD_PARAM = "SELFALIGN_FAULT_INF_GRAD_PARAM"
 
 
 class RowColumns:
@@ -383,138 +193,7 @@ class RowColumns:
         return self.cols[key].index_select(0, idx)
 
 
-class GradGuard:
-    """Stops training on a NaN or inf loss or gradient before any optimizer applies it, whatever the
-    ZeRO stage. A hook on every trainable parameter (policy and HPO value head) sees that parameter's
-    gradient as backward produces it on this rank, before DeepSpeed reduces, partitions or clips it
-    (after which a non-finite value would spread, or under ZeRO-0 turn into NaN through the clipping
-    coefficient), and writes its norm into the slot of (micro-batch, parameter): one kernel, nothing
-    leaves the device there. The micro-batches' losses stay on the device too. `check`, called by every
-    rank after the step's last backward and before `engine.step()`, gathers the losses and norms of all
-    ranks and reads them in one copy (the step's only wait for the device), so every rank takes the
-    same decision and raises the same message. A gradient that is finite on every rank can still
-    overflow in the reduction; DeepSpeed's global norm, checked after the step, catches that case
-    (ZeRO-1/2 skip the update)."""
-
-    def __init__(self, named: list[tuple[str, torch.nn.Parameter]], device, rank: int, world: int, n_micro: int = 1):
-        self.names, self.rank, self.world = [n for n, _ in named], rank, world
-        self.norms = torch.zeros(n_micro, len(named), dtype=torch.float32, device=device)
-        self.slot = 0  # the micro-batch whose backward runs
-        self.fault_step, self.target, self.step = int(os.environ.get(FAULT_INF_GRAD_STEP, 0)), -1, 0
-        if self.fault_step:
-            target = os.environ.get(FAULT_INF_GRAD_PARAM) or self.names[0]
-            if target not in self.names:
-                raise ValueError(f"{FAULT_INF_GRAD_PARAM}: {target!r} is not a trainable parameter")
-            self.target = self.names.index(target)
-        for i, (_, p) in enumerate(named):
-            p.register_hook(lambda g, i=i: self._hook(i, g))
-
-    def _hook(self, i: int, g: torch.Tensor):
-        if i == self.target and self.step + 1 == self.fault_step and self.rank == self.world - 1:
-            g = g.clone()
-            g.view(-1)[0] = math.inf
-        torch.linalg.vector_norm(g, dtype=torch.float32, out=self.norms[self.slot, i])
-        return g
-
-    def begin(self, step: int) -> None:
-        self.step, self.slot = step, 0
-        self.norms.zero_()
-
-    def micro(self, m: int) -> None:
-        """The next backward is the step's micro-batch `m` (0-based) on this rank."""
-        self.slot = m
-
-    def check(self, steps: int, kept: str, losses: torch.Tensor) -> None:
-        """`losses`: this rank's micro-batch losses of the step (on the device)."""
-        n_loss = len(losses)
-        # a parameter's norms summed over the micro-batches: NaN or inf if any micro-batch's was
-        mine = torch.cat([losses.detach().float().reshape(-1), self.norms.sum(0)])
-        parts = [mine]
-        if self.world > 1:
-            parts = [torch.empty_like(mine) for _ in range(self.world)]
-            dist.all_gather(parts, mine)
-        got = torch.stack(parts).cpu()  # (rank, losses | parameters)
-        loss_vals, norms = got[:, :n_loss], got[:, n_loss:]
-        bad = (~torch.isfinite(loss_vals)).nonzero().tolist()
-        if bad:
-            r, m = bad[0]
-            on = f" on rank {r}" if self.world > 1 else ""
-            raise NonFiniteLoss(f"train: non-finite loss {loss_vals[r, m].item()}{on} at step {self.step + 1}/{steps} "
-                                f"(micro-batch {m + 1} of {n_loss}); the round's model is not written; {kept}")
-        bad = (~torch.isfinite(norms)).nonzero().tolist()
-        if bad:
-            r, i = bad[0]
-            more = f" (and {len(bad) - 1} more parameter gradient(s))" if len(bad) > 1 else ""
-            raise NonFiniteLoss(f"train: non-finite gradient (norm {norms[r, i].item()}) of {self.names[i]} on rank "
-                                f"{r} at step {self.step + 1}/{steps}{more}, loss finite; the optimizer step was not "
-                                f"taken and the round's model is not written; {kept}")
-
-
-def _latest_checkpoint(ckpt_dir: str) -> dict | None:
-    """{"tag", "step"} of the latest complete checkpoint in `ckpt_dir`, if any. The pointer file is
-    written (atomically) only after every rank has saved, so a kill mid-save leaves the previous one."""
-    pointer = Path(ckpt_dir) / "latest.json"
-    return artifacts.read_json(pointer) if ckpt_dir and pointer.exists() else None
-
-
-def _client_state(step: int, objective: "Objective", vhead, vopt) -> dict:
-    """What a resumed run needs beyond the engine's own state (weights, optimiser, scheduler): the
-    step reached, which fixes the position in the data stream, the RNG state, the alpha-DPO running
-    statistics and the HPO value head with its optimiser."""
-    state = {"step": step, "torch_rng": torch.get_rng_state(), "alpha_dpo": objective.state}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state()
-    if vhead is not None:
-        state["value_head"], state["value_opt"] = vhead.state_dict(), vopt.state_dict()
-    return state
-
-
-def _save_checkpoint(engine, spec: dict, step: int, client_state: dict, rank: int) -> None:
-    """A DeepSpeed checkpoint of `step` (all ranks), then the pointer to it; older ones are deleted."""
-    ckpt_dir = Path(spec["checkpoints"])
-    tag = f"step-{step:06d}"
-    # LoRA: the frozen base weights are the start-of-round model's, loaded again on resume
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=bool(spec.get("lora")))
-    dist.barrier()
-    if rank == 0:
-        artifacts.write_json(ckpt_dir / "latest.json", {"tag": tag, "step": step})
-        for old in ckpt_dir.glob("step-*"):
-            if old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
-        print(f"train: checkpoint at step {step} -> {ckpt_dir / tag}", flush=True)
-
-
-def _resume(engine, spec: dict, objective: "Objective", vhead, vopt) -> int:
-    """Loads the latest checkpoint, if there is one: returns the number of steps already done."""
-    latest = _latest_checkpoint(spec.get("checkpoints", ""))
-    if latest is None:
-        return 0
-    load_path, state = engine.load_checkpoint(spec["checkpoints"], tag=latest["tag"],
-                                              load_module_strict=not spec.get("lora"))
-    if load_path is None:
-        raise RuntimeError(f"train: could not load the checkpoint {spec['checkpoints']}/{latest['tag']}")
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state:
-        torch.cuda.set_rng_state(state["cuda_rng"])
-    objective.state = state["alpha_dpo"]
-    if vhead is not None:
-        vhead.load_state_dict(state["value_head"])
-        vopt.load_state_dict(state["value_opt"])
-    print(f"train: resuming from the checkpoint of step {state['step']} ({load_path})", flush=True)
-    return state["step"]
-
-
-def _truncate_metrics(path: Path, steps_done: int) -> None:
-    """Keeps the metric lines of the steps a resumed run does not redo."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= steps_done]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
-def _die_with_parent() -> None:
+def die_with_parent_or_exit() -> None:
     """torchrun starts each worker in a session of its own, so killing the run's process group
     (or the launcher alone) would leave the worker training beside a rerun: Linux sends it SIGKILL
     when its parent goes."""
@@ -560,52 +239,10 @@ def init_process_group(backend: str) -> None:
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
-def compile_on_first_call() -> None:
-    """Makes DeepSpeed's `runtime.compiler.compile()` decorator compile a function on its first call
-    instead of when it decorates it. Every ZeRO engine imports DeepSpeed's Muon module (its optimizer
-    check and its gradient reduction do), whose kernels are decorated with torch.compile at import:
-    that import loads torch's inductor, ~1-3 s per rank of every training stage, for an optimizer
-    this worker never uses (torch AdamW). Deferred, nothing is compiled or imported unless such a
-    function runs, and then it runs compiled as before. Idempotent."""
-    import functools
-
-    from deepspeed.runtime import compiler
-
-    if getattr(compiler.compile, "deferred", False):
-        return
-    eager = compiler.compile
-
-    def compile():
-        make = eager()
-
-        def decorate(fn):
-            compiled = None
-
-            @functools.wraps(fn)
-            def run(*args, **kwargs):
-                nonlocal compiled
-                if compiled is None:
-                    compiled = make(fn)
-                return compiled(*args, **kwargs)
-
-            return run
-
-        return decorate
-
-    compile.deferred = True
-    compiler.compile = compile
-
-
 def main(spec_path: str) -> None:
     import deepspeed
 
-    from selfalign.tasks.data import import_loaders
-    from selfalign.tasks.procs import freeze_imports
-
-    import_loaders(models=True)
-    freeze_imports()  # the collector was off for the imports (`__main__`); from here it skips them
-    compile_on_first_call()
-    _die_with_parent()
+    die_with_parent_or_exit()
     spec = json.loads(Path(spec_path).read_text())
     on_gpu = torch.cuda.is_available()
     init_process_group("nccl" if on_gpu else "gloo")
@@ -639,13 +276,13 @@ def main(spec_path: str) -> None:
         print(f"train: LoRA r={spec['lora']['r']} alpha={spec['lora']['alpha']} on {spec['lora']['target_modules']}: "
               f"{n_train} trainable parameters of {n_all} ({100 * n_train / n_all:.2f}%)", flush=True)
     with lora_reference(lora):  # the adapter disabled: the start-of-round model, whose cache this is
-        _fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"], spec["packing"],
-                              cache=_open_cache(spec, spec["model"], rank, world, device_name))
+        fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"], spec["packing"],
+                              cache=open_cache(spec, spec["model"], rank, world, device_name))
     loss_name = spec["loss"]
     if loss_name == "mrpo":
-        _fill_mrpo_reference_logps(rows, spec, tok, rank, world, device_name)
+        fill_mrpo_reference_logps(rows, spec, tok, rank, world, device_name)
     if loss_name == "hpo":
-        _fill_aux_rewards(rows, spec, rank, world)
+        fill_aux_rewards(rows, spec, rank, world)
 
     fused = fused_head_ok(model)
     hidden_size = model.get_output_embeddings().weight.shape[1]
@@ -668,10 +305,10 @@ def main(spec_path: str) -> None:
     steps = spec["max_steps"] or max(1, math.ceil(spec["epochs"] * len(rows) / B))
     stream = _index_stream(len(rows), steps * B, spec["seed"])
     objective = Objective(spec, world)
-    start = _resume(engine, spec, objective, vhead, vopt)
+    start = resume(engine, spec, objective, vhead, vopt)
     saved = start  # the last good checkpoint's step (0: none)
     if rank == 0:
-        _truncate_metrics(Path(spec["metrics"]), start)
+        truncate_metrics(Path(spec["metrics"]), start)
     metrics_f = open(spec["metrics"], "a") if rank == 0 else None
     fault_step = int(os.environ.get(FAULT_NAN_STEP, 0))
     every = spec.get("checkpoint_every", 0)
@@ -781,7 +418,7 @@ def main(spec_path: str) -> None:
                 print(f"train: step {step + 1}/{steps} loss {rec['loss']:.4f} "
                       f"margin {rec['rewards/margins']:+.4f} acc {rec['rewards/accuracies']:.2f}", flush=True)
         if every and (step + 1) % every == 0 and step + 1 < steps:
-            _save_checkpoint(engine, spec, step + 1, _client_state(step + 1, objective, vhead, vopt), rank)
+            save_checkpoint(engine, spec, step + 1, client_state(step + 1, objective, vhead, vopt), rank)
             saved = step + 1
 
     _save(engine, spec, tok, rank, lora)
@@ -798,7 +435,8 @@ def _save(engine, spec: dict, tok, rank: int, lora=None) -> None:
     out = Path(spec["output"])
     lm = engine.module.lm  # the Hugging Face model inside Policy
     # ZeRO-3 shards the weights: gather them for the save (a no-op context for stages 0-2).
-    ctx = deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None) if spec["zero_stage"] == 3 else nullcontext()
+    ctx = (deepspeed.zero.GatheredParameters(list(lm.parameters()), modifier_rank=None) if spec["zero_stage"] == 3
+           else nullcontext())
     with ctx:
         if rank == 0:
             if lora is not None:
@@ -806,16 +444,6 @@ def _save(engine, spec: dict, tok, rank: int, lora=None) -> None:
             else:
                 lm.save_pretrained(out, safe_serialization=True)
                 tok.save_pretrained(out)
-
-
-def save_lora(peft_model, out: Path, tok, adapter_out: str | Path) -> None:
-    """The adapter alone (peft format, small) in `adapter_out`, then the model with the adapter
-    merged into its weights in `out`, a plain checkpoint like full training's: generation, scoring
-    and the next round load it without peft. `peft_model` is left merged and unwrapped."""
-    peft_model.save_pretrained(str(adapter_out), safe_serialization=True)
-    merged = peft_model.merge_and_unload()
-    merged.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
 
 
 def _save_value_head(vhead, path: Path) -> None:
@@ -838,6 +466,3 @@ if __name__ == "__main__":
     except NonFiniteLoss as e:
         print(str(e), file=sys.stderr, flush=True)
         sys.exit(3)
-    from selfalign.tasks.procs import exit_now
-
-    exit_now(0)  # the model is saved and the process group destroyed: skip the interpreter's teardown

@@ -74,3 +74,68 @@ def test_same_weights(tmp_path):
         (d / "model.safetensors").write_bytes(data)
     assert artifacts.same_weights(str(a), str(a)) and artifacts.same_weights(str(a), str(b))
     assert not artifacts.same_weights(str(a), str(c)) and not artifacts.same_weights("org/model", "org/model")
+
+
+def test_a_rerun_names_the_config_keys_that_changed(tmp_path):
+    out = tmp_path / "pairs.parquet"
+    artifacts.write_table(out, [{"a": 1}])
+    artifacts.mark_done(out, {"config": "x", "seed": 1}, {"pairs.gamma": 0.5, "pairs.budget": 0})
+    assert artifacts.why_not_done(out, {"config": "x", "seed": 1}, {"pairs.gamma": 0.5, "pairs.budget": 0}) == ""
+    why = artifacts.why_not_done(out, {"config": "y", "seed": 1}, {"pairs.gamma": 0.25, "pairs.budget": 0})
+    assert why == "its inputs or config changed (pairs.gamma 0.5 -> 0.25)"
+    why = artifacts.why_not_done(out, {"config": "y", "seed": 2}, {"pairs.gamma": 0.5, "pairs.budget": 64})
+    assert why == "its inputs or config changed (seed, pairs.budget 0 -> 64)"
+
+
+def test_a_round_model_trained_again_keeps_the_earlier_one(tmp_path, monkeypatch):
+    from selfalign.flows import pipeline
+
+    said = []
+    monkeypatch.setattr(pipeline, "_log", lambda: said.append)
+    model = tmp_path / "round_1" / "model"
+
+    def train(weights: bytes):
+        def work():
+            model.mkdir(parents=True, exist_ok=True)
+            (model / "model.safetensors").write_bytes(weights)
+            return {"steps": []}
+        return work
+
+    stats = tmp_path / "round_1" / "train.steps.json"
+    pipeline._stage(model, {"config": "a"}, train(b"first"), stats, {"train.lr": 1e-6}, keep_old=True)
+    pipeline._stage(model, {"config": "a"}, train(b"never"), stats, {"train.lr": 1e-6}, keep_old=True)
+    assert said[-1] == "model: up to date, skipped"
+    pipeline._stage(model, {"config": "b"}, train(b"second"), stats, {"train.lr": 2e-6}, keep_old=True)
+    assert "model: running again, its inputs or config changed (train.lr 1e-06 -> 2e-06)" in said
+    [kept] = [p for p in model.parent.iterdir() if p.name.startswith("model.before-")]
+    assert (kept / "model.safetensors").read_bytes() == b"first"
+    assert (model / "model.safetensors").read_bytes() == b"second"
+    pipeline._stage(model, {"config": "c"}, train(b"third"), stats, {"train.lr": 3e-6}, keep_old=False)
+    assert len([p for p in model.parent.iterdir() if p.name.startswith("model.before-")]) == 1
+    assert (model / "model.safetensors").read_bytes() == b"third"
+
+
+def test_an_evaluation_key_reruns_only_the_evaluation(tmp_path, tiny_model):
+    """Stage keys come from the keys each stage reads and its inputs: evaluate.samples,
+    evaluate.max_tokens and data.max_eval_prompts leave the score and pair stages' keys alone."""
+    from selfalign.flows import pipeline
+    from selfalign.flows.config import load_config
+
+    base = {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
+            "data.eval_prompts": "e", "data.offline_pairs": "o"}
+    samples = tmp_path / "samples.parquet"
+    offline = [{"id": "o1", "prompt": "1 + 1?", "chosen": "It is 2.", "rejected": "2"}]
+
+    def keys(**over):
+        cfg = load_config(None, base | over)
+        return (pipeline.score_key(cfg, samples, tiny_model, tiny_model, offline),
+                pipeline.pairs_key(cfg, 1, samples, offline))
+
+    same = keys()
+    for over in ({"evaluate.samples": 9}, {"evaluate.max_tokens": 7}, {"data.max_eval_prompts": 3},
+                 {"score.shards": 2}, {"evaluate.judge_url": "http://127.0.0.1:9/v1", "evaluate.judge_model": "m"}):
+        assert keys(**over) == same, over
+    assert keys(**{"pairs.gamma": 0.25})[1] != same[1] and keys(**{"pairs.gamma": 0.25})[0] == same[0]
+    assert keys(**{"score.batch_tokens": 999})[0] != same[0]
+    cfg = load_config(None, base)
+    assert pipeline.pairs_key(cfg, 1, samples, offline + offline) != same[1]  # the offline rows are an input

@@ -117,6 +117,36 @@ def test_bad_values_name_key_and_value(override, needle):
     assert needle in str(e.value)
 
 
+def model_folder(path: Path, *files: str) -> Path:
+    """A folder that passes for a model at load time: config.json and the named weight files."""
+    path.mkdir()
+    (path / "config.json").write_text("{}")
+    for f in files or ("model.safetensors",):
+        (path / f).write_bytes(b"")
+    return path
+
+
+def test_a_model_folder_is_checked_before_anything_starts(tmp_path, monkeypatch):
+    """config.json and safetensors weights, or an error naming the key; a local path with a typo is
+    not taken for a hub id when its first folder exists here."""
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"model.reference: '.*half' has no weights \(\*.safetensors\)"):
+        load_config(DEMO, [f"--model.reference={tmp_path / 'half'}"])
+    model_folder(tmp_path / "pickled", "pytorch_model.bin")
+    with pytest.raises(ConfigError, match=r"model.policy: '.*pickled' holds only pickled weights \(pytorch_model.bin\)"):
+        load_config(DEMO, [f"--model.policy={tmp_path / 'pickled'}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="model.policy: '.*empty' has no config.json"):
+        load_config(DEMO, [f"--model.policy={tmp_path / 'empty'}"])
+    sharded = model_folder(tmp_path / "sharded", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    assert load_config(DEMO, [f"--model.policy={sharded}"]).model.policy == str(sharded)
+    monkeypatch.chdir(tmp_path)  # `pickled/` is a folder here: `pickled/typo` is a local path, not org/name
+    with pytest.raises(ConfigError, match="model.reference: 'pickled/typo' does not exist"):
+        load_config(DEMO, ["--model.reference=pickled/typo"])
+    assert load_config(DEMO, ["--model.reference=org/name"]).model.reference == "org/name"
+
+
 def test_model_and_data_sources(tmp_path):
     """A local-looking source must exist (models as folders); anything else must look like a hub id,
     which is accepted unchecked (no hub is reachable at load time)."""
@@ -135,7 +165,7 @@ def test_model_and_data_sources(tmp_path):
     with pytest.raises(ConfigError, match=f"model.policy: '{tmp_path / 'pi0'}' does not exist"):
         load_config(preset)
     for name in ("pi0", "sft"):
-        (tmp_path / name).mkdir()
+        model_folder(tmp_path / name)
     with pytest.raises(ConfigError, match=f"data.prompts: '{tmp_path / 'p.jsonl'}' does not exist"):
         load_config(preset)
     for name in ("p.jsonl", "e.jsonl", "o.jsonl"):
@@ -203,9 +233,13 @@ def test_hpo_reward_weights_take_a_number_or_a_list(tmp_path):
         weights(True)
 
 
-def test_mrpo_references_resolve_relative_to_the_preset(tmp_path):
+def test_mrpo_references_resolve_relative_to_the_preset(tmp_path, monkeypatch):
     sub = tmp_path / "presets"
     sub.mkdir()
+    (tmp_path / "refs").mkdir()
+    for folder in (tmp_path / "refs" / "a", sub / "b", tmp_path / "c"):
+        model_folder(folder)
+    monkeypatch.chdir(tmp_path)
     preset = sub / "p.yaml"
     preset.write_text(DEMO.read_text().replace("../../", str(ROOT) + "/").replace(
         "train:\n", "train:\n  loss: mrpo\n  mrpo_references: ../refs/a, org/hub-model,./b\n"
@@ -221,6 +255,7 @@ def test_mrpo_references_resolve_relative_to_the_preset(tmp_path):
 def test_grouped_keys_spell_the_flat_ones(tmp_path):
     """`train: {lora: {r: 8}}` in a preset and `--train.lora.r=8` on the command line are train.lora_r."""
     preset = tmp_path / "p.yaml"
+    model_folder(tmp_path / "ref")
     preset.write_text("model: {policy: m, reference: m}\ndata: {prompts: p, eval_prompts: e, offline_pairs: o}\n"
                       "train:\n  beta: 0.2\n  lora:\n    enabled: true\n    r: 8\n    target_modules: q_proj,v_proj\n"
                       "  mrpo:\n    references: ./ref\n")

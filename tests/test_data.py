@@ -318,7 +318,7 @@ def test_context_length_and_load_data(tmp_path, tiny_model):
     long = "What is 1 + 2? " * 8
     Q = {"id": "a", "prompt": "What is 1 + 2?", "chosen": "It is 3.", "rejected": "3"}  # fits in 40 tokens
     files = {"prompts": write(tmp_path / "prompts.jsonl", [P, {"id": "b", "prompt": long}]),
-             "eval_prompts": write(tmp_path / "eval.parquet", [P]),
+             "eval_prompts": write(tmp_path / "eval.parquet", [{"id": "e", "prompt": "What is 2 + 2?"}]),
              "offline_pairs": write(tmp_path / "offline.jsonl", [Q, Q | {"id": "b", "rejected": "4"}])}
     base = {"model.policy": tiny_model, "model.reference": tiny_model} | {f"data.{k}": v for k, v in files.items()}
     n = len(encode_prompt(load_tokenizer_of(tiny_model), long))
@@ -336,9 +336,53 @@ def test_context_length_and_load_data(tmp_path, tiny_model):
     assert data.metrics() == {"data/rows_prompts": 1, "data/skipped_prompts": 1, "data/skipped_prompts/too_long": 1,
                               "data/rows_eval_prompts": 1, "data/skipped_eval_prompts": 0,
                               "data/rows_offline_pairs": 2, "data/skipped_offline_pairs": 1,
-                              "data/skipped_offline_pairs/identical": 1}
+                              "data/skipped_offline_pairs/identical": 1, "data/duplicate_prompts": 0,
+                              "data/reused_prompts": 0, "data/eval_in_train": 0, "data/heldout_in_offline": 0}
     assert data.warning() == ("data.on_bad_row=skip dropped bad rows: data.prompts: 1 (too_long 1); "
                               "data.offline_pairs: 1 (identical 1)")
+
+
+def test_data_checks_warn_count_and_stop_under_strict(tmp_path, tiny_model):
+    """Duplicate prompts, prompts reused across rounds, eval prompts seen in training and held-out
+    pairs on offline pairs' prompts: counted (MLflow data/*), warned in one line, and an error
+    naming them under data.strict."""
+    from selfalign.flows.config import load_config
+
+    other = {"id": "c", "prompt": "What is 5 + 5?"}
+    files = {"prompts": write(tmp_path / "prompts.jsonl", [P, P | {"id": "b", "prompt": " What is  1 + 2? "}, other]),
+             "eval_prompts": write(tmp_path / "eval.jsonl", [other | {"id": "e"}, {"id": "f", "prompt": "What is 9 + 9?"}]),
+             "offline_pairs": write(tmp_path / "offline.jsonl", [Q]),
+             "heldout_pairs": write(tmp_path / "heldout.jsonl", [Q | {"id": "h"}])}
+    base = {"model.policy": tiny_model, "model.reference": tiny_model, "run.rounds": 2,
+            "data.prompts_per_round": 2} | {f"data.{k}": v for k, v in files.items()}
+    data = load_data(load_config(None, base))
+    assert data.findings == {"duplicate_prompts": 1, "reused_prompts": 1, "eval_in_train": 1, "heldout_in_offline": 1}
+    assert {k: v for k, v in data.metrics().items() if k in ("data/duplicate_prompts", "data/eval_in_train")} == {
+        "data/duplicate_prompts": 1, "data/eval_in_train": 1}
+    warning = data.warning()
+    assert "1 prompt(s) of data.prompts repeat" in warning and "1 draw(s) reuse a prompt" in warning
+    assert "1 eval prompt(s) of data.eval_prompts also appear" in warning and "1 held-out pair(s)" in warning
+    with pytest.raises(DataError, match=r"^data.strict: 1 prompt\(s\) of data.prompts repeat"):
+        load_data(load_config(None, base | {"data.strict": True}))
+    clean = load_data(load_config(None, base | {"data.prompts_per_round": 0, "data.heldout_pairs": ""}))
+    assert clean.findings["reused_prompts"] == 0 and clean.findings["heldout_in_offline"] == 0
+
+
+def test_a_model_whose_tokenizer_does_not_load_stops_the_run_named(tmp_path, tiny_model, monkeypatch, capsys):
+    from selfalign.flows import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "prepare_environment", lambda run_dir: None)
+    sft = tmp_path / "sft"  # weights and config, but no tokenizer files
+    sft.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_model) / f, sft / f)
+    files = {"prompts": write(tmp_path / "p.jsonl", [P]), "eval_prompts": write(tmp_path / "e.jsonl", [P]),
+             "offline_pairs": write(tmp_path / "o.jsonl", [Q])}
+    args = [f"--data.{k}={v}" for k, v in files.items()]
+    demo = str(Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml")
+    assert cli.main(["run", demo, "--model.policy=" + tiny_model, f"--model.reference={sft}", *args]) == 2
+    assert capsys.readouterr().err.startswith(f"model error: model.reference: the tokenizer of '{sft}' does not load")
 
 
 def load_tokenizer_of(path):
@@ -363,6 +407,9 @@ class Recorder:
     def log_artifact(self, path, artifact_path=None):
         pass
 
+    def log_inputs(self, datasets):
+        self.inputs = datasets
+
     def close(self, status="FINISHED"):
         self.status = status
 
@@ -378,7 +425,7 @@ def test_run_flow_checks_data_before_any_stage(tmp_path, tiny_model, monkeypatch
     from selfalign.flows.config import load_config
 
     files = {"prompts": write(tmp_path / "prompts.jsonl", [P, {"id": "b", "prompt": ""}]),
-             "eval_prompts": write(tmp_path / "eval.jsonl", [P]),
+             "eval_prompts": write(tmp_path / "eval.jsonl", [{"id": "e", "prompt": "What is 2 + 2?"}]),
              "offline_pairs": write(tmp_path / "offline.jsonl", [Q])}
     sft = tmp_path / "sft"  # another model (pi_0 = its own reference is refused before any data is read)
     shutil.copytree(tiny_model, sft)
@@ -450,7 +497,6 @@ def test_cli_catches_project_errors_raised_inside_a_command(monkeypatch, capsys,
 
     monkeypatch.chdir(tmp_path)  # the run folder (runs/demo) and its lock
     monkeypatch.setattr(cli, "prepare_environment", lambda run_dir: None)
-    monkeypatch.setattr(cli, "start_temporary_prefect", lambda: None)  # no flow runs here
     monkeypatch.setattr(data, "load_data", lambda cfg: None)
     demo = str(Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml")
     for exc, says in [(DataError("x.jsonl: the file is empty"), "run: data error: x.jsonl: the file is empty"),
@@ -481,89 +527,6 @@ def test_cli_server_arguments_are_checked(args, says, capsys):
     assert capsys.readouterr().err.strip() == says
 
 
-def _llama_tokenizer_dir(path: Path) -> str:
-    """A small LlamaTokenizer (a class of its own, picked by AutoTokenizer from tokenizer_config.json)
-    with a Llama config and a chat template, saved to `path`."""
-    from transformers import LlamaConfig, LlamaTokenizer
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for ch in ["\u2581", *"abcdefghijklmnopqrstuvwxyz ?.,0123456789+"]:
-        vocab.setdefault(ch, len(vocab))
-    merges = [("\u2581", "t"), ("h", "e"), ("\u2581t", "he")]
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    tok = LlamaTokenizer(vocab=vocab, merges=merges)
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<s>assistant:{% endif %}")
-    tok.save_pretrained(path)
-    LlamaConfig(vocab_size=len(vocab), hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                num_attention_heads=1, max_position_embeddings=96).save_pretrained(path)
-    return str(path)
-
-
-def _same_tokenizer(a, b) -> bool:
-    from selfalign.tasks.data import encode_response
-
-    texts = ["the cat is here", "What is 1 + 2?", " the  end.", ""]
-    return (type(a) is type(b) and a.chat_template == b.chat_template and a.init_kwargs == b.init_kwargs
-            and (a.eos_token_id, a.pad_token_id, a.bos_token_id) == (b.eos_token_id, b.pad_token_id, b.bos_token_id)
-            and all(a(t)["input_ids"] == b(t)["input_ids"] for t in texts)
-            and all(encode_prompt(a, t) == encode_prompt(b, t) and encode_response(a, t) == encode_response(b, t)
-                    for t in texts))
-
-
-@pytest.mark.parametrize("kind", ["toy", "llama"])
-def test_a_local_tokenizer_loads_as_autotokenizer_picked_it_the_second_time(tmp_path, tiny_model, monkeypatch, kind):
-    """The second load of a local model's tokenizer skips AutoTokenizer (whose import pulls in torch and
-    transformers' model code) and instantiates the class AutoTokenizer resolved the first time: the
-    same class, special tokens, template and token ids."""
-    import transformers
-
-    from selfalign.tasks.data import _tokenizer_class_file, load_tokenizer
-
-    monkeypatch.setenv("SELFALIGN_CACHE_DIR", str(tmp_path / "cache"))
-    path = tiny_model if kind == "toy" else _llama_tokenizer_dir(tmp_path / "llama")
-    first = load_tokenizer(path)
-    assert type(first).__name__ == ("TokenizersBackend" if kind == "toy" else "LlamaTokenizer")
-    assert _tokenizer_class_file(path).is_file()
-    with monkeypatch.context() as m:
-        m.setattr(transformers.AutoTokenizer, "from_pretrained", None)  # not called: a call would raise
-        second = load_tokenizer(path)
-    assert _same_tokenizer(second, first)
-    auto = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    if auto.pad_token_id is None:  # as load_tokenizer sets it
-        auto.pad_token = auto.eos_token
-    assert _same_tokenizer(second, auto)
-
-
-def test_the_remembered_tokenizer_class_follows_the_directory(tmp_path, monkeypatch):
-    """A changed file in the directory, an entry naming a class that is not there, or one outside
-    transformers: AutoTokenizer resolves the class again."""
-    import transformers
-
-    from selfalign.tasks import data
-
-    monkeypatch.setenv("SELFALIGN_CACHE_DIR", str(tmp_path / "cache"))
-    path = _llama_tokenizer_dir(tmp_path / "llama")
-    calls = []
-    auto = transformers.AutoTokenizer.from_pretrained
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
-                        lambda *a, **k: calls.append(a) or auto(*a, **k))
-    data.load_tokenizer(path)
-    data.load_tokenizer(path)
-    assert len(calls) == 1
-    (Path(path) / "notes.txt").write_text("a new file: another key")
-    data.load_tokenizer(path)
-    assert len(calls) == 2
-    entry = data._tokenizer_class_file(path)
-    for module, name in [("transformers.models.llama.tokenization_llama", "NoSuchTokenizer"),
-                         ("selfalign.tasks.toy", "build_tokenizer")]:
-        entry.write_text(json.dumps({"module": module, "name": name}))
-        assert type(data.load_tokenizer(path)).__name__ == "LlamaTokenizer"
-    assert len(calls) == 4
-    assert data._tokenizer_class_file("HuggingFaceTB/SmolLM2-135M-Instruct") is None  # a hub id: not remembered
-
-
 def test_context_length_is_read_from_config_json_or_left_to_the_config_class(tmp_path, tiny_model, monkeypatch):
     from transformers import AutoConfig
 
@@ -582,29 +545,23 @@ def test_context_length_is_read_from_config_json_or_left_to_the_config_class(tmp
     assert data._positions_in_config_file(str(tmp_path / "absent")) is None
 
 
-def test_checking_the_datasets_imports_neither_torch_nor_model_code(tmp_path, tiny_model):
-    """What the command line does before its flow (config, Prefect's settings, the datasets' checks)
-    on a model whose tokenizer class is known: no torch, no AutoTokenizer, no generation code."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("code", ["ENOSPC", "EROFS"])
+def test_a_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, capsys, code):
+    import errno
+    import os
 
-    rows = {"prompts": [P], "eval_prompts": [P], "offline_pairs": [Q]}
-    files = {k: write(tmp_path / f"{k}.jsonl", v) for k, v in rows.items()}
-    script = f"""
-import sys
-from selfalign.flows.config import load_config
-from selfalign.tasks.data import import_loaders, load_data
-cfg = load_config(None, {{"model.policy": {tiny_model!r}, "model.reference": {tiny_model!r},
-                         **{{"data." + k: v for k, v in {files!r}.items()}}}})
-import selfalign.flows.pipeline
-import_loaders()
-data = load_data(cfg)
-assert len(data.prompts) == 1 and len(data.offline_pairs) == 1
-print(sorted(m for m in ("torch", "transformers.models.auto.tokenization_auto", "transformers.generation.utils")
-             if m in sys.modules))
-"""
-    env = dict(__import__("os").environ, SELFALIGN_CACHE_DIR=str(tmp_path / "cache"))
-    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True) for _ in range(2)]
-    assert [r.returncode for r in runs] == [0, 0], runs[-1].stderr
-    assert runs[0].stdout.split("\n")[0] != "[]"  # the first time AutoTokenizer resolves the class
-    assert runs[1].stdout.split("\n")[0] == "[]"
+    from selfalign.flows import cli
+    from selfalign.tasks import artifacts
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "prepare_environment", lambda run_dir: None)
+
+    def full(run_dir):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(run_dir / ".lock"))
+
+    monkeypatch.setattr(artifacts, "run_lock", full)
+    demo = str(Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml")
+    assert cli.main(["run", demo]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"run: cannot write {Path('runs/demo/.lock')}: {os.strerror(getattr(errno, code))}.")
+    assert "\n" not in err

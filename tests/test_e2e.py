@@ -54,6 +54,15 @@ def test_demo_round_end_to_end(tmp_path):
     parent, child = parents[0], children[0]
     assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert parent.data.params["generate.k"] == "4" and parent.data.params["train.loss"] == "dpo"
+    # run metadata: a description, the loss, the datasets as inputs with digests, system metrics per
+    # round, an experiment the UI opens on its runs table, and a link to that table
+    assert parent.data.tags["mlflow.note.content"].startswith("demo: 1 round(s) of dpo")
+    assert parent.data.tags["selfalign.loss"] == "dpo"
+    inputs = {d.dataset.name: d.dataset for d in client.get_run(parent.info.run_id).inputs.dataset_inputs}
+    assert set(inputs) >= {"prompts", "eval_prompts", "offline_pairs"} and all(len(d.digest) == 16 for d in inputs.values())
+    assert any(k.startswith("system/") for k in child.data.metrics)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert f"#/experiments/{exp.experiment_id}/runs" in proc.stdout
     for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
                 "logps/chosen", "logps/rejected", "eval/preferred_rate", "eval/pair_accuracy", "alpha_star"):
         assert key in child.data.metrics, key

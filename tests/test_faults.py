@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 
 from selfalign.flows.config import load_config
 from selfalign.tasks import train as train_stage
-from selfalign.tasks import train_worker
+from selfalign.tasks import train_guard, train_worker
 from selfalign.tasks.train import NonFiniteTraining, checkpoint_dir, run_train
-from selfalign.tasks.train_worker import FAULT_INF_GRAD_PARAM, FAULT_INF_GRAD_STEP, FAULT_NAN_STEP
+from selfalign.tasks.train_guard import FAULT_INF_GRAD_PARAM, FAULT_INF_GRAD_STEP, FAULT_NAN_STEP
 
 HOOKS = "selfalign.tasks.toy:checker_reward,selfalign.tasks.toy:readability_reward"
 
@@ -62,7 +62,7 @@ class Recorder:
         self.engine = self.vhead = None
         self.at_begin: list[dict[str, torch.Tensor]] = []
         self.adam_steps: dict[int, int] = {}  # id(first parameter of the optimizer) -> steps taken
-        real_init, real_head, real_begin = deepspeed.initialize, train_worker.value_head, train_worker.GradGuard.begin
+        real_init, real_head, real_begin = deepspeed.initialize, train_worker.value_head, train_guard.GradGuard.begin
         real_adam = torch.optim.AdamW.step
 
         def initialize(*a, **kw):
@@ -84,9 +84,9 @@ class Recorder:
                 self.adam_steps[key] = self.adam_steps.get(key, 0) + 1
             return real_adam(opt, *a, **kw)
 
-        deepspeed.initialize, train_worker.value_head, train_worker.GradGuard.begin = initialize, head, begin
+        deepspeed.initialize, train_worker.value_head, train_guard.GradGuard.begin = initialize, head, begin
         torch.optim.AdamW.step = adam_step
-        train_worker._die_with_parent = lambda: None
+        train_worker.die_with_parent_or_exit = lambda: None
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(train_stage._free_port()),
                            "DS_ACCELERATOR": "cpu"})
@@ -106,7 +106,7 @@ class Recorder:
         error = None
         try:
             train_worker.main(spec)
-        except train_worker.NonFiniteLoss as e:
+        except train_guard.NonFiniteLoss as e:
             error = str(e)
         vhead_steps = self.adam_steps.get(id(self.vhead.weight)) if self.vhead is not None else None
         torch.save({"error": error, "at_begin": self.at_begin, "after": self.weights(),
@@ -260,5 +260,5 @@ if __name__ == "__main__":
     else:  # record SPEC OUT [--no-guard]
         recorder = Recorder()
         if "--no-guard" in sys.argv:
-            train_worker.GradGuard.check = lambda *a: None
+            train_guard.GradGuard.check = lambda *a: None
         recorder.run(sys.argv[2], sys.argv[3])

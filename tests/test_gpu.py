@@ -1,7 +1,6 @@
 """CUDA paths: DeepSpeed ZeRO training on the GPU (NCCL) and scoring on the GPU against the CPU.
 Skipped without CUDA (CI); run where a GPU is available."""
 import math
-from pathlib import Path
 
 import pytest
 
@@ -57,7 +56,7 @@ def test_cuda_scores_match_cpu(tiny_model):
     import torch
 
     from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-    from selfalign.tasks.score import load_model, logps_of
+    from selfalign.tasks.lm_logps import load_model, logps_of
 
     tok = load_tokenizer(tiny_model)
     seqs = [(encode_prompt(tok, f"What is {a} + 11?"), encode_response(tok, "x" * a)) for a in range(10, 40, 3)]
@@ -94,7 +93,7 @@ def test_flash_varlen_attention_equals_per_sequence_sdpa_on_cuda(heads):
 def test_bf16_cuda_model_packs_through_torch_varlen(tiny_model):
     import torch
 
-    from selfalign.tasks.score import load_model, packing_path
+    from selfalign.tasks.lm_logps import load_model, packing_path
 
     if not hasattr(torch.nn.attention, "varlen"):
         pytest.importorskip("torch.nn.attention.varlen")

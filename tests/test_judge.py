@@ -1,7 +1,6 @@
 """The external judge: request format against a stub OpenAI-compatible server, position-swap logic,
 win-rate arithmetic, errors that never show the API key; slow: a real vLLM server with a tiny model."""
 import json
-import os
 import socket
 import subprocess
 import sys

@@ -90,9 +90,10 @@ def trained(tiny_model, tmp_path_factory):
     Policy and Objective, an optimizer over the trainable parameters only. Then the adapter is
     saved alone and merged into the saved model."""
     from selfalign.tasks.data import load_tokenizer
-    from selfalign.tasks.score import collate, fused_head_ok, load_model, logps_of, packing_path
-    from selfalign.tasks.train_worker import (Objective, Policy, _fill_reference_logps, lora_reference, save_lora,
-                                              wrap_lora)
+    from selfalign.tasks.lm_logps import collate, fused_head_ok, load_model, logps_of, packing_path
+    from selfalign.tasks.lora import lora_reference, save_lora, wrap_lora
+    from selfalign.tasks.train_refs import fill_reference_logps
+    from selfalign.tasks.train_worker import Objective, Policy
 
     tmp = tmp_path_factory.mktemp("lora")
     torch.manual_seed(0)
@@ -102,7 +103,7 @@ def trained(tiny_model, tmp_path_factory):
     rows = _rows(tmp, tok)
     peft_model = wrap_lora(model, LORA)
     with lora_reference(peft_model):
-        _fill_reference_logps(model, rows, tok.pad_token_id, 0, 1, batch_tokens=4096, packing=True)
+        fill_reference_logps(model, rows, tok.pad_token_id, 0, 1, batch_tokens=4096, packing=True)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     policy = Policy(model, fused_head_ok(model), packing=packing_path(model))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -150,7 +151,7 @@ def test_first_step_loss_is_ln2_because_the_adapter_starts_at_zero(trained):
 
 
 def test_reference_with_the_adapter_disabled_equals_a_separately_loaded_base_model(trained, tiny_model):
-    from selfalign.tasks.score import load_model, logps_of
+    from selfalign.tasks.lm_logps import load_model, logps_of
 
     tok, rows = trained["tok"], trained["rows"]
     base_model = load_model(tiny_model, "float32", device="cpu")
@@ -168,7 +169,7 @@ def test_reference_with_the_adapter_disabled_equals_a_separately_loaded_base_mod
 def test_the_merged_model_is_a_plain_checkpoint_that_differs_from_the_base(trained, tiny_model):
     from transformers import AutoModelForCausalLM
 
-    from selfalign.tasks.score import logps_of
+    from selfalign.tasks.lm_logps import logps_of
 
     out, base = trained["out"], trained["base"]
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
@@ -192,8 +193,8 @@ def test_the_merged_model_is_a_plain_checkpoint_that_differs_from_the_base(train
 
 
 def test_target_modules_that_do_not_fit_the_model_are_named(tiny_model):
-    from selfalign.tasks.score import load_model
-    from selfalign.tasks.train_worker import wrap_lora
+    from selfalign.tasks.lm_logps import load_model
+    from selfalign.tasks.lora import wrap_lora
 
     for targets, match in [(["nonexistent_proj"], r"train\.lora_target_modules: \['nonexistent_proj'\] does not fit"),
                            (["lm_head"], r"puts an adapter on the output embeddings \(lm_head\)"),
@@ -221,7 +222,7 @@ def test_lora_training_stage_checkpoints_resumes_and_merges(tiny_model, tmp_path
     checkpoint and the rerun resumes from it to the uninterrupted run's losses and weights. ZeRO-3
     trains and merges the same model."""
     from selfalign.tasks.train import NonFiniteTraining, adapter_dir, checkpoint_dir, run_train
-    from selfalign.tasks.train_worker import FAULT_NAN_STEP
+    from selfalign.tasks.train_guard import FAULT_NAN_STEP
 
     cfg = _cfg(tiny_model, tmp_path)
     pairs = replay_pairs()

@@ -94,13 +94,6 @@ def test_simpo_golden(beta, ratio, per_pair, mean):
     close(chosen, beta * TOY["policy_chosen_logps"] / TOY["chosen_lengths"])
 
 
-def test_pair_losses_registry():
-    assert set(L.PAIR_LOSSES) == {"dpo", "cdpo", "ipo", "hinge", "robust", "exo_pair", "bco_pair",
-                                  "sppo_hard", "nca_pair", "apo_zero", "apo_down", "discopop",
-                                  "sigmoid_norm", "aot", "simpo"}
-    assert L.PAIR_LOSSES["cdpo"] is L.dpo_loss and type(L.PAIR_LOSSES) is dict
-
-
 # --- §8.4 alpha-DPO ------------------------------------------------------------------------------
 
 ALPHA_KW = dict(beta=2.5, gamma_beta_ratio=0.6, alpha=0.2)

@@ -8,7 +8,7 @@ import torch
 
 from selfalign.flows.config import ConfigError, load_config
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-from selfalign.tasks.score import collate, load_model
+from selfalign.tasks.lm_logps import collate, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "deploy" / "presets" / "demo.yaml"
@@ -54,7 +54,7 @@ def other_reference(tmp_path_factory) -> str:
 
 
 def test_reference_with_another_tokenizer_scores_the_same_text_retokenised(tiny_model, other_reference, naive_logp):
-    from selfalign.tasks.score import reference_logps, same_tokenizer
+    from selfalign.tasks.lm_logps import reference_logps, same_tokenizer
 
     tok = load_tokenizer(tiny_model)
     other = load_tokenizer(other_reference)
@@ -76,7 +76,8 @@ def test_reference_with_another_tokenizer_scores_the_same_text_retokenised(tiny_
 def test_score_stage_stores_mrpo_reference_logps(tiny_model, other_reference, tmp_path):
     from selfalign.flows.config import load_config
     from selfalign.tasks import artifacts
-    from selfalign.tasks.score import reference_logps, run_score
+    from selfalign.tasks.lm_logps import reference_logps
+    from selfalign.tasks.score import run_score
 
     tok = load_tokenizer(tiny_model)
     rows = []
@@ -116,15 +117,15 @@ def _pair_rows(tok, n=3):
 
 
 def test_worker_fills_mrpo_references_of_replay_pairs_only(tiny_model, other_reference):
-    from selfalign.tasks.score import reference_logps
-    from selfalign.tasks.train_worker import _fill_mrpo_reference_logps
+    from selfalign.tasks.lm_logps import reference_logps
+    from selfalign.tasks.train_refs import fill_mrpo_reference_logps
 
     tok = load_tokenizer(tiny_model)
     rows = _pair_rows(tok)
     rows[1]["mrpo_ref_chosen_logps"], rows[1]["mrpo_ref_rejected_logps"] = [-1.0, -2.0], [-3.0, -4.0]  # generated
     spec = {"mrpo_references": [[tiny_model, ""], [other_reference, ""]], "dtype": "float32",
             "trust_remote_code": False, "batch_tokens": 4096}
-    _fill_mrpo_reference_logps(rows, spec, tok, rank=0, world=1, device="cpu")
+    fill_mrpo_reference_logps(rows, spec, tok, rank=0, world=1, device="cpu")
     assert rows[1]["mrpo_ref_chosen_logps"] == [-1.0, -2.0] and rows[1]["mrpo_ref_rejected_logps"] == [-3.0, -4.0]
     r = rows[0]
     items = [(r["prompt"], r["chosen"], r["prompt_ids"], r["chosen_ids"]), (r["prompt"], r["rejected"], r["prompt_ids"], r["rejected_ids"])]
@@ -135,11 +136,11 @@ def test_worker_fills_mrpo_references_of_replay_pairs_only(tiny_model, other_ref
 
 def test_worker_evaluates_weighted_aux_rewards_on_chosen_and_rejected(tiny_model):
     from selfalign.tasks import toy
-    from selfalign.tasks.train_worker import _fill_aux_rewards
+    from selfalign.tasks.train_refs import fill_aux_rewards
 
     rows = _pair_rows(load_tokenizer(tiny_model))
     spec = {"hpo_rewards": [["selfalign.tasks.toy:checker_reward", 1.0], ["selfalign.tasks.toy:readability_reward", 0.5]]}
-    _fill_aux_rewards(rows, spec, rank=0, world=1)
+    fill_aux_rewards(rows, spec, rank=0, world=1)
     for r in rows:
         for side in ("chosen", "rejected"):
             want = toy.checker_reward(r["prompt"], r[side]) + 0.5 * toy.readability_reward(r["prompt"], r[side])
@@ -209,21 +210,21 @@ def test_mrpo_and_hpo_keys_are_validated_with_key_and_value(overrides, needle):
 
 
 def test_worker_takes_mrpo_references_of_replay_pairs_from_the_cache(tiny_model, other_reference, tmp_path, monkeypatch):
-    from selfalign.tasks import train_worker
+    from selfalign.tasks import train_refs
 
     tok = load_tokenizer(tiny_model)
     spec = {"mrpo_references": [[tiny_model, ""], [other_reference, ""]], "dtype": "float32",
             "trust_remote_code": False, "batch_tokens": 4096, "ref_cache": str(tmp_path / "cache")}
     first = _pair_rows(tok)
-    train_worker._fill_mrpo_reference_logps(first, spec, tok, rank=0, world=1, device="cpu")
+    train_refs.fill_mrpo_reference_logps(first, spec, tok, rank=0, world=1, device="cpu")
     assert len(list((tmp_path / "cache").glob("*.jsonl"))) == 2  # one file per reference model
 
     def no_forward(*a, **kw):
         raise AssertionError("a reference forward despite the cache")
 
-    monkeypatch.setattr(train_worker, "reference_logps", no_forward)
+    monkeypatch.setattr(train_refs, "reference_logps", no_forward)
     again = _pair_rows(tok)
-    train_worker._fill_mrpo_reference_logps(again, spec, tok, rank=0, world=1, device="cpu")
+    train_refs.fill_mrpo_reference_logps(again, spec, tok, rank=0, world=1, device="cpu")
     for a, b in zip(first, again):
         assert b["mrpo_ref_chosen_logps"] == a["mrpo_ref_chosen_logps"]
         assert b["mrpo_ref_rejected_logps"] == a["mrpo_ref_rejected_logps"]

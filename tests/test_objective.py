@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from selfalign.kernels import losses as L
 from selfalign.kernels.losses import PAIR_LOSSES
 from selfalign.tasks.train_worker import Objective
 
@@ -80,3 +79,22 @@ def test_hpo_golden_values_through_the_dispatch():
     assert losses.item() == pytest.approx(3.009361, abs=1e-6)
     assert obj.value_loss(args[-1], args[-3], args[-2]).item() == pytest.approx(0.209, abs=1e-6)
     assert obj.__class__(SPEC | {"loss": "hpo", "hpo_lambda": 0.0}, world=1)(*args)[0].item() == pytest.approx(0.313262, abs=1e-6)
+
+
+def test_a_new_loss_needs_only_its_function_and_its_config_field(monkeypatch):
+    """The contract of docs/extending.md: tensors by parameter name, hyper-parameters by config key."""
+    import torch.nn.functional as F
+
+    from selfalign.kernels import losses
+
+    def margin_dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                        *, beta: float = 0.1, margin: float = 1.0):
+        h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+        return -F.logsigmoid(beta * h - margin), (beta * h).detach(), (0 * h).detach()
+
+    monkeypatch.setitem(losses.PAIR_LOSSES, "margin_dpo", margin_dpo_loss)
+    got = Objective(SPEC | {"loss": "margin_dpo", "margin": 0.5, "unrelated": 3}, world=1)(PC, PR, RC, RR, NC, NR)[0]
+    h = (PC - RC) - (PR - RR)
+    torch.testing.assert_close(got, -torch.nn.functional.logsigmoid(0.1 * h - 0.5))
+    default = Objective(SPEC | {"loss": "margin_dpo"}, world=1)(PC, PR, RC, RR, NC, NR)[0]
+    torch.testing.assert_close(default, -torch.nn.functional.logsigmoid(0.1 * h - 1.0))

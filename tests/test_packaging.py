@@ -1,5 +1,6 @@
-"""Hugging Face ships a package named `kernels` that transformers probes for and imports; ours must
-never be importable under that name (the layout note in pyproject.toml)."""
+"""Packaging and lint: Hugging Face ships a package named `kernels` that transformers probes for and
+imports, so ours must never be importable under that name (the layout note in pyproject.toml); the
+code passes the configured ruff checks."""
 import importlib.util
 import subprocess
 import sys
@@ -31,3 +32,11 @@ def test_nothing_of_ours_imports_as_top_level_kernels(tmp_path):
 def test_namespace_imports():
     for mod in ("selfalign.kernels.losses", "selfalign.kernels.pairs", "selfalign.tasks.score", "selfalign.flows.config"):
         assert importlib.util.find_spec(mod) is not None
+
+
+def test_the_code_passes_ruff():
+    """The lint configured in pyproject.toml ([tool.ruff]) is clean."""
+    ruff = Path(sys.executable).with_name("ruff")
+    proc = subprocess.run([str(ruff), "check", "--output-format", "concise", "."], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from selfalign.kernels.packing import (block_causal_mask, pack, pack_rows, packed_sequence_logps,
                                        varlen_attention)
+from selfalign.tasks.transformers_compat import attn_implementation
 
 # Odd lengths on purpose: a one-token prompt, a one-token response (EOS only), lengths around 2^k.
 SHAPES = [(1, 1), (3, 5), (1, 7), (9, 2), (4, 13), (6, 1), (2, 31), (5, 33), (17, 16)]
@@ -147,7 +148,7 @@ def _llama(vocab=61, kv_heads=2, attn="sdpa", seed=0):
 
 
 def _padded(model, seqs, fused):
-    from selfalign.tasks.score import collate, forward_logps
+    from selfalign.tasks.lm_logps import collate, forward_logps
 
     return forward_logps(model, *collate(seqs, 0, "cpu"), fused=fused)
 
@@ -155,7 +156,7 @@ def _padded(model, seqs, fused):
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("attn,kv_heads", [("sdpa", 2), ("eager", 4)])
 def test_packed_forward_equals_padded_values_and_gradients(fused, attn, kv_heads):
-    from selfalign.tasks.score import packed_logps, packing_path
+    from selfalign.tasks.lm_logps import packed_logps, packing_path
 
     model = _llama(kv_heads=kv_heads, attn=attn)
     assert packing_path(model) == "varlen"
@@ -164,7 +165,7 @@ def test_packed_forward_equals_padded_values_and_gradients(fused, attn, kv_heads
     want, want_n = _padded(model, seqs, fused)
     want_g = torch.autograd.grad(want.sum() + (want * torch.arange(len(seqs))).sum() / 7, list(model.parameters()))
     sums, counts, _ = packed_logps(model, pack(seqs), fused, "varlen")
-    assert model.config._attn_implementation == attn  # switched for the packed forward only
+    assert attn_implementation(model) == attn  # switched for the packed forward only
     got_g = torch.autograd.grad(sums.sum() + (sums * torch.arange(len(seqs))).sum() / 7, list(model.parameters()))
     assert counts.tolist() == want_n.tolist()
     torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-5)
@@ -175,7 +176,7 @@ def test_packed_forward_equals_padded_values_and_gradients(fused, attn, kv_heads
 def test_transformers_mask_path_equals_varlen():
     """The fallback path (no attention mask, restarting position ids: transformers builds the
     block-diagonal mask itself) gives the same numbers."""
-    from selfalign.tasks.score import packed_logps
+    from selfalign.tasks.lm_logps import packed_logps
 
     model = _llama().eval()
     p = pack(_seqs(SHAPES, 61))
@@ -189,7 +190,7 @@ def test_chosen_and_rejected_of_a_pair_in_one_row_train_like_padding():
     """The training worker's Policy on one packed row of a micro-batch ([chosen..., rejected...])
     gives the padded DPO loss and gradients, and HPO's value features at the prompts' ends."""
     from selfalign.kernels.losses import dpo_loss
-    from selfalign.tasks.score import collate, packing_path
+    from selfalign.tasks.lm_logps import collate, packing_path
     from selfalign.tasks.train_worker import Policy
 
     model = _llama()
@@ -217,7 +218,7 @@ def test_chosen_and_rejected_of_a_pair_in_one_row_train_like_padding():
 
 def test_logps_of_packed_equals_padded_on_the_demo_tokenizer(tiny_model):
     from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-    from selfalign.tasks.score import load_model, logps_of
+    from selfalign.tasks.lm_logps import load_model, logps_of
 
     tok = load_tokenizer(tiny_model)
     model = load_model(tiny_model, device="cpu")
@@ -232,7 +233,7 @@ def test_logps_of_packed_equals_padded_on_the_demo_tokenizer(tiny_model):
 def test_packing_path_falls_back_to_padding_when_packing_changes_the_numbers():
     """A model that cannot take a packed row (here: its forward drops position ids and other
     keyword arguments) is detected by the probe and scored padded, with the same numbers."""
-    from selfalign.tasks import score
+    from selfalign.tasks import lm_logps
 
     model = _llama(attn="sdpa", seed=1)
     decoder = model.get_decoder()
@@ -242,11 +243,11 @@ def test_packing_path_falls_back_to_padding_when_packing_changes_the_numbers():
         return inner(input_ids=input_ids, use_cache=use_cache)
 
     decoder.forward = no_packing
-    assert score.packing_path(model) == ""
+    assert lm_logps.packing_path(model) == ""
     seqs = _seqs(SHAPES[:4], 61)
     with torch.no_grad():
         want = _padded(model, seqs, True)[0].tolist()
-    assert score.logps_of(model, seqs, 0, packing=True) == pytest.approx(want, rel=1e-5, abs=1e-5)
+    assert lm_logps.logps_of(model, seqs, 0, packing=True) == pytest.approx(want, rel=1e-5, abs=1e-5)
 
 
 @pytest.mark.slow
@@ -294,7 +295,7 @@ def test_packed_logps_without_the_position_list_selects_by_mask(fused):
     """A Packed made elsewhere, without label_pos, gives the same sums through the boolean mask."""
     import dataclasses
 
-    from selfalign.tasks.score import packed_logps
+    from selfalign.tasks.lm_logps import packed_logps
 
     model = _llama().eval()
     p = pack(_seqs(SHAPES, 61))
@@ -303,3 +304,18 @@ def test_packed_logps_without_the_position_list_selects_by_mask(fused):
         b, nb, _ = packed_logps(model, dataclasses.replace(p, label_pos=None), fused, "varlen")
     assert na.tolist() == nb.tolist()
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_private_read_of_transformers_is_checked_for_this_version():
+    """tasks/transformers_compat.py reads one private attribute of transformers; it is checked for
+    the versions in CHECKED. A new transformers fails here until it is checked and added."""
+    import transformers
+
+    from selfalign.tasks.transformers_compat import CHECKED
+
+    version = ".".join(transformers.__version__.split(".")[:2])
+    assert version in CHECKED, f"transformers {transformers.__version__}: check tasks/transformers_compat.py"
+    model = _llama(kv_heads=1, attn="eager")
+    assert attn_implementation(model) == "eager"
+    model.set_attn_implementation("sdpa")
+    assert attn_implementation(model) == "sdpa"

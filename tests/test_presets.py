@@ -55,10 +55,7 @@ def test_8gpu_preset_is_the_dice_setting():
     assert cfg.run.rounds == 2 and cfg.score.reference == "previous"
 
 
-def test_gpu_presets_state_their_memory():
-    for name, stage in (("h100_1b.yaml", "ZeRO-0"), ("8gpu_8b.yaml", "ZeRO-3")):
-        text = (ROOT / "deploy" / "presets" / name).read_text()
-        assert "Expected memory" in text and stage in text and "gpu_memory_utilization" in text, name
+def test_the_one_gpu_preset_trains_on_one_rank_without_zero_sharding():
     cfg = load_config(ROOT / "deploy" / "presets" / "h100_1b.yaml")
     assert (cfg.train.zero_stage, cfg.train.nproc, cfg.model.dtype) == ("auto", 1, "bfloat16")
     assert cfg.train.zero_stage_for(cfg.train.nproc) == 0

@@ -5,19 +5,22 @@ import sys
 
 import pytest
 
-from selfalign.tasks import artifacts, generate
+from selfalign.tasks import artifacts, generate, procs
 
 
 def test_progress_lines_every_fifth(capsys):
-    bar = generate.progress_bar("samples")(total=10, desc="Processed prompts", dynamic_ncols=True, postfix="")
+    pytest.importorskip("vllm")
+    from selfalign.tasks.vllm_worker import progress_bar
+
+    bar = progress_bar("samples")(total=10, desc="Processed prompts", dynamic_ncols=True, postfix="")
     for _ in range(10):
         bar.update(1)
     bar.close()
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(", ")[0] for line in lines] == [
-        f"{generate.PROGRESS}vLLM samples: {n}/10 sequences" for n in (2, 4, 6, 8, 10)]
+        f"{procs.PROGRESS}vLLM samples: {n}/10 sequences" for n in (2, 4, 6, 8, 10)]
     # the loop that adds requests is wrapped too (an iterable, no total): it passes through silently
-    assert list(generate.progress_bar("x")(range(3), desc="Adding requests")) == [0, 1, 2]
+    assert list(progress_bar("x")(range(3), desc="Adding requests")) == [0, 1, 2]
     assert capsys.readouterr().out == ""
 
 
@@ -27,7 +30,7 @@ def test_quiet_in_ci(monkeypatch, value, quiet):
         monkeypatch.delenv("CI", raising=False)
     else:
         monkeypatch.setenv("CI", value)
-    assert generate.quiet() is quiet
+    assert procs.quiet() is quiet
 
 
 FAKE_WORKER = """
@@ -46,9 +49,9 @@ sys.exit(int(job.get("fail", 0)))
 @pytest.fixture
 def fake_worker(monkeypatch, tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(FAKE_WORKER.format(p=generate.PROGRESS))
+    script.write_text(FAKE_WORKER.format(p=procs.PROGRESS))
     real = subprocess.Popen
-    monkeypatch.setattr(generate.subprocess, "Popen", lambda cmd, **kw: real([sys.executable, str(script), cmd[-1]], **kw))
+    monkeypatch.setattr(procs.subprocess, "Popen", lambda cmd, **kw: real([sys.executable, str(script), cmd[-1]], **kw))
 
 
 def test_run_vllm_passes_progress_on_and_keeps_the_tail(fake_worker, tmp_path):

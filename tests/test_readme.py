@@ -22,7 +22,7 @@ def code_blocks(lang: str) -> list[str]:
 def command_lines() -> list[list[str]]:
     lines = []
     for block in code_blocks("bash"):
-        for line in block.splitlines():
+        for line in block.replace("\\\n", " ").splitlines():  # continued lines joined
             words = shlex.split(line, comments=True)
             if words and words[0].endswith("/selfalign"):
                 lines.append(words[1:])

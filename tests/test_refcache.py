@@ -69,7 +69,7 @@ def _train(model, run_dir, pairs, cache, **over):
 @pytest.mark.slow
 def test_second_stage_takes_reference_logps_from_the_cache(tiny_model, tmp_path, replay_pairs, naive_logp):
     from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-    from selfalign.tasks.score import load_model
+    from selfalign.tasks.lm_logps import load_model
 
     cache = tmp_path / "cache"
     pairs = replay_pairs()

@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from selfalign.flows.config import load_config
 from selfalign.tasks.train import NonFiniteTraining, checkpoint_dir, run_train
-from selfalign.tasks.train_worker import FAULT_INF_GRAD_PARAM, FAULT_INF_GRAD_STEP, FAULT_NAN_STEP
+from selfalign.tasks.train_guard import FAULT_INF_GRAD_PARAM, FAULT_INF_GRAD_STEP, FAULT_NAN_STEP
 
 
 def _cfg(tiny_model, tmp_path, **over):

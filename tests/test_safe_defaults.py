@@ -27,7 +27,7 @@ def _calls(name: str, with_args: bool = False):
 
 def _vllm_engine_args() -> dict:
     """The keyword arguments of the generate worker's `LLM(**kwargs)`."""
-    (_, _, kw), = [c for c in _calls("dict") if c[0].startswith("tasks/generate.py") and "enable_prefix_caching" in c[2]]
+    (_, _, kw), = [c for c in _calls("dict") if c[0].startswith("tasks/vllm_worker.py") and "enable_prefix_caching" in c[2]]
     return kw
 
 

@@ -219,9 +219,9 @@ def test_processor_follows_the_batch_through_adds_removes_and_moves():
     from vllm import SamplingParams
     from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-    from selfalign.tasks import generate
+    from selfalign.tasks import vllm_worker
 
-    cls = generate.TopPLogitsProcessor
+    cls = vllm_worker.TopPLogitsProcessor
     proc = cls(SimpleNamespace(scheduler_config=SimpleNamespace(max_num_seqs=16)), torch.device("cpu"), False)
     assert proc.is_argmax_invariant()
     rng = random.Random(0)
@@ -239,7 +239,7 @@ def test_processor_follows_the_batch_through_adds_removes_and_moves():
             if row >= 16:
                 break
             slots[row:row + 1] = [1.0 if p is None else p]
-            extra = None if p is None else {generate.TOP_P_KEY: p}
+            extra = None if p is None else {vllm_worker.TOP_P_KEY: p}
             added.append((row, SamplingParams(temperature=1.0, extra_args=extra), None, []))
         moved = []
         while None in slots:
@@ -264,9 +264,9 @@ def test_processor_follows_the_batch_through_adds_removes_and_moves():
         assert torch.equal(proc.apply(logits.clone()), expect), f"step {step}, batch p {batch}"
         seen_rows_with_p += sum(p < 1 for p in batch)
     assert seen_rows_with_p > 100
-    with pytest.raises(ValueError, match=generate.TOP_P_KEY):
-        cls.validate_params(SamplingParams(extra_args={generate.TOP_P_KEY: 1.5}))
-    cls.validate_params(SamplingParams(extra_args={generate.TOP_P_KEY: 0.9}))
+    with pytest.raises(ValueError, match=vllm_worker.TOP_P_KEY):
+        cls.validate_params(SamplingParams(extra_args={vllm_worker.TOP_P_KEY: 1.5}))
+    cls.validate_params(SamplingParams(extra_args={vllm_worker.TOP_P_KEY: 0.9}))
 
 
 # --- sample_inverse_cdf -------------------------------------------------------------------------
@@ -365,10 +365,10 @@ def test_vllm_cpu_sampler_draws_by_inverse_cdf():
     draws the same tokens whatever rows surround it; vLLM's top-k still applies first."""
     from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
 
-    from selfalign.tasks import generate
+    from selfalign.tasks import vllm_worker
 
-    generate.use_inverse_cdf_sampler()
-    generate.use_inverse_cdf_sampler()  # idempotent
+    assert vllm_worker.use_inverse_cdf_sampler()
+    assert vllm_worker.use_inverse_cdf_sampler()  # idempotent
     sampler = TopKTopPSampler()
     assert sampler.forward.__func__ is TopKTopPSampler.forward_cpu
     logits = distributions()["random"]
@@ -383,3 +383,21 @@ def test_vllm_cpu_sampler_draws_by_inverse_cdf():
     # top-k 1 leaves the argmax whatever the number.
     k1, _ = sampler.forward(logits.clone(), {}, torch.ones(logits.shape[0], dtype=torch.long), None)
     assert torch.equal(k1, logits.argmax(-1))
+
+
+def test_the_sampler_patch_is_gated_on_the_vllm_it_was_checked_against(monkeypatch):
+    """`use_inverse_cdf_sampler` replaces a method of vLLM's CPU sampler (no public hook exists). It
+    applies only to the version it was checked against; any other vLLM samples with its own draw.
+    This test fails on a vLLM bump until the patch is checked again and PATCHED_VLLM moved on."""
+    vllm = pytest.importorskip("vllm")
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+
+    from selfalign.tasks import vllm_worker
+
+    assert vllm.__version__ == vllm_worker.PATCHED_VLLM, (
+        f"vLLM {vllm.__version__}: check tasks/vllm_worker.use_inverse_cdf_sampler against its CPU sampler, "
+        f"then set PATCHED_VLLM")
+    original = TopKTopPSampler.forward_cpu
+    monkeypatch.setattr(TopKTopPSampler, "forward_cpu", original)  # restored after the test
+    monkeypatch.setattr(vllm, "__version__", "0.0.1")
+    assert vllm_worker.use_inverse_cdf_sampler() is False and TopKTopPSampler.forward_cpu is original

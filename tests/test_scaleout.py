@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from selfalign.flows.config import ConfigError, load_config
-from selfalign.tasks import artifacts, generate, score, train
+from selfalign.tasks import artifacts, generate, lm_logps, procs, score, train
 
 BASE = {"model.policy": "pi0", "model.reference": "sft", "data.prompts": "p", "data.eval_prompts": "e",
         "data.offline_pairs": "o", "generate.k": 2, "pairs.min_valid": 2, "generate.shard_size": 2}
@@ -83,7 +83,7 @@ def test_generation_workers_draw_disjoint_shards_and_join_the_same_table(engine,
     assert [(r["first"], r["count"]) for r in jobs[0]["runs"]] == [(0, 2), (2, 2), (4, 1)]
     assert [r["seed"] for r in jobs[1]["runs"]] == [generate.shard_seed(0, 1, i) for i in (1, 3)]
     if len(os.sched_getaffinity(0)) >= 2:  # each worker pinned to cores of its own
-        assert [j["cpus"] for j in jobs] == [r["cpus"] for r in generate.worker_resources(2, 1, "generate.shards")]
+        assert [j["cpus"] for j in jobs] == [r["cpus"] for r in procs.worker_resources(2, 1, "generate.shards")]
     assert out.read_bytes() == ref.read_bytes() and stats["generate/samples"] == 18
 
     # more workers than shards still to draw: one worker per shard
@@ -123,13 +123,13 @@ def test_worker_counts_are_not_part_of_the_stage_keys():
 
 def test_each_worker_gets_gpus_of_its_own(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")
-    assert generate.worker_resources(2, 2, "generate.shards") == [{"devices": "4,5"}, {"devices": "6,7"}]
-    assert generate.worker_resources(4, 1, "score.shards") == [{"devices": d} for d in "4567"]
+    assert procs.worker_resources(2, 2, "generate.shards") == [{"devices": "4,5"}, {"devices": "6,7"}]
+    assert procs.worker_resources(4, 1, "score.shards") == [{"devices": d} for d in "4567"]
     with pytest.raises(ValueError, match=r"generate.shards: 3 workers x 2 GPU\(s\) each need 6 GPUs, 4 are visible"):
-        generate.worker_resources(3, 2, "generate.shards")
+        procs.worker_resources(3, 2, "generate.shards")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     cpus = sorted(os.sched_getaffinity(0))
-    got = generate.worker_resources(2, 1, "generate.shards")
+    got = procs.worker_resources(2, 1, "generate.shards")
     if len(cpus) >= 2:  # disjoint cores, all of them used
         assert sorted(c for r in got for c in r["cpus"]) == cpus and not set(got[0]["cpus"]) & set(got[1]["cpus"])
 
@@ -149,11 +149,11 @@ def _sequences(tiny_model, n=40):
 @pytest.mark.parametrize("packing", [True, False])
 def test_parts_of_the_batch_plan_merge_into_one_scorers_values(tiny_model, packing):
     tok, seqs = _sequences(tiny_model)
-    model = score.load_model(tiny_model)
-    whole = score.logps_of(model, seqs, tok.pad_token_id, 200, packing=packing)
-    parts = [{"policy": score.logps_of(model, seqs, tok.pad_token_id, 200, packing=packing, part=(w, 3)),
+    model = lm_logps.load_model(tiny_model)
+    whole = lm_logps.logps_of(model, seqs, tok.pad_token_id, 200, packing=packing)
+    parts = [{"policy": lm_logps.logps_of(model, seqs, tok.pad_token_id, 200, packing=packing, part=(w, 3)),
               "ref": [0.0 if v is not None else None for v in
-                      score.logps_of(model, seqs, tok.pad_token_id, 200, packing=packing, part=(w, 3))],
+                      lm_logps.logps_of(model, seqs, tok.pad_token_id, 200, packing=packing, part=(w, 3))],
               "extra": []} for w in range(3)]
     assert all(sum(v is not None for v in p["policy"]) > 0 for p in parts)  # every worker has batches
     merged = score.merge_parts(parts)
@@ -451,7 +451,7 @@ def test_two_processes_listen_on_loopback_only_and_train_the_model_of_one(tiny_m
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
     tok, seqs = _sequences(str(out), 4)
-    values = score.logps_of(score.load_model(str(out)), seqs, tok.pad_token_id)
+    values = lm_logps.logps_of(lm_logps.load_model(str(out)), seqs, tok.pad_token_id)
     assert all(math.isfinite(v) and v < 0 for v in values)
 
 

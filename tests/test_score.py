@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-from selfalign.tasks.score import collate, load_model, logps_of, pair_accuracy, token_budget_batches
+from selfalign.tasks.lm_logps import collate, load_model, logps_of, token_budget_batches
+from selfalign.tasks.score import pair_accuracy
 
 
 def test_batched_scores_equal_one_sequence_at_a_time(tiny_model, naive_logp):
@@ -55,8 +56,8 @@ def _llama(vocab: int, tie: bool, seed: int = 0):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_fused_head_equals_the_logits_path_values_and_gradients(tie, monkeypatch):
-    from selfalign.tasks import score
-    from selfalign.tasks.score import forward_logps, fused_head_ok
+    from selfalign.tasks import lm_logps
+    from selfalign.tasks.lm_logps import forward_logps, fused_head_ok
 
     model = _llama(61, tie)
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
@@ -68,7 +69,7 @@ def test_fused_head_equals_the_logits_path_values_and_gradients(tie, monkeypatch
     for fused in (True, False):
         model.zero_grad()
         if fused:  # the fused path must not compute full logits at all
-            monkeypatch.setattr(score, "token_logps", lambda *a, **k: pytest.fail("full logits in the fused path"))
+            monkeypatch.setattr(lm_logps, "token_logps", lambda *a, **k: pytest.fail("full logits in the fused path"))
         sums, counts = forward_logps(model, *batch, fused=fused)
         monkeypatch.undo()
         (sums * weights).sum().backward()
@@ -81,7 +82,7 @@ def test_fused_head_equals_the_logits_path_values_and_gradients(tie, monkeypatch
 
 
 def test_fused_head_is_refused_when_the_model_post_processes_logits():
-    from selfalign.tasks.score import fused_head_ok
+    from selfalign.tasks.lm_logps import fused_head_ok
 
     model = _llama(61, False)
     model.config.final_logit_softcapping = 30.0
@@ -91,7 +92,7 @@ def test_fused_head_is_refused_when_the_model_post_processes_logits():
 def test_fused_head_check_ignores_dropout_and_keeps_the_mode():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from selfalign.tasks.score import fused_head_ok
+    from selfalign.tasks.lm_logps import fused_head_ok
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, resid_pdrop=0.5, embd_pdrop=0.5))

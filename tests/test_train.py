@@ -139,7 +139,7 @@ def test_zero3_with_a_partitioned_lm_head_trains_like_zero2(tmp_path, replay_pai
 def test_rpo_alpha_adds_the_token_mean_nll_of_the_chosen_responses(tiny_model, tmp_path, replay_pairs):
     from selfalign.tasks import artifacts
     from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
-    from selfalign.tasks.score import load_model, logps_of
+    from selfalign.tasks.lm_logps import load_model, logps_of
 
     # one step over all 8 pairs in one micro-batch: the step's loss is ln 2 + alpha * NLL(chosen)
     steps, _ = _train(tiny_model, tmp_path, replay_pairs, "rpo", **{"train.rpo_alpha": 0.5, "train.max_steps": 1,
@@ -152,54 +152,6 @@ def test_rpo_alpha_adds_the_token_mean_nll_of_the_chosen_responses(tiny_model, t
     assert steps[0]["loss"] == pytest.approx(LN2 + 0.5 * nll, abs=1e-5)
     # the term itself is logged under TRL's name, and so is the learning rate
     assert steps[0]["nll_loss"] == pytest.approx(nll, abs=1e-5) and steps[0]["learning_rate"] == pytest.approx(1e-3)
-
-
-def test_deepspeed_compiles_its_decorated_kernels_on_first_call_only(monkeypatch):
-    """compile_on_first_call: decorating compiles nothing; the first call compiles once and later
-    calls reuse it; results and names pass through."""
-    from deepspeed.runtime import compiler
-
-    from selfalign.tasks.train_worker import compile_on_first_call
-
-    monkeypatch.setattr(compiler, "compile", compiler.compile)  # restored after the test
-    made = []
-
-    def fake_compile(fn):
-        made.append(fn.__name__)
-        return lambda *a, **k: ("compiled", fn(*a, **k))
-
-    monkeypatch.setattr(torch, "compile", fake_compile)
-    compile_on_first_call()
-    compile_on_first_call()  # idempotent: one layer of deferral
-
-    @compiler.compile()
-    def kernel(x, scale=1):
-        return x * scale
-
-    assert made == [] and kernel.__name__ == "kernel"
-    assert kernel(3, scale=2) == ("compiled", 6)
-    assert kernel(4) == ("compiled", 4)
-    assert made == ["kernel"]
-
-
-def test_deepspeed_engine_start_no_longer_loads_torch_inductor(tmp_path):
-    """The Muon module every ZeRO engine imports loads no inductor once deferred (it did before)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, deepspeed\n"
-        "from selfalign.tasks.train_worker import compile_on_first_call\n"
-        "assert 'torch._inductor.compile_fx' not in sys.modules\n"
-        "if sys.argv[1] == 'deferred': compile_on_first_call()\n"
-        "from deepspeed.runtime.zero.muon import muon_optimizer, original_muon\n"
-        "print('torch._inductor.compile_fx' in sys.modules)\n")
-    runs = {how: subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, timeout=300)
-            for how in ("deferred", "eager")}
-    for how, r in runs.items():
-        assert r.returncode == 0, (how, r.stderr[-2000:])
-    assert runs["deferred"].stdout.split()[-1] == "False"
-    assert runs["eager"].stdout.split()[-1] == "True"
 
 
 def test_follow_steps_reads_rows_as_they_are_written(tmp_path):
