@@ -60,21 +60,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     prepare_environment(cfg.run_dir)
     from selfalign.tasks.artifacts import RunLocked, run_lock
-    from selfalign.tasks.procs import Interrupted, stop_on_signals
+    from selfalign.tasks.procs import Interrupted, stop_on_signals, stopped_by
 
     try:
         with run_lock(cfg.run_dir), stop_on_signals():  # a second run on the folder stops at once
-            code = check_inputs(cfg)
-            if code:
-                return code
-            with temporary_prefect() as server:
-                return _run_arms(cfg, control=control, preset=args.preset, overrides=overrides, server=server)
+            try:
+                code = check_inputs(cfg)
+                if code:
+                    return code
+                with temporary_prefect() as server:
+                    return _run_arms(cfg, control=control, preset=args.preset, overrides=overrides, server=server)
+            except BaseException:
+                # The interrupt may come back wrapped (a sub-flow's crash): the signal decides.
+                if stopped_by() is None:
+                    raise
+                return interrupted(Interrupted(stopped_by()))
     except RunLocked as e:
         print(f"run: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"run: stopped by {e}. Finished stages are kept: the same command resumes the run.", file=sys.stderr)
-        return e.exit_code
+        return interrupted(e)
     except OSError as e:
         if e.errno not in DISK_ERRORS:
             raise
@@ -86,6 +91,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # Write failures that a user fixes (a full or read-only disk, permissions), reported in one line.
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def interrupted(e) -> int:
+    print(f"run: stopped by {e}. Finished stages are kept: the same command resumes the run.", file=sys.stderr)
+    return e.exit_code
 
 
 @contextmanager

@@ -55,6 +55,7 @@ def continue_chain(config: dict) -> dict:
         excluded = artifacts.read_json(Path(used)) if used and Path(used).is_file() else []
         start = {"alias": cfg.continual.alias, "version": str(found.version), "model": model.policy}
     new = dataclasses.replace(cfg, run=run, tracking=tracking, model=model)
+    new.run_dir.mkdir(parents=True, exist_ok=True)
     artifacts.write_json(new.run_dir / CHAIN, start | {"excluded_prompts": excluded})
     return new.to_dict()
 

@@ -298,9 +298,19 @@ def start_config(cfg: Config) -> Config:
         train=dataclasses.replace(cfg.train, lr=cfg.start.lr or cfg.train.lr, epochs=cfg.start.epochs, max_steps=0))
 
 
+def stopped_by_signal(e: BaseException) -> bool:
+    """Whether `e` ends a run that a signal stops: our interrupt, or Prefect's own TerminationSignal
+    (a task run turns SIGTERM into it before the command line's handler sees the signal)."""
+    from prefect.exceptions import TerminationSignal
+
+    from selfalign.tasks.procs import stopped_by
+
+    return isinstance(e, (KeyboardInterrupt, TerminationSignal)) or stopped_by() is not None
+
+
 def end_status(e: BaseException) -> str:
     """The MLflow status of a run that ended with `e`: KILLED when a signal stopped it."""
-    return "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+    return "KILLED" if stopped_by_signal(e) else "FAILED"
 
 
 @flow(name="dice-start", flow_run_name="{config[run][name]}-pi0")
@@ -386,7 +396,7 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
             log_round_model(tracker, cfg, r, Path(result["model"]), policy)
         tracker.close("KILLED" if result["stopped"] else "FINISHED")
     except BaseException as e:
-        log(f"round {r} {'interrupted' if isinstance(e, KeyboardInterrupt) else 'failed'}: {e}")
+        log(f"round {r} {'stopped by a signal' if stopped_by_signal(e) else 'failed'}: {e!r}")
         tracker.close(end_status(e))
         raise
     result["metrics"] = metrics

@@ -82,22 +82,32 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
+_stopped_by: int | None = None  # the signal that `stop_on_signals` is stopping the run for
+
+
+def stopped_by() -> int | None:
+    """The signal (SIGINT, SIGTERM) this process is stopping for, or None: code that sees an
+    exception while unwinding (Prefect may wrap the interrupt of a sub-flow) can tell a stop from a failure."""
+    return _stopped_by
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Within it, SIGINT and SIGTERM end every child (`stop_children`) and raise `Interrupted` in the
     main thread, once: a second signal while the run is stopping only says so. Main thread only."""
-    stopping = False
+    global _stopped_by
 
     def handler(signum, frame):
-        nonlocal stopping
-        if stopping:
+        global _stopped_by
+        if _stopped_by is not None:
             print(f"selfalign: {signal.Signals(signum).name} again: still stopping", file=sys.stderr, flush=True)
             return
-        stopping = True
+        _stopped_by = signum
         print(f"\nselfalign: {signal.Signals(signum).name}: stopping the run", file=sys.stderr, flush=True)
         stop_children()
         raise Interrupted(signum)
 
+    _stopped_by = None
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -105,6 +115,7 @@ def stop_on_signals() -> Iterator[None]:
         stop_children()
         for s, h in old.items():
             signal.signal(s, h)
+        _stopped_by = None
 
 
 def run_worker_process(module: str, job_path: Path, env: dict[str, str], cpus, log) -> tuple[int, list[str]]:

@@ -33,14 +33,14 @@ def test_a_chain_continues_from_the_champion_on_fresh_prompts(tmp_path):
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     [two] = [d for d in (tmp_path / "run").iterdir() if d.is_dir() and d != one and (d / "continual.json").exists()]
     chain = json.loads((two / "continual.json").read_text())
-    assert chain["version"] == champ.version and chain["model"] == champ.tags["selfalign.model_dir"]
+    assert chain["version"] == str(champ.version) and chain["model"] == champ.tags["selfalign.model_dir"]
     assert set(chain["excluded_prompts"]) == used_first
     # the second run's training prompts: none of the first's
     ids = set(pq.read_table(two / "round_1" / "samples.parquet").column("prompt_id").to_pylist())
     assert ids and not ids & used_first
     decision = json.loads((two / "continual_decision.json").read_text())
-    assert not decision["promoted"] and decision["from_version"] == champ.version
-    assert client.get_model_version_by_alias("chain", "champion").version == champ.version  # unchanged
+    assert not decision["promoted"] and decision["from_version"] == str(champ.version)
+    assert str(client.get_model_version_by_alias("chain", "champion").version) == str(champ.version)  # unchanged
     runs = client.search_runs([client.get_experiment_by_name("selfalign").experiment_id],
                               "tags.`continual.decision` = 'kept'")
-    assert len(runs) == 1 and runs[0].data.tags["continual.from_version"] == champ.version
+    assert len(runs) == 1 and runs[0].data.tags["continual.from_version"] == str(champ.version)
