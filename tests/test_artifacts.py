@@ -139,3 +139,24 @@ def test_an_evaluation_key_reruns_only_the_evaluation(tmp_path, tiny_model):
     assert keys(**{"score.batch_tokens": 999})[0] != same[0]
     cfg = load_config(None, base)
     assert pipeline.pairs_key(cfg, 1, samples, offline + offline) != same[1]  # the offline rows are an input
+
+
+def test_the_command_line_refuses_a_folder_another_run_holds(tmp_path, monkeypatch, capsys):
+    """Through `selfalign run`: one line naming the holder, exit 2, before any server or engine."""
+    from pathlib import Path
+
+    from selfalign.flows import cli
+
+    monkeypatch.setattr(cli, "prepare_environment", lambda run_dir: None)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        demo = str(Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml")
+        assert cli.main(["run", demo, f"--run.dir={run_dir}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("run: ") and f"in use by pid {holder.pid} on " in err and "\n" not in err
+    finally:
+        holder.kill()
+        holder.wait()
