@@ -543,8 +543,9 @@ def _rounds(cfg: Config, config: dict) -> dict:
         if cfg.continual.alias:
             from selfalign.flows.continual import decide, describe
 
+            pool = training_prompts(cfg)
             used = [p["id"] for r in range(1, rows[-1]["round"] + 1)
-                    for p in round_prompts(training_prompts(cfg), cfg.data.prompts_per_round, r)]
+                    for p in round_prompts(pool, cfg.data.prompts_per_round, r)]
             summary["continual"] = decide(cfg, rows, used, tracker)
             log(describe(summary["continual"]))
         artifacts.write_json(cfg.run_dir / "summary.json", summary)
@@ -614,6 +615,5 @@ def dataset_inputs(cfg: Config) -> dict[str, tuple[str, str]]:
     for name in ("prompts", "eval_prompts", "offline_pairs", "heldout_pairs"):
         rows = getattr(data, name)
         if getattr(cfg.data, name):
-            blob = json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()
-            out[name] = (getattr(cfg.data, name), hashlib.sha256(blob).hexdigest()[:16])
+            out[name] = (getattr(cfg.data, name), rows_digest(rows))
     return out

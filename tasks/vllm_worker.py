@@ -192,10 +192,9 @@ def engine(job: dict[str, Any]) -> LLM:
     return llm
 
 
-def draw(llm: LLM, job: dict[str, Any], run: dict[str, Any], own_top_p: bool) -> list[dict[str, Any]]:
-    """The sample rows of one sampling run of the job."""
+def draw(llm: LLM, job: dict[str, Any], run: dict[str, Any], own_top_p: bool, eos: set[int]) -> list[dict[str, Any]]:
+    """The sample rows of one sampling run of the job; `eos`: the model's end-of-turn ids."""
     tok = llm.get_tokenizer()
-    eos = {tok.eos_token_id} | generation_eos(job["model"])
     special = set(tok.all_special_ids)
     # A run may cover a slice of the job's prompts (evaluation and next-round sampling share one
     # engine start).
@@ -236,8 +235,9 @@ def draw(llm: LLM, job: dict[str, Any], run: dict[str, Any], own_top_p: bool) ->
 def main(job: dict[str, Any]) -> None:
     llm = engine(job)
     own_top_p = not torch.cuda.is_available() and not job.get("native_top_p", False)
+    eos = {llm.get_tokenizer().eos_token_id} | generation_eos(job["model"])
     for run in job["runs"]:
-        rows = draw(llm, job, run, own_top_p)
+        rows = draw(llm, job, run, own_top_p, eos)
         artifacts.write_table(Path(run["output"]), rows)
         if "manifest" in run:
             artifacts.mark_done(Path(run["output"]), run["manifest"])
