@@ -83,6 +83,7 @@ def deploy(cfg: Config, name: str, pool: str = "selfalign", cron: str | None = N
         raise DeployError("PREFECT_API_URL is not set: deployments live on a Prefect server. Start one with "
                           "`selfalign server` and export the PREFECT_API_URL it prints")
     from prefect import Flow
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
 
     plan = schedules(cron, timezone)
     created = ensure_pool(pool)
@@ -92,11 +93,15 @@ def deploy(cfg: Config, name: str, pool: str = "selfalign", cron: str | None = N
     dep_id = flow.deploy(
         name=name, work_pool_name=pool, parameters={"config": params}, schedules=plan,
         job_variables={"env": JOB_ENV | (env or {})}, build=False, push=False,
+        # One run at a time: every run of a deployment writes the same run folder (or, in a continual
+        # chain, starts from the model the run before it promoted); a run due while one is going waits.
+        concurrency_limit=ConcurrencyLimitConfig(limit=1, collision_strategy="ENQUEUE"),
         description=f"DICE run {cfg.run.name!r}: {cfg.run.rounds} rounds from {cfg.model.policy or cfg.model.reference}",
         tags=["selfalign"], print_next_steps=False, ignore_warnings=True,
     )
     out(f"deployment {FLOW_NAME}/{name} ({dep_id}) on pool {pool!r}"
-        + (f", schedule cron {cron!r}" + (f" ({timezone})" if timezone else " (UTC)") if cron else ", no schedule"))
+        + (f", schedule cron {cron!r}" + (f" ({timezone})" if timezone else " (UTC)") if cron else ", no schedule")
+        + "; one run at a time (a run due while another runs waits for it)")
     out(f"  run directory {params['run']['dir']}; MLflow {params['tracking']['uri'] or 'sqlite store in the run directory'}")
     out("next:")
     out(f"  prefect worker start --pool {pool}              # a worker with this environment, same PREFECT_API_URL")

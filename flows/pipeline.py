@@ -485,7 +485,17 @@ def tracking_uri(cfg: Config) -> str:
     return resolve_uri(cfg.tracking.uri, cfg.run_dir)
 
 
-@flow(name="selfalign-run", flow_run_name="{config[run][name]}")
+def run_name() -> str:
+    """The flow run's name: run.name, and for a run of a continual chain its start time as well, so
+    that a deployment's scheduled runs can be told apart in the Prefect UI."""
+    from prefect.runtime import flow_run
+
+    config = flow_run.parameters["config"]
+    name = config["run"]["name"]
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if (config.get("continual") or {}).get("alias") else name
+
+
+@flow(name="selfalign-run", flow_run_name=run_name)
 def run_flow(config: dict) -> dict:
     """Multi-round DICE from pi_0: `model.policy` (DPO-trained against `model.reference`), or with
     `model.policy` empty, pi_0 trained first from the SFT model `model.reference` (round 0)."""
