@@ -161,14 +161,15 @@ def packed_sequence_logps(token_lp: torch.Tensor, labels: torch.Tensor, seq_ids:
     return sums, counts
 
 
-def _check_packed_call(name: str, packed: Packed | None, attention_mask, query: torch.Tensor) -> None:
-    """What an attention function over a packed row needs: the packing, no mask, one row."""
+def _check_packed_call(name: str, packed: Packed | None, attention_mask, query: torch.Tensor) -> Packed:
+    """What an attention function over a packed row needs: the packing, no mask, one row. Returns the packing."""
     if packed is None:
         raise ValueError(f"{name} needs packed=<Packed>: the sequence boundaries")
     if attention_mask is not None:
         raise ValueError(f"{name}: pass no attention mask with a packed row")
     if query.shape[0] != 1:
         raise ValueError(f"{name}: a packed row has batch size 1, got {query.shape[0]}")
+    return packed
 
 
 def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
@@ -178,7 +179,7 @@ def varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     query (1, Hq, T, D), key/value (1, Hk, T, D) with Hq a multiple of Hk (grouped-query attention);
     returns ((1, T, Hq, D), None), the shape and tuple of transformers' attention functions.
     `attention_mask` must be None: the packing is the mask."""
-    _check_packed_call("varlen_attention", packed, attention_mask, query)
+    packed = _check_packed_call("varlen_attention", packed, attention_mask, query)
     hq, hk = query.shape[1], key.shape[1]
     p = dropout if module is None or module.training else 0.0
     outs = []
@@ -228,7 +229,7 @@ def flash_varlen_attention(module, query: torch.Tensor, key: torch.Tensor, value
     varlen_attn = _torch_varlen()
     if varlen_attn is None:
         raise RuntimeError("flash_varlen_attention: this torch has no torch.nn.attention.varlen")
-    _check_packed_call("flash_varlen_attention", packed, attention_mask, query)
+    packed = _check_packed_call("flash_varlen_attention", packed, attention_mask, query)
     if dropout and (module is None or module.training):
         raise ValueError("flash_varlen_attention: torch's varlen attention has no dropout")
     params = _parameters(varlen_attn)

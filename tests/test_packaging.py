@@ -1,6 +1,6 @@
 """Packaging and lint: Hugging Face ships a package named `kernels` that transformers probes for and
 imports, so ours must never be importable under that name (the layout note in pyproject.toml); the
-code passes the configured ruff checks."""
+code passes the configured ruff checks, and kernels/ passes mypy."""
 import importlib.util
 import subprocess
 import sys
@@ -39,4 +39,11 @@ def test_the_code_passes_ruff():
     ruff = Path(sys.executable).with_name("ruff")
     proc = subprocess.run([str(ruff), "check", "--output-format", "concise", "."], cwd=ROOT, capture_output=True,
                           text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
+def test_the_kernels_pass_mypy():
+    """The math modules type-check under the mypy settings of pyproject.toml ([tool.mypy])."""
+    mypy = Path(sys.executable).with_name("mypy")
+    proc = subprocess.run([str(mypy)], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
