@@ -40,35 +40,63 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
 
 
 _children: set[subprocess.Popen] = set()  # the worker processes running now (`start_child`)
+_groups: set[int] = set()  # pids of the children that lead a process group of their own
 _children_lock = threading.Lock()
 
 
-def start_child(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
+def start_child(cmd: list[str], group: bool = False, **popen_kwargs) -> subprocess.Popen:
     """`subprocess.Popen(cmd, ...)` for a worker or launcher: it dies with this process (even with
-    SIGKILL) and `stop_children` ends it. Call `forget_child` once it has been waited for."""
-    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent, **popen_kwargs)
+    SIGKILL) and `stop_children` ends it. Call `forget_child` once it has been waited for.
+    group=True: the child leads a process group of its own, and stopping it (`stop_child`,
+    `stop_children`) signals the whole group: DeepSpeed's runner exits on SIGTERM without passing it
+    on, which would leave its launcher and the ranks running."""
+    proc = subprocess.Popen(cmd, preexec_fn=die_with_parent, start_new_session=group, **popen_kwargs)
     with _children_lock:
         _children.add(proc)
+        if group:
+            _groups.add(proc.pid)
     return proc
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        if proc.pid in _groups:
+            os.killpg(proc.pid, sig)  # the group outlives its leader while members are left
+        elif proc.poll() is None:
+            proc.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_child(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the child (its group, for `group=True`), SIGKILL after `grace` seconds if it has not ended."""
+    _signal(proc, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        _signal(proc, signal.SIGKILL)
+        proc.wait()
 
 
 def forget_child(proc: subprocess.Popen) -> None:
     with _children_lock:
         _children.discard(proc)
+        _groups.discard(proc.pid)
 
 
 def stop_children(grace: float = 10.0) -> None:
-    """SIGTERM to every running child, then SIGKILL to those still running after `grace` seconds."""
+    """SIGTERM to every running child (the whole group of a `group=True` one), then SIGKILL to those
+    still running after `grace` seconds."""
     with _children_lock:
-        live = [p for p in _children if p.poll() is None]
+        live = [p for p in _children if p.poll() is None or p.pid in _groups]
     for p in live:
-        p.terminate()
+        _signal(p, signal.SIGTERM)
     deadline = time.time() + grace
     for p in live:
         try:
             p.wait(max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            p.kill()
+            _signal(p, signal.SIGKILL)
             p.wait()
 
 
