@@ -1,5 +1,6 @@
 """The config reference: every key with its type, default and meaning, read from the typed config
-itself (the dataclasses of flows/config.py and the comment written beside each field), so there is
+itself (the sections' dataclasses, composed in flows/config.py, and the comment written beside each
+field; a nested group's fields as `section.group.key`), so there is
 one place to change. `selfalign config` prints it; docs/config.md is its Markdown form, and
 tests/test_config_doc.py checks that the file is current."""
 from __future__ import annotations
@@ -9,7 +10,7 @@ import inspect
 import io
 import re
 import tokenize
-from typing import Any, get_type_hints
+from typing import Any, get_origin, get_type_hints
 
 from selfalign.flows.config import Config
 
@@ -41,19 +42,28 @@ def field_help(cls: type) -> dict[str, str]:
 
 
 def _type_name(t: Any) -> str:
-    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+    if get_origin(t) is not None:  # list[str], Literal['a', 'b']: with their items or choices
+        return str(t).replace("typing.", "")
+    return getattr(t, "__name__", None) or str(t)
+
+
+def _rows(cls: type, prefix: str) -> list[dict[str, str]]:
+    helps, hints = field_help(cls), get_type_hints(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows += _rows(hints[f.name], f"{prefix}.{f.name}")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append({"key": f"{prefix}.{f.name}", "type": _type_name(hints[f.name]), "default": repr(default),
+                     "help": helps.get(f.name, "")})
+    return rows
 
 
 def reference() -> list[dict[str, str]]:
-    """One row per key: section.key, type, default, meaning."""
-    rows = []
-    for section in dataclasses.fields(Config):
-        cls = get_type_hints(Config)[section.name]
-        helps, hints = field_help(cls), get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            rows.append({"key": f"{section.name}.{f.name}", "type": _type_name(hints[f.name]),
-                         "default": repr(f.default), "help": helps.get(f.name, "")})
-    return rows
+    """One row per key: section.key (section.group.key in a group), type, default, meaning."""
+    hints = get_type_hints(Config)
+    return [row for section in dataclasses.fields(Config) for row in _rows(hints[section.name], section.name)]
 
 
 def as_text(rows: list[dict[str, str]]) -> str:
@@ -66,7 +76,7 @@ def as_markdown(rows: list[dict[str, str]]) -> str:
     lines = ["# Configuration reference", "",
              "Every key of a run's config: its type, default and meaning. A preset (YAML) lists only what differs",
              "from these defaults; `--section.key=value` overrides any key on the command line. Generated from",
-             "flows/config.py by `selfalign config --markdown > docs/config.md`; do not edit by hand.", ""]
+             "the sections' dataclasses by `selfalign config --markdown > docs/config.md`; do not edit by hand.", ""]
     section = None
     for r in rows:
         s = r["key"].split(".")[0]

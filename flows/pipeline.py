@@ -17,8 +17,6 @@ them and joins their parts; with no Prefect server the flow's temporary one reco
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -30,15 +28,17 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 
 from selfalign.flows.config import Config, ConfigError, from_dict
+from selfalign.tasks.cluster_config import ClusterConfig
 from selfalign.tasks import artifacts, plots
+from selfalign.tasks.config_base import digest
 from selfalign.tasks.data import load_data
-from selfalign.tasks.evaluate import run_evaluate
-from selfalign.tasks.generate import run_generate, run_vllm
+from selfalign.tasks.evaluate import evaluate_key, run_evaluate
+from selfalign.tasks.generate import generate_key, run_generate, run_vllm
 from selfalign.tasks.judge import Judge, judge_round
-from selfalign.tasks.pairs import run_pairs
+from selfalign.tasks.pairs import pairs_key, run_pairs
 from selfalign.tasks.tracking import (MetricLogger, check_options, local_uri, log_round_model, make_logger,
                                       resolve_uri)
-from selfalign.tasks.train import SAVING_KEYS, checkpoint_dir, run_train
+from selfalign.tasks.train import checkpoint_dir, run_train, train_key
 
 
 def _log():
@@ -68,108 +68,74 @@ def _stage(output: Path, key: dict[str, Any], work, stats_path: Path, settings: 
     return stats
 
 
-def settings(cfg: Config, *sections: str) -> dict[str, Any]:
-    """The values of the config keys of `sections`, as `section.key`, less those that change no
-    output (worker counts, the judge)."""
-    from selfalign.flows.config import NOT_HASHED
-
-    return {k: v for k, v in cfg.flat().items()
-            if (s := k.split(".")[0]) in sections and k.split(".", 1)[1] not in NOT_HASHED.get(s, ())}
-
-
-def generate_key(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> dict[str, Any]:
-    return {"config": cfg.section_hash("model", "generate"), "model": artifacts.input_token(model),
-            "prompts": [p["id"] for p in prompts], "seed": cfg.run.seed + r}
-
-
 @task(name="generate-worker", cache_policy=NO_CACHE, task_run_name="generate-worker-{worker}")
-def generate_worker_task(job: dict, job_path: Path, kv_cache_gib: float, worker: int) -> int:
-    """One generation worker: its vLLM engine draws its shards (each written with its manifest)."""
+def generate_worker_task(job: dict, job_path: Path, kv_cache_gib: float, worker: int,
+                         cluster: ClusterConfig | None = None, tensor_parallel_size: int = 1) -> int:
+    """One generation worker: its vLLM engine draws its shards (each written with its manifest). With
+    a cluster the engine runs in a Ray task on the node Ray places it on; this task run waits for it."""
+    if cluster is not None and cluster.address:
+        from selfalign.tasks.cluster import run_generate_worker
+
+        return len(run_generate_worker(cluster, job, job_path, kv_cache_gib, tensor_parallel_size, _log())["drawn"])
     return sum(map(len, run_vllm(job, job_path, kv_cache_gib, _log())))
 
 
 @task(name="score-worker", cache_policy=NO_CACHE, task_run_name="score-worker-{worker}")
-def score_worker_task(job: dict, job_path: Path, worker: int) -> Path:
-    """One scoring worker: its share of the batches, under every model of the score stage."""
+def score_worker_task(job: dict, job_path: Path, worker: int, cluster: ClusterConfig | None = None) -> Path:
+    """One scoring worker: its share of the batches, under every model of the score stage (with a
+    cluster: in a Ray task, as for generation)."""
+    if cluster is not None and cluster.address:
+        from selfalign.tasks.cluster import run_score_worker as run_on_cluster
+
+        return run_on_cluster(cluster, job, job_path, _log())
     from selfalign.tasks.score import run_score_worker
 
     return run_score_worker(job, job_path, _log())
 
 
-def _map_generate(kv_cache_gib: float):
+def _map_generate(kv_cache_gib: float, cluster: ClusterConfig | None = None, tensor_parallel_size: int = 1):
     def run(calls: list[tuple[dict, Path]]) -> list[int]:
         futures = generate_worker_task.map([c[0] for c in calls], [c[1] for c in calls], unmapped(kv_cache_gib),
-                                           list(range(len(calls))))
+                                           list(range(len(calls))), unmapped(cluster), unmapped(tensor_parallel_size))
         return [f.result() for f in futures]  # waits for all; raises the first failure
     return run
 
 
-def _map_score(calls: list[tuple[dict, Path]]) -> list[Path]:
-    futures = score_worker_task.map([c[0] for c in calls], [c[1] for c in calls], list(range(len(calls))))
-    return [f.result() for f in futures]
+def _map_score(cluster: ClusterConfig | None = None):
+    def run(calls: list[tuple[dict, Path]]) -> list[Path]:
+        futures = score_worker_task.map([c[0] for c in calls], [c[1] for c in calls], list(range(len(calls))),
+                                        unmapped(cluster))
+        return [f.result() for f in futures]
+    return run
 
 
 @task(name="generate", cache_policy=NO_CACHE)
 def generate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> tuple[Path, dict]:
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "samples.parquet"
-    key = generate_key(cfg, r, model, prompts)
-    stats = _stage(out, key, lambda: run_generate(cfg, model, prompts, out, rd, r, key, _log(),
-                                                  map_workers=_map_generate(cfg.generate.kv_cache_gib)),
-                   rd / "generate.stats.json", settings(cfg, "model", "generate"))
+    key, keyed = generate_key(cfg.generate, cfg.model, model, prompts, cfg.run.seed + r)
+    stats = _stage(out, key, lambda: run_generate(cfg.generate, cfg.model, model, prompts, out, rd, r, key, _log(),
+                                                  map_workers=_map_generate(cfg.generate.kv_cache_gib, cfg.cluster,
+                                                                            cfg.generate.tensor_parallel_size),
+                                                  run_seed=cfg.run.seed, cluster=cfg.cluster),
+                   rd / "generate.stats.json", keyed)
     artifacts.remove_shards(out)
     return out, stats
-
-
-def rows_digest(rows: list[dict[str, Any]]) -> str:
-    """A stage input given as rows (offline or held-out pairs): a digest of their contents."""
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def config_digest(values: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def score_settings(cfg: Config) -> dict[str, Any]:
-    """The keys scoring reads: the model's and the score section's (not how many workers share it)."""
-    return settings(cfg, "model", "score")
-
-
-def score_key(cfg: Config, samples: Path, policy: str, reference: str, heldout: list[dict[str, str]]) -> dict[str, Any]:
-    return {"config": config_digest(score_settings(cfg)), "samples": artifacts.input_token(samples),
-            "policy": artifacts.input_token(policy), "reference": artifacts.input_token(reference),
-            "heldout": rows_digest(heldout)} | _mrpo_key(cfg)
-
-
-def pairs_settings(cfg: Config) -> dict[str, Any]:
-    """The keys the pair stage reads: its section, and the two hooks that label the pairs."""
-    return settings(cfg, "pairs") | {"evaluate.preferred": cfg.evaluate.preferred, "evaluate.checker": cfg.evaluate.checker}
-
-
-def pairs_key(cfg: Config, r: int, scores: Path | None, offline: list[dict[str, str]]) -> dict[str, Any]:
-    return {"config": config_digest(pairs_settings(cfg)), "offline": rows_digest(offline),
-            "scores": artifacts.input_token(scores) if scores else "", "seed": cfg.run.seed + r}
-
-
-def _mrpo_key(cfg: Config) -> dict[str, Any]:
-    """MRPO's additional references, as stage inputs (score scores them, train fills replay pairs);
-    absent for other losses, so their stage keys stay as they were."""
-    from selfalign.tasks.score import extra_references
-
-    refs = extra_references(cfg)
-    return {"mrpo_references": [[artifacts.input_token(m), t] for m, t in refs]} if refs else {}
 
 
 @task(name="score", cache_policy=NO_CACHE)
 def score_task(cfg: Config, r: int, samples: Path, policy: str, reference: str,
                heldout: list[dict[str, str]]) -> tuple[Path, dict]:
-    from selfalign.tasks.score import run_score
+    from selfalign.tasks.score import run_score, score_key
 
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "scores.parquet"
-    key = score_key(cfg, samples, policy, reference, heldout)
-    stats = _stage(out, key, lambda: run_score(cfg, samples, policy, reference, heldout, out, _log(),
-                                               map_workers=_map_score), rd / "score.stats.json", score_settings(cfg))
+    refs = cfg.train.extra_references()  # MRPO's additional references: the score stage scores them too
+    key, keyed = score_key(cfg.score, cfg.model, samples, policy, reference, heldout, refs)
+    stats = _stage(out, key, lambda: run_score(cfg.score, cfg.model, samples, policy, reference, heldout, out, _log(),
+                                               map_workers=_map_score(cfg.cluster), references=refs,
+                                               cluster=cfg.cluster),
+                   rd / "score.stats.json", keyed)
     return out, stats
 
 
@@ -178,10 +144,11 @@ def pairs_task(cfg: Config, r: int, scores: Path | None, offline: list[dict[str,
     """Round r's training pairs; from the offline pairs alone when `scores` is None."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "pairs.parquet"
-    key = pairs_key(cfg, r, scores, offline)
-    stats = _stage(out, key, lambda: run_pairs(cfg, scores, offline, out, rd / "alpha_sweep.json",
-                                               cfg.run.seed + r, _log(), get_run_logger().warning),
-                   rd / "pairs.stats.json", pairs_settings(cfg))
+    labels = {"preferred": cfg.evaluate.preferred, "checker": cfg.evaluate.checker}  # label statistics
+    key, keyed = pairs_key(cfg.pairs, scores, offline, cfg.run.seed + r, **labels)
+    stats = _stage(out, key, lambda: run_pairs(cfg.pairs, scores, offline, out, rd / "alpha_sweep.json",
+                                               cfg.run.seed + r, _log(), get_run_logger().warning, **labels),
+                   rd / "pairs.stats.json", keyed)
     return out, stats
 
 
@@ -191,8 +158,7 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path, tracker: MetricLogg
     steps it did not see then (a skipped stage, a resumed one's earlier steps) when it ends."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "model"
-    key = {"config": train_config_hash(cfg), "model": artifacts.input_token(model),
-           "pairs": artifacts.input_token(pairs), "seed": cfg.run.seed + r} | _mrpo_key(cfg)
+    key, keyed = train_key(cfg.train, cfg.model, model, pairs, cfg.run.seed + r)
     steps_path = rd / "train.steps.json"
     seen: set[int] = set()
 
@@ -201,8 +167,9 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path, tracker: MetricLogg
         seen.add(row["step"])
 
     _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log(), key=key,
-                                                 on_step=on_step if tracker is not None else None)},
-           steps_path, settings(cfg, "model", "train"), keep_old=cfg.run.keep_old_models)
+                                                 on_step=on_step if tracker is not None else None,
+                                                 batch_tokens=cfg.score.batch_tokens)},
+           steps_path, keyed, keep_old=cfg.run.keep_old_models)
     if tracker is not None:
         for row in artifacts.read_json(steps_path)["steps"]:
             if row["step"] not in seen:
@@ -214,16 +181,6 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path, tracker: MetricLogg
 
 
 
-def train_config_hash(cfg: Config) -> str:
-    """`section_hash("model", "train")` without the keys that only decide what training saves or how
-    its processes are started."""
-    d = cfg.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k not in SAVING_KEYS
-                  and not (k.startswith("lora_") and not cfg.train.lora_enabled)}
-    blob = json.dumps({s: d[s] for s in ("model", "train")}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> dict:
     """Evaluates the model that round r produced (r = 0: pi_0). When round r+1 follows, the same
@@ -231,19 +188,19 @@ def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
     (not with generate.shards > 1: round r+1's generate stage then draws them on its workers)."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "eval_greedy.parquet"
-    key = {"config": cfg.section_hash("model", "generate", "evaluate"), "model": artifacts.input_token(model),
-           "prompts": [p["id"] for p in prompts]}
+    key, keyed = evaluate_key(cfg.evaluate, cfg.generate, cfg.model, model, prompts)
     nxt = None
-    if r < cfg.run.rounds and cfg.generate.shards == 1 and cfg.pairs.source == "dice":
+    if r < cfg.run.rounds and cfg.generate.shards == 1 and not cfg.cluster.address and cfg.pairs.source == "dice":
         nd = artifacts.round_dir(cfg.run_dir, r + 1)
         next_prompts = round_prompts(training_prompts(cfg), cfg.data.prompts_per_round, r + 1)
-        next_key = generate_key(cfg, r + 1, model, next_prompts)
+        next_key = generate_key(cfg.generate, cfg.model, model, next_prompts, cfg.run.seed + r + 1)[0]
         if not artifacts.is_done(nd / "samples.parquet", next_key):
             nxt = (next_prompts, nd / "samples.parquet", next_key)
 
     def work():
-        metrics, gen = run_evaluate(cfg, model, prompts, rd, cfg.run.seed + 7919 * r, _log(),
-                                    next_round=(nxt[0], nxt[1], r + 1, nxt[2]) if nxt else None)
+        metrics, gen = run_evaluate(cfg.evaluate, cfg.generate, cfg.model, model, prompts, rd, cfg.run.seed + 7919 * r,
+                                    _log(), next_round=(nxt[0], nxt[1], r + 1, nxt[2]) if nxt else None,
+                                    run_seed=cfg.run.seed)
         if nxt:
             nd = nxt[1].parent
             artifacts.write_json(nd / "generate.stats.json", gen)
@@ -251,7 +208,7 @@ def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]
             artifacts.remove_shards(nxt[1])
         return metrics
 
-    return _stage(out, key, work, rd / "evaluate.stats.json", settings(cfg, "model", "generate", "evaluate"))
+    return _stage(out, key, work, rd / "evaluate.stats.json", keyed)
 
 
 @task(name="judge", cache_policy=NO_CACHE)
@@ -512,7 +469,19 @@ def run_flow(config: dict) -> dict:
                           "reward log pi - log ref is zero for every sample, so round 1 would rank nothing. Leave "
                           "model.policy empty to train pi_0 from the SFT model (model.reference) on the offline pairs first")
     with artifacts.run_lock(cfg.run_dir):
+        if cfg.cluster.address:
+            check_cluster(cfg)
         return _rounds(cfg, config)
+
+
+def check_cluster(cfg: Config) -> None:
+    """Every node of the Ray cluster sees the run folder, or the run stops naming the node that does not."""
+    from selfalign.tasks.cluster import SharedStorageError, check_shared_storage
+
+    try:
+        check_shared_storage(cfg.cluster, cfg.run_dir, _log())
+    except SharedStorageError as e:
+        raise ConfigError(f"cluster.address: {e}") from None
 
 
 def _rounds(cfg: Config, config: dict) -> dict:
@@ -625,5 +594,5 @@ def dataset_inputs(cfg: Config) -> dict[str, tuple[str, str]]:
     for name in ("prompts", "eval_prompts", "offline_pairs", "heldout_pairs"):
         rows = getattr(data, name)
         if getattr(cfg.data, name):
-            out[name] = (getattr(cfg.data, name), rows_digest(rows))
+            out[name] = (getattr(cfg.data, name), digest(rows))
     return out

@@ -439,8 +439,8 @@ def check_tokenizers(cfg: Any) -> None:
     seen = {cfg.model.policy or cfg.model.reference}
     models = [("model.reference", cfg.model.reference)]
     if cfg.train.loss == "mrpo":
-        models += [("train.mrpo_tokenizers" if tok else "train.mrpo_references", tok or m)
-                   for m, tok in cfg.train.mrpo_reference_list()]
+        models += [("train.mrpo.tokenizers" if tok else "train.mrpo.references", tok or m)
+                   for m, tok in cfg.train.mrpo.reference_list()]
     for key, path in models:
         if path in seen:
             continue

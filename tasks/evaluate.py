@@ -13,8 +13,11 @@ from typing import Any
 
 from selfalign.kernels.stats import mean_ci, per_prompt
 from selfalign.tasks import artifacts
+from selfalign.tasks.config_base import ModelConfig, digest
 from selfalign.tasks.data import load_hook
+from selfalign.tasks.evaluate_config import EvaluateConfig
 from selfalign.tasks.generate import build_job, generate_stats, join_shards, plan_shards, run_vllm, sampling_run
+from selfalign.tasks.generate_config import GenerateConfig
 
 
 def _per_prompt_values(rows: list[dict[str, Any]], preferred, checker) -> dict[str, dict[str, float]]:
@@ -41,15 +44,33 @@ def _rates(rows: list[dict[str, Any]], values: dict[str, dict[str, float]],
     return out
 
 
-def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, seed: int, log=print,
+def sampling_settings(e: EvaluateConfig, g: GenerateConfig) -> dict[str, Any]:
+    """What the evaluation reads of the generate section: its engine, and its sampling for the
+    sampled answers (its length limit unless evaluate.max_tokens sets one)."""
+    return g.engine() | {"generate.temperature": g.temperature, "generate.top_p": g.top_p,
+                         "generate.max_tokens": e.max_tokens or g.max_tokens}
+
+
+def evaluate_key(e: EvaluateConfig, g: GenerateConfig, m: ModelConfig, model: str,
+                 prompts: list[dict[str, str]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the stage is skipped by: its own keys (not the judge's), the engine and sampling keys it
+    shares with generation, the model's, the model evaluated and the prompts; and those config keys
+    by name."""
+    settings = e.keyed() | sampling_settings(e, g) | m.settings()
+    return {"config": digest(settings), "model": artifacts.input_token(model),
+            "prompts": [p["id"] for p in prompts]}, settings
+
+
+def run_evaluate(e: EvaluateConfig, g: GenerateConfig, m: ModelConfig, model: str, prompts: list[dict[str, str]],
+                 out_dir: Path, seed: int, log=print,
                  next_round: tuple[list[dict[str, str]], Path, int, dict[str, Any]] | None = None,
-                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Greedy and sampled answers on the eval prompts. With `next_round` = (prompts, output, round,
-    generate stage key), the same engine also draws the next round's K samples per prompt from this
-    model, in that stage's shards (those still missing), and joins them into `output` (the next
-    round's generate stage then finds it done): one engine start per round instead of two."""
+                 run_seed: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Greedy and sampled answers on the eval prompts, on the engine of the generate section `g`.
+    With `next_round` = (prompts, output, round, generate stage key), the same engine also draws the
+    next round's K samples per prompt from this model, in that stage's shards (those still missing;
+    seeds from `run_seed`), and joins them into `output` (the next round's generate stage then finds
+    it done): one engine start per round instead of two."""
     t0 = time.time()
-    e, g = cfg.evaluate, cfg.generate
     preferred = load_hook(e.preferred, "evaluate.preferred") if e.preferred else None
     checker = load_hook(e.checker, "evaluate.checker") if e.checker else None
     group_of = load_hook(e.group, "evaluate.group") if e.group else None
@@ -64,12 +85,12 @@ def run_evaluate(cfg, model: str, prompts: list[dict[str, str]], out_dir: Path, 
     job_prompts = list(prompts)
     if next_round:
         next_prompts, next_out, next_r, next_key = next_round
-        shards, shard_runs = plan_shards(cfg, next_prompts, next_out, next_r, next_key, log)
+        shards, shard_runs = plan_shards(g, next_prompts, next_out, run_seed, next_r, next_key, log)
         runs += [run | {"first": run["first"] + len(prompts)} for run in shard_runs]
         job_prompts += next_prompts
         for run in runs[:n_eval]:
             run["count"] = len(prompts)
-    results = run_vllm(build_job(cfg, model, job_prompts, runs, seed), out_dir / "eval_job.json", g.kv_cache_gib, log)
+    results = run_vllm(build_job(g, m, model, job_prompts, runs, seed), out_dir / "eval_job.json", g.kv_cache_gib, log)
     metrics: dict[str, Any] = {}
     kept: dict[str, Any] = {"groups": groups or {}}
     for name, rows in zip(("greedy", "sampled"), results[:n_eval]):

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from selfalign.tasks import artifacts
+from selfalign.tasks.config_base import ModelConfig, digest
 from selfalign.tasks.data import encode_prompt, load_tokenizer
+from selfalign.tasks.generate_config import GenerateConfig
 from selfalign.tasks.procs import run_worker_process, thread_map, worker_resources, worker_threads
 
 
@@ -82,22 +84,22 @@ def sampling_run(output: Path, *, n: int, temperature: float, top_p: float, max_
             "max_tokens": max_tokens}
 
 
-def build_job(cfg, model: str, prompts: list[dict[str, str]], runs: list[dict[str, Any]], seed: int) -> dict[str, Any]:
+def build_job(g: GenerateConfig, m: ModelConfig, model: str, prompts: list[dict[str, str]], runs: list[dict[str, Any]],
+              seed: int) -> dict[str, Any]:
     """A vLLM job: one engine start for one model, several sampling runs over the same prompts."""
-    tok = load_tokenizer(model, cfg.model.trust_remote_code)
-    g = cfg.generate
+    tok = load_tokenizer(model, m.trust_remote_code)
     return {
         "model": model,
         "prompts": [{"id": p["id"], "prompt": p["prompt"], "ids": encode_prompt(tok, p["prompt"])} for p in prompts],
         "runs": runs,
         "seed": seed,
-        "dtype": cfg.model.dtype,
+        "dtype": m.dtype,
         "enforce_eager": g.enforce_eager,
         "gpu_memory_utilization": g.gpu_memory_utilization,
         "tensor_parallel_size": g.tensor_parallel_size,
         "threads": g.threads,
         "max_model_len": g.max_model_len,
-        "trust_remote_code": cfg.model.trust_remote_code,
+        "trust_remote_code": m.trust_remote_code,
     }
 
 
@@ -108,8 +110,7 @@ def generate_stats(rows: list[dict[str, Any]], n_prompts: int, k: int, seconds: 
             "generate/truncated": sum(r["finish_reason"] == "length" for r in rows)}
 
 
-def k_samples_run(cfg, out_path: Path) -> dict[str, Any]:
-    g = cfg.generate
+def k_samples_run(g: GenerateConfig, out_path: Path) -> dict[str, Any]:
     return sampling_run(out_path, n=g.k, temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens)
 
 
@@ -122,12 +123,12 @@ def shard_seed(run_seed: int, r: int, shard: int) -> int:
     return int.from_bytes(digest[:6], "big")
 
 
-def plan_shards(cfg, prompts: list[dict[str, str]], out_path: Path, r: int, key: dict[str, Any],
-                log=print) -> tuple[list[Path], list[dict[str, Any]]]:
+def plan_shards(g: GenerateConfig, prompts: list[dict[str, str]], out_path: Path, run_seed: int, r: int,
+                key: dict[str, Any], log=print) -> tuple[list[Path], list[dict[str, Any]]]:
     """The stage's shards of `generate.shard_size` prompts (0: one shard): every shard's path, and
     a sampling run for each one not already written under the same stage key. A run's
     `first`/`count` index `prompts`; the worker writes each shard with its manifest as it completes."""
-    size = cfg.generate.shard_size or len(prompts)
+    size = g.shard_size or len(prompts)
     paths, runs = [], []
     for i, first in enumerate(range(0, len(prompts), size)):
         path = artifacts.shard_path(out_path, i)
@@ -136,8 +137,8 @@ def plan_shards(cfg, prompts: list[dict[str, str]], out_path: Path, r: int, key:
         if artifacts.is_done(path, shard_key):
             log(f"{path.name}: up to date, skipped")
             continue
-        runs.append(k_samples_run(cfg, path) | {
-            "first": first, "count": min(size, len(prompts) - first), "seed": shard_seed(cfg.run.seed, r, i),
+        runs.append(k_samples_run(g, path) | {
+            "first": first, "count": min(size, len(prompts) - first), "seed": shard_seed(run_seed, r, i),
             "manifest": shard_key})
     return paths, runs
 
@@ -168,33 +169,53 @@ def worker_jobs(job: dict[str, Any], n: int) -> list[dict[str, Any]]:
     return jobs
 
 
-def run_workers(cfg, job: dict[str, Any], work_dir: Path, log=print, map_workers=None) -> None:
+def run_workers(g: GenerateConfig, job: dict[str, Any], work_dir: Path, log=print, map_workers=None,
+                cluster=None) -> None:
     """Runs a job of shard runs on `generate.shards` concurrent vLLM workers (one: in one engine, as
     before). `map_workers(calls)` runs `run_vllm(job, job_path, kv_cache_gib)` for each call
-    (job, job_path) concurrently; default `thread_map`."""
-    g = cfg.generate
+    (job, job_path) concurrently; default `thread_map`. With a `cluster` (tasks/cluster.py's
+    ClusterConfig, address set) every worker, even a single one, is a Ray task placed by Ray."""
     jobs = worker_jobs(job, g.shards)
-    if len(jobs) == 1:
+    if cluster is not None and cluster.address:
+        from selfalign.tasks import cluster as ray_workers
+
+        jobs = [ray_workers.prepare_generate_job(cluster, j, g.threads) for j in jobs]
+        run = lambda c: ray_workers.run_generate_worker(cluster, c[0], c[1], g.kv_cache_gib, g.tensor_parallel_size, log)
+    elif len(jobs) == 1:
         run_vllm(job, work_dir / "generate_job.json", g.kv_cache_gib, log)
         return
-    for j, res in zip(jobs, worker_resources(len(jobs), g.tensor_parallel_size, "generate.shards")):
-        j.update(res)
+    else:
+        for j, res in zip(jobs, worker_resources(len(jobs), g.tensor_parallel_size, "generate.shards")):
+            j.update(res)
+        run = lambda c: run_vllm(c[0], c[1], g.kv_cache_gib, log)
     calls = [(j, work_dir / f"generate_job.worker-{w}.json") for w, j in enumerate(jobs)]
-    log(f"generate: {len(job['runs'])} shards on {len(jobs)} workers")
+    log(f"generate: {len(job['runs'])} shards on {len(jobs)} workers" + " of the Ray cluster" * bool(cluster and cluster.address))
     if map_workers is None:
-        thread_map(lambda c: run_vllm(c[0], c[1], g.kv_cache_gib, log), calls)
+        thread_map(run, calls)
     else:
         map_workers(calls)
 
 
-def run_generate(cfg, model: str, prompts: list[dict[str, str]], out_path: Path, work_dir: Path, r: int,
-                 key: dict[str, Any], log=print, map_workers=None) -> dict[str, Any]:
+def generate_key(g: GenerateConfig, m: ModelConfig, model: str, prompts: list[dict[str, str]],
+                 seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the stage is skipped by: its own keys and the model's (less the worker count), the model
+    drawn from, the prompts and the round's seed; and those config keys by name, recorded beside
+    it to say which changed on a rerun."""
+    settings = g.keyed() | m.settings()
+    return {"config": digest(settings), "model": artifacts.input_token(model), "prompts": [p["id"] for p in prompts],
+            "seed": seed}, settings
+
+
+def run_generate(g: GenerateConfig, m: ModelConfig, model: str, prompts: list[dict[str, str]], out_path: Path,
+                 work_dir: Path, r: int, key: dict[str, Any], log=print, map_workers=None,
+                 run_seed: int = 0, cluster=None) -> dict[str, Any]:
     """K samples per prompt at the configured temperature/top_p/max_tokens -> `out_path`, drawn in
-    shards (one engine start for all the missing ones, or one per worker: `run_workers`)."""
+    shards (one engine start for all the missing ones, or one per worker: `run_workers`); round r
+    samples with seeds from `run_seed` + r."""
     t0 = time.time()
-    paths, runs = plan_shards(cfg, prompts, out_path, r, key, log)
+    paths, runs = plan_shards(g, prompts, out_path, run_seed, r, key, log)
     if runs:
-        job = build_job(cfg, model, prompts, runs, cfg.run.seed + r)
-        run_workers(cfg, job, work_dir, log, map_workers)
+        job = build_job(g, m, model, prompts, runs, run_seed + r)
+        run_workers(g, job, work_dir, log, map_workers, cluster)
     rows = join_shards(out_path, paths)
-    return generate_stats(rows, len(prompts), cfg.generate.k, time.time() - t0, log)
+    return generate_stats(rows, len(prompts), g.k, time.time() - t0, log)

@@ -1,4 +1,4 @@
-"""LoRA training with peft (train.lora_enabled): wrapping the policy, checking the target modules
+"""LoRA training with peft (train.lora.enabled): wrapping the policy, checking the target modules
 against a model's architecture at config time, the reference as the same model with its adapter
 disabled, and saving the adapter alone beside the merged model."""
 from __future__ import annotations
@@ -23,20 +23,20 @@ def wrap_lora(model, lora: dict):
         # adapters in the model's own dtype: DeepSpeed keeps one dtype per parameter group
         peft_model = get_peft_model(model, config, autocast_adapter_dtype=False)
     except ValueError as e:
-        raise ValueError(f"train.lora_target_modules: {lora['target_modules']!r} does not fit this model: {e}") from None
+        raise ValueError(f"train.lora.target_modules: {lora['target_modules']!r} does not fit this model: {e}") from None
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in model.modules():
         if isinstance(module, BaseTunerLayer) and id(module.get_base_layer()) in embeddings:
             which = embeddings[id(module.get_base_layer())]
-            raise ValueError(f"train.lora_target_modules: {lora['target_modules']!r} puts an adapter on the {which} "
+            raise ValueError(f"train.lora.target_modules: {lora['target_modules']!r} puts an adapter on the {which} "
                              f"embeddings ({names[id(module.get_base_layer())]}); name other modules")
     return peft_model
 
 
 def check_lora_targets(model_path: str, lora: dict, trust_remote_code: bool = False) -> None:
     """`wrap_lora`'s checks at config load time, on the model built on the meta device (no weights
-    read): a ValueError naming train.lora_target_modules if the adapters would not fit. A model
+    read): a ValueError naming train.lora.target_modules if the adapters would not fit. A model
     that cannot be built here is left to the training worker, which checks the same."""
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -14,23 +14,35 @@ from typing import Any
 
 from selfalign.kernels import pairs as rules
 from selfalign.tasks import artifacts
+from selfalign.tasks.config_base import digest
 from selfalign.tasks.data import load_hook
+from selfalign.tasks.pairs_config import PairsConfig
 
 
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def run_pairs(cfg, scores_path: Path | None, offline: list[dict[str, str]], out_path: Path, sweep_path: Path,
-              seed: int, log=print, warn=None) -> dict[str, Any]:
-    """Round pairs from `scores_path` (None: offline pairs only) and the offline pairs."""
+def pairs_key(pc: PairsConfig, scores: Path | None, offline: list[dict[str, str]], seed: int, preferred: str = "",
+              checker: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the stage is skipped by: its own keys, the two hooks that label its pairs (`run_pairs`),
+    the scores, the offline rows and the round's seed; and those config keys by name."""
+    settings = pc.keyed() | {"evaluate.preferred": preferred, "evaluate.checker": checker}
+    return {"config": digest(settings), "offline": digest(offline),
+            "scores": artifacts.input_token(scores) if scores else "", "seed": seed}, settings
+
+
+def run_pairs(pc: PairsConfig, scores_path: Path | None, offline: list[dict[str, str]], out_path: Path,
+              sweep_path: Path, seed: int, log=print, warn=None, preferred: str = "", checker: str = "") -> dict[str, Any]:
+    """Round pairs from `scores_path` (None: offline pairs only) and the offline pairs. `preferred`
+    and `checker` (the evaluation's hooks, package.module:function) label the generated pairs'
+    answers for the label statistics."""
     t0 = time.time()
-    pc = cfg.pairs
     warn = warn or log
     samples = artifacts.read_table(scores_path) if scores_path is not None else []
     valid_fn = load_hook(pc.validity, "pairs.validity") if pc.validity else None
-    preferred_fn = load_hook(cfg.evaluate.preferred, "evaluate.preferred") if cfg.evaluate.preferred else None
-    checker_fn = load_hook(cfg.evaluate.checker, "evaluate.checker") if cfg.evaluate.checker else None
+    preferred_fn = load_hook(preferred, "evaluate.preferred") if preferred else None
+    checker_fn = load_hook(checker, "evaluate.checker") if checker else None
 
     dropped = {"truncated": 0, "degenerate": 0, "special": 0, "invalid": 0, "identical": 0}
     by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)

@@ -23,8 +23,10 @@ from typing import Any, Sequence
 import torch
 
 from selfalign.tasks import artifacts
+from selfalign.tasks.config_base import ModelConfig, digest
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer
 from selfalign.tasks.lm_logps import Seq, load_model, logps_of, reference_logps
+from selfalign.tasks.score_config import ScoreConfig
 
 
 def pair_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> float:
@@ -34,15 +36,10 @@ def pair_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[floa
     return sum(c > r for c, r in zip(chosen_scores, rejected_scores)) / len(chosen_scores)
 
 
-def extra_references(cfg) -> list[tuple[str, str]]:
-    """(model, tokenizer or "") of each additional MRPO reference; none unless train.loss=mrpo."""
-    return cfg.train.mrpo_reference_list() if cfg.train.loss == "mrpo" else []
-
-
 @dataclass
 class ScoreSettings:
     """What scoring reads of the run's config (model.dtype, model.trust_remote_code, score.batch_tokens,
-    score.packing, MRPO's additional references): all a scoring worker receives."""
+    score.packing) and MRPO's additional references: all a scoring worker receives."""
     dtype: str = "float32"
     trust_remote_code: bool = False
     batch_tokens: int = 16384
@@ -50,24 +47,39 @@ class ScoreSettings:
     references: list[tuple[str, str]] = field(default_factory=list)  # (model, tokenizer or "")
 
     @classmethod
-    def of(cls, cfg) -> "ScoreSettings":
-        return cls(cfg.model.dtype, cfg.model.trust_remote_code, cfg.score.batch_tokens, cfg.score.packing,
-                   extra_references(cfg))
+    def of(cls, s: ScoreConfig, m: ModelConfig, references: Sequence[tuple[str, str]] = ()) -> "ScoreSettings":
+        return cls(m.dtype, m.trust_remote_code, s.batch_tokens, s.packing, list(references))
 
 
-def run_score(cfg, samples_path: Path, policy: str, reference: str, heldout: list[dict[str, str]],
-              out_path: Path, log=print, map_workers=None) -> dict[str, Any]:
+def score_key(s: ScoreConfig, m: ModelConfig, samples: Path, policy: str, reference: str, heldout: list[dict[str, str]],
+              references: Sequence[tuple[str, str]] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the stage is skipped by: its own keys (not the worker count) and the model's, the
+    samples, the two models, the held-out rows and MRPO's additional references (absent for other
+    losses); and those config keys by name."""
+    settings = s.keyed() | m.settings()
+    key = {"config": digest(settings), "samples": artifacts.input_token(samples),
+           "policy": artifacts.input_token(policy), "reference": artifacts.input_token(reference),
+           "heldout": digest(heldout)}
+    if references:
+        key["mrpo_references"] = [[artifacts.input_token(path), tok] for path, tok in references]
+    return key, settings
+
+
+def run_score(s: ScoreConfig, m: ModelConfig, samples_path: Path, policy: str, reference: str,
+              heldout: list[dict[str, str]], out_path: Path, log=print, map_workers=None,
+              references: Sequence[tuple[str, str]] = (), cluster=None) -> dict[str, Any]:
     """Adds `policy_logp`, `ref_logp`, `score` to every finished sample (NaN for truncated ones,
     which the pair stage drops anyway) and scores the held-out pairs with the same reward. With
-    train.loss=mrpo also `mrpo_ref_logps`: one summed log-prob per additional reference. With
-    score.shards > 1 the log-probs come from that many worker processes (`score_workers`)."""
+    `references` (MRPO's additional ones: (model, tokenizer or "")) also `mrpo_ref_logps`: one summed
+    log-prob per reference. With score.shards > 1 the log-probs come from that many worker processes
+    (`score_workers`); with a `cluster` (tasks/cluster.py, address set) from that many Ray tasks, one at least."""
     t0 = time.time()
     samples = artifacts.read_table(samples_path)
-    settings = ScoreSettings.of(cfg)
-    if cfg.score.shards > 1:
+    settings = ScoreSettings.of(s, m, references)
+    if s.shards > 1 or (cluster is not None and cluster.address):
         tok, live, seqs = score_sequences(settings, samples, heldout, policy)
-        values = score_workers(cfg.score.shards, settings, samples_path, policy, reference, heldout, out_path.parent,
-                               log, map_workers)
+        values = score_workers(s.shards, settings, samples_path, policy, reference, heldout, out_path.parent,
+                               log, map_workers, cluster)
     else:
         tok, live, seqs, values = score_values(settings, samples, policy, reference, heldout, log)
     return _write_scores(samples, live, seqs, values, settings.references, heldout, out_path, t0, log)
@@ -165,19 +177,30 @@ def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def score_workers(n: int, settings: ScoreSettings, samples_path: Path, policy: str, reference: str,
-                  heldout: list[dict[str, str]], work_dir: Path, log=print, map_workers=None) -> dict[str, Any]:
+                  heldout: list[dict[str, str]], work_dir: Path, log=print, map_workers=None,
+                  cluster=None) -> dict[str, Any]:
     """The stage's log-probs from `n` (score.shards) worker processes, merged. `map_workers(calls)`
-    runs `run_score_worker(job, job_path)` for each call concurrently (default: threads)."""
+    runs `run_score_worker(job, job_path)` for each call concurrently (default: threads). With a
+    `cluster` (address set) the workers are Ray tasks (tasks/cluster.py)."""
     from selfalign.tasks.procs import thread_map, worker_resources
 
+    ray_workers = None
+    if cluster is not None and cluster.address:
+        from selfalign.tasks import cluster as ray_workers
     calls = []
-    for w, res in enumerate(worker_resources(n, 1, "score.shards")):
+    for w, res in enumerate(worker_resources(n, 1, "score.shards") if ray_workers is None else [{}] * n):
         job = {"settings": asdict(settings), "samples": str(samples_path), "policy": policy, "reference": reference,
                "heldout": heldout, "part": [w, n], "output": str(work_dir / f"score_part.worker-{w}.json")} | res
+        if ray_workers is not None:
+            job = ray_workers.prepare_score_job(cluster, job)
         calls.append((job, work_dir / f"score_job.worker-{w}.json"))
-    log(f"score: {n} workers")
-    outputs = thread_map(lambda c: run_score_worker(c[0], c[1], log), calls) if map_workers is None \
-        else map_workers(calls)
+    log(f"score: {n} workers" + " of the Ray cluster" * (ray_workers is not None))
+    if map_workers is not None:
+        outputs = map_workers(calls)
+    elif ray_workers is not None:
+        outputs = thread_map(lambda c: ray_workers.run_score_worker(cluster, c[0], c[1], log), calls)
+    else:
+        outputs = thread_map(lambda c: run_score_worker(c[0], c[1], log), calls)
     parts = [artifacts.read_json(p) for p in outputs]
     for p in outputs:
         Path(p).unlink(missing_ok=True)
@@ -186,13 +209,15 @@ def score_workers(n: int, settings: ScoreSettings, samples_path: Path, policy: s
 
 def run_score_worker(job: dict[str, Any], job_path: Path, log=print) -> Path:
     """One scoring worker in a process of its own (on GPUs: the device in `devices`; on CPU: pinned to
-    `cpus`, one torch thread each); returns the path of its part."""
+    `cpus`, one torch thread each, or `threads` threads); returns the path of its part."""
     from selfalign.tasks.procs import run_worker_process
 
     artifacts.write_json(job_path, job)
     env = dict(os.environ)
     if job.get("devices") is not None:
         env["CUDA_VISIBLE_DEVICES"] = job["devices"]
+    if job.get("threads"):
+        env["OMP_NUM_THREADS"] = str(job["threads"])
     rc, tail = run_worker_process("selfalign.tasks.score", job_path, env, job.get("cpus"), log)
     if rc != 0:
         raise RuntimeError(f"scoring worker {job['part'][0]} failed (exit {rc}):\n" + "\n".join(tail))
@@ -202,8 +227,8 @@ def run_score_worker(job: dict[str, Any], job_path: Path, log=print) -> Path:
 def _worker(job: dict[str, Any]) -> None:
     from selfalign.tasks.procs import PROGRESS
 
-    if job.get("cpus"):
-        torch.set_num_threads(len(job["cpus"]))
+    if job.get("cpus") or job.get("threads"):
+        torch.set_num_threads(job.get("threads") or len(job["cpus"]))
     settings = ScoreSettings(**job["settings"])
     settings.references = [tuple(r) for r in settings.references]
     w, n = job["part"]

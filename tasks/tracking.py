@@ -10,8 +10,11 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+
+from selfalign.tasks.config_base import ConfigError
 
 # Values that look like secrets never go to MLflow params.
 _SECRET_WORDS = ("key", "token", "secret", "password")
@@ -43,6 +46,26 @@ def check_options(log_model: str, registered_model_name: str = "", uri: str = ""
     why = registry_problem(uri) if uri else ""
     if why:
         raise ValueError(f"tracking.registered_model_name: {name!r} needs a model registry, but {why}")
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = ""                  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else
+                                   # sqlite:///<run_dir>/mlflow.db
+    experiment: str = "selfalign"  # MLflow experiment the runs go to
+    plots: bool = True             # per-round PNG plots as MLflow artifacts (plots/) and in round_<r>/plots
+    log_model: str = "none"        # none | artifact: each round's model folder as MLflow artifacts (model/) |
+                                   # transformers: as an MLflow Model of the transformers flavour (model/)
+    registered_model_name: str = ""  # each round's logged model becomes the next version of this registered
+                                   # model ("" = none); needs tracking.log_model and a database or server store
+    system_metrics: bool = True    # CPU, memory (and GPU) use sampled every 10 s into each round's MLflow run
+
+    def __post_init__(self) -> None:
+        # The store's own checks need the run's folder (its default store): flows/config.py makes them.
+        try:
+            check_options(self.log_model, self.registered_model_name)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 def registry_problem(uri: str) -> str:

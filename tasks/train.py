@@ -2,12 +2,13 @@
 publishes the round's model atomically and returns the per-step metrics the worker wrote.
 
 Launchers (`train.launcher`): `local` starts the `train.nproc` processes itself (this module run as
-`python -m selfalign.tasks.train`); `torchrun`; `deepspeed`, also across the nodes of a hostfile
-(`train.hostfile`). On one node every rendezvous socket listens on 127.0.0.1 only: rank 0 creates the
-store on a loopback socket (`train_worker.init_process_group`) and gloo/NCCL are pinned to the loopback
-interface; with `local` and `deepspeed` nothing else listens (torchrun's agent hosts a store of its
-own, which torch binds to every interface). Across nodes the store must be reachable: it listens
-on all interfaces of rank 0's node, at `train.master_addr`:`train.master_port`."""
+`python -m selfalign.tasks.train`); `torchrun`; `deepspeed`, also across nodes: without ssh
+(`train.nnodes`, each node running DeepSpeed's runner for itself, see `train_nodes`) or through ssh
+from a hostfile (`train.hostfile`). Every rendezvous socket listens on the master address only: rank 0
+creates the store on a socket bound to it (`train_worker.init_process_group`) and gloo/NCCL are pinned
+to its interface; that is 127.0.0.1 on one node and `train.master_addr` across nodes. With `local` and
+`deepspeed` nothing else listens (torchrun's agent hosts a store of its own, which torch binds to
+every interface)."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from selfalign.tasks import artifacts, procs, refcache
+from selfalign.tasks import artifacts, procs, refcache, train_nodes
+from selfalign.tasks.config_base import ModelConfig, digest
+from selfalign.tasks.train_config import SAVING_KEYS, TrainConfig
 
 
 def _free_port() -> int:
@@ -62,16 +65,18 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
 
 
 def launch_command(launcher: str, nproc: int, spec_path: Path, *, hostfile: str = "", master_addr: str = "",
-                   master_port: int = 0) -> list[str]:
+                   master_port: int = 0, node_rank: int | None = None) -> list[str]:
     """The command that starts the training processes. Without a hostfile: `nproc` processes on this
     node, rendezvous at 127.0.0.1 (`master_port`, or a free port). With one (deepspeed launcher
     only): the hostfile's slots on each of its hosts, rank 0 reached at `master_addr` (default: the
-    first host) and `master_port` (default 29500)."""
+    first host) and `master_port` (default 29500); DeepSpeed's runner starts every host's processes
+    through ssh, or with `node_rank` only this node's (`--no_ssh`: each node runs its own command)."""
     if hostfile:
         if launcher != "deepspeed":
             raise ValueError(f"train.hostfile needs train.launcher=deepspeed, not {launcher!r}")
         hosts = read_hostfile(hostfile)
-        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+        no_ssh = [] if node_rank is None else ["--no_ssh", "--node_rank", str(node_rank)]
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile), *no_ssh,
                 "--master_addr", master_addr or next(iter(hosts)), "--master_port", str(master_port or 29500),
                 "--module", "selfalign.tasks.train_worker", str(spec_path)]
     port = str(master_port or _free_port())
@@ -88,28 +93,15 @@ def launch_command(launcher: str, nproc: int, spec_path: Path, *, hostfile: str 
             "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "selfalign.tasks.train_worker", str(spec_path)]
 
 
-def loopback_interface() -> str:
-    """The name of the network interface that carries 127.0.0.1 ("lo" on Linux)."""
-    import psutil
-
-    for name, addrs in psutil.net_if_addrs().items():
-        if any(a.family == socket.AF_INET and a.address == "127.0.0.1" for a in addrs):
-            return name
-    return "lo"
-
-
-def worker_env(single_node: bool = True) -> dict[str, str]:
+def worker_env() -> dict[str, str]:
+    """The launcher's environment. gloo and NCCL are pinned to the master address's interface by each
+    worker itself (`train_worker.pin_interfaces`): on another node that interface has its own name."""
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfalign" / "torch_extensions"))
     import torch  # here, not at the top: the local launcher (this module run as a script) needs none
 
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
-    if single_node:
-        # gloo and NCCL otherwise listen on the address the host name resolves to
-        lo = loopback_interface()
-        env.setdefault("GLOO_SOCKET_IFNAME", lo)
-        env.setdefault("NCCL_SOCKET_IFNAME", lo)
     return env
 
 
@@ -137,11 +129,6 @@ def local_launch(nproc: int, master_port: int, worker_args: list[str]) -> int:
         time.sleep(0.1)
     failed = [p.returncode for p in ranks if p.returncode != 0]
     return rc or (failed[0] if failed else 0)
-
-
-# How often training saves checkpoints, whether they are kept, and where reference log-probs are
-# cached do not change the model; nor does how its processes are started and where they meet.
-SAVING_KEYS = ("checkpoint_every", "keep_checkpoints", "ref_cache", "launcher", "master_addr", "master_port")
 
 
 class NonFiniteTraining(RuntimeError):
@@ -175,9 +162,23 @@ def follow_steps(path: Path, on_step, stop: threading.Event, every: float = 1.0)
         stop.wait(every)
 
 
+def train_key(t: TrainConfig, m: ModelConfig, model: str, pairs: Path, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the stage is skipped by: the keys the trained model depends on (`TrainConfig.keyed`: not
+    those of saving and launching) and the model's, the start model, the pairs, the seed and MRPO's
+    additional references (absent for other losses); and those config keys by name."""
+    settings = t.keyed() | m.settings()
+    key = {"config": digest(settings), "model": artifacts.input_token(model), "pairs": artifacts.input_token(pairs),
+           "seed": seed}
+    if refs := t.extra_references():
+        key["mrpo_references"] = [[artifacts.input_token(path), tok] for path, tok in refs]
+    return key, settings
+
+
 def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=print,
-              key: dict[str, Any] | None = None, on_step=None) -> list[dict[str, Any]]:
+              key: dict[str, Any] | None = None, on_step=None, batch_tokens: int = 16384) -> list[dict[str, Any]]:
     """Trains pi_r from pi_{r-1} (= `model`) on the round's pairs; writes `out_dir` (HF format).
+    Reads the train and model sections of `cfg`; `batch_tokens`: tokens per forward of the reference
+    log-probs it fills in (the pipeline passes score.batch_tokens).
     Every `train.checkpoint_every` steps the worker saves a DeepSpeed checkpoint; a later call with
     the same spec and stage `key` resumes from the latest one (others are discarded first).
     `on_step(row)` is called with each step's metrics while training runs (MLflow's live curves)."""
@@ -189,28 +190,20 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         shutil.rmtree(partial)
     metrics_path = work / "metrics.jsonl"
     t = cfg.train
-    zero_stage = t.zero_stage_for(None if t.hostfile else t.nproc)
-    # Every train key by name (a loss's hyper-parameters reach it so: train_worker.pair_loss), then
-    # what the worker needs in another form.
-    spec = {k: v for k, v in dataclasses.asdict(t).items()
-            if k not in SAVING_KEYS and not (k.startswith("lora_") and not t.lora_enabled)} | {
-        "model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
-        "seed": seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
-        "loss": t.loss, "beta": t.beta, "rpo_alpha": t.rpo_alpha, "label_smoothing": t.label_smoothing, "lr": t.lr,
-        "gamma_beta_ratio": t.gamma_beta_ratio, "alpha": t.alpha, "alpha_mode": t.alpha_mode,
-        "weight_decay": t.weight_decay, "epochs": t.epochs, "max_steps": t.max_steps,
-        "batch_size": t.batch_size, "micro_batch_size": t.micro_batch_size, "grad_clip": t.grad_clip,
-        "zero_stage": zero_stage, "threads": t.threads, "batch_tokens": cfg.score.batch_tokens,
-        "packing": t.packing,
-        "mrpo_references": t.mrpo_reference_list(), "mrpo_eta": t.mrpo_eta, "mrpo_alpha": t.mrpo_alpha,
-        "mrpo_convention": t.mrpo_convention, "mrpo_naive": t.mrpo_naive,
-        "hpo_rewards": t.hpo_reward_list(), "hpo_preference": t.hpo_preference, "hpo_lambda": t.hpo_lambda,
-        "hpo_eta": t.hpo_eta, "hpo_w_max": t.hpo_w_max, "hpo_tau": t.hpo_tau, "hpo_nll": t.hpo_nll,
-        "hpo_on_rejected": t.hpo_on_rejected, "hpo_value_lr": t.hpo_value_lr,
-        "ref_cache": str(d) if (d := refcache.resolve_dir(t.ref_cache)) else None,
-    }
-    if t.lora_enabled:  # only then: the spec (and checkpoints' stamp) of full training is unchanged
-        spec["lora"] = t.lora_spec() | {"adapter_output": str(adapter_dir(out_dir))}
+    zero_stage = t.zero_stage_for(None if t.hostfile else t.nproc * t.nnodes)
+    # The worker's job: the train section (its top-level keys by name: a loss's hyper-parameters reach
+    # it so, train_worker.pair_loss), the group of the loss or LoRA in use, and what it trains on.
+    spec = {k: v for k, v in dataclasses.asdict(t).items() if k not in SAVING_KEYS and k not in ("lora", "mrpo", "hpo")}
+    spec |= {"model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
+             "seed": seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
+             "zero_stage": zero_stage, "batch_tokens": batch_tokens,
+             "ref_cache": str(d) if (d := refcache.resolve_dir(t.ref_cache)) else None}
+    if t.loss == "mrpo":
+        spec["mrpo"] = dataclasses.asdict(t.mrpo) | {"references": t.mrpo.reference_list()}
+    if t.loss == "hpo":
+        spec["hpo"] = dataclasses.asdict(t.hpo) | {"rewards": t.hpo.reward_list()}
+    if t.lora.enabled:
+        spec["lora"] = t.lora.spec() | {"adapter_output": str(adapter_dir(out_dir))}
     # Checkpoints are resumed only by the same training: same spec (config, model, seed) and the
     # same stage key (the contents of the pairs and the model).
     ckpt = checkpoint_dir(out_dir)
@@ -227,9 +220,17 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     artifacts.write_json(spec_path, spec)
     if adapter_dir(out_dir).exists():
         shutil.rmtree(adapter_dir(out_dir))  # a former attempt's; the worker writes it at the end
-    cmd = launch_command(t.launcher, t.nproc, spec_path, hostfile=t.hostfile, master_addr=t.master_addr,
-                         master_port=t.master_port)
-    where = f"the hosts of {t.hostfile}" if t.hostfile else f"{t.nproc} process(es)"
+    launch = None
+    if t.nnodes > 1:  # every node runs DeepSpeed's runner for itself: this one node 0's part
+        hostfile = train_nodes.write_hostfile(work / "hostfile", t.nnodes, t.nproc)
+        cmd = launch_command("deepspeed", t.nproc, spec_path, hostfile=str(hostfile), master_addr=t.master_addr,
+                             master_port=t.master_port, node_rank=0)
+        where = (f"{t.nnodes} nodes x {t.nproc} process(es) (node 0 here; the others join with "
+                 f"`selfalign train-node {cfg.run_dir} --node-rank i`)")
+    else:
+        cmd = launch_command(t.launcher, t.nproc, spec_path, hostfile=t.hostfile, master_addr=t.master_addr,
+                             master_port=t.master_port)
+        where = f"the hosts of {t.hostfile}" if t.hostfile else f"{t.nproc} process(es)"
     auto = f" ({t.zero_stage})" if t.zero_stage == "auto" else ""
     log(f"train: launching {where} with {t.launcher}, ZeRO-{zero_stage}{auto}")
     stop = threading.Event()
@@ -239,11 +240,15 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
                                     name="selfalign-train-steps")
         follower.start()
     with open(work / "worker.log", "w") as logf:
-        proc = procs.start_child(cmd, env=worker_env(single_node=not t.hostfile), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
+        proc = procs.start_child(cmd, group=True, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 text=True)
+        rc = None
         tail: list[str] = []
         fault = []  # every rank names the fault; the launcher's report after them can outgrow the tail
         try:
+            if t.nnodes > 1:
+                launch = train_nodes.open_launch(work, spec_path, hostfile, t.nnodes, t.nproc, t.master_addr,
+                                                 t.master_port or 29500)
             for line in proc.stdout:
                 logf.write(line)
                 tail = (tail + [line.rstrip()])[-40:]
@@ -253,14 +258,11 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
                     log(line.rstrip())
             rc = proc.wait()
         finally:
-            if proc.poll() is None:  # interrupted: the launcher stops its ranks, which die with it anyway
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            if rc is None:  # interrupted: the launcher's whole group stops (the ranks die with it anyway)
+                procs.stop_child(proc)
             procs.forget_child(proc)
+            if launch is not None:  # the other nodes stop their part when this one failed or was stopped
+                train_nodes.close_launch(work, launch, 1 if rc is None else rc)
             if follower is not None:
                 stop.set()
                 follower.join()

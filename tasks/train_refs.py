@@ -104,7 +104,7 @@ def fill_mrpo_reference_logps(rows: list[dict], spec: dict, tok, rank: int, worl
     """MRPO's additional references for rows that lack them (replay pairs; generated pairs carry the
     score stage's): `mrpo_ref_chosen_logps` / `mrpo_ref_rejected_logps`, one value per reference.
     Each reference scores with its own tokenizer and chat template when it differs from the policy's."""
-    refs = spec["mrpo_references"]
+    refs = spec["mrpo"]["references"]
 
     def complete(r: dict) -> bool:
         vals = (r.get("mrpo_ref_chosen_logps") or []) + (r.get("mrpo_ref_rejected_logps") or [])
@@ -132,8 +132,8 @@ def fill_mrpo_reference_logps(rows: list[dict], spec: dict, tok, rank: int, worl
 
 def fill_aux_rewards(rows: list[dict], spec: dict, rank: int, world: int) -> None:
     """HPO: r_aux = sum_k c_k R_k(prompt, response) of every pair's chosen and rejected response,
-    from the user hooks named in train.hpo_rewards (`aux_chosen`, `aux_rejected`)."""
-    hooks = [(load_hook(h, "train.hpo_rewards"), w) for h, w in spec["hpo_rewards"]]
+    from the user hooks named in train.hpo.rewards (`aux_chosen`, `aux_rejected`)."""
+    hooks = [(load_hook(h, "train.hpo.rewards"), w) for h, w in spec["hpo"]["rewards"]]
 
     def r_aux(prompt: str, response: str) -> float:
         return sum(w * float(fn(prompt, response)) for fn, w in hooks)
@@ -143,5 +143,5 @@ def fill_aux_rewards(rows: list[dict], spec: dict, rank: int, world: int) -> Non
 
     for i, (c, r) in shared(list(range(len(rows))), compute, rank, world).items():
         if not (math.isfinite(c) and math.isfinite(r)):
-            raise ValueError(f"train.hpo_rewards: non-finite auxiliary reward ({c}, {r}) for pair {rows[i]['prompt_id']!r}")
+            raise ValueError(f"train.hpo.rewards: non-finite auxiliary reward ({c}, {r}) for pair {rows[i]['prompt_id']!r}")
         rows[i]["aux_chosen"], rows[i]["aux_rejected"] = c, r

@@ -82,12 +82,13 @@ class Objective:
     def __call__(self, pc, pr, rc, rr, nc, nr, aux_c=None, aux_r=None, values=None):
         s, name = self.spec, self.name
         if name == "mrpo":
-            return mrpo_loss(pc, pr, rc, rr, beta=s["beta"], eta=s["mrpo_eta"], alpha=s["mrpo_alpha"],
-                             naive=s["mrpo_naive"], convention=s["mrpo_convention"])
+            m = s["mrpo"]
+            return mrpo_loss(pc, pr, rc, rr, beta=s["beta"], eta=m["eta"], alpha=m["alpha"], naive=m["naive"],
+                             convention=m["convention"])
         if name == "hpo":
             return hpo_loss(pc, pr, rc, rr, nc, nr, aux_c, aux_r, values, beta=s["beta"],
-                            preference=s["hpo_preference"], eta=s["hpo_eta"], lam=s["hpo_lambda"],
-                            w_max=s["hpo_w_max"], nll=s["hpo_nll"], aux_on_rejected=s["hpo_on_rejected"])
+                            preference=s["hpo"]["preference"], eta=s["hpo"]["eta"], lam=s["hpo"]["lam"],
+                            w_max=s["hpo"]["w_max"], nll=s["hpo"]["nll"], aux_on_rejected=s["hpo"]["on_rejected"])
         if name == "alpha_dpo":
             losses, cr, rj, self.state = alpha_dpo_loss(
                 pc, pr, rc, rr, nc, nr, state=self.state, beta=s["beta"], gamma_beta_ratio=s["gamma_beta_ratio"],
@@ -98,7 +99,7 @@ class Objective:
 
     def value_loss(self, values, aux_c, aux_r) -> torch.Tensor:
         """HPO's value head: expectile regression of V(x) on the auxiliary rewards of both responses."""
-        tau = self.spec["hpo_tau"]
+        tau = self.spec["hpo"]["tau"]
         return 0.5 * (expectile_loss(values, aux_c, tau).mean() + expectile_loss(values, aux_r, tau).mean())
 
 
@@ -207,35 +208,52 @@ def die_with_parent_or_exit() -> None:
             os._exit(1)
 
 
+def pin_interfaces(addr: str) -> None:
+    """gloo and NCCL listen on the interface this node reaches the master address through (gloo would
+    otherwise take the address the host name resolves to, NCCL any interface it likes): loopback on
+    one node, the cluster network's interface across nodes. GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME
+    set by the user are kept."""
+    from selfalign.tasks.train_nodes import interface_to
+
+    name = interface_to(addr)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", f"={name}")  # "=": this interface, not every one it prefixes
+
+
 def init_process_group(backend: str) -> None:
-    """The process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT). On one
-    node (MASTER_ADDR a loopback address, no torchrun agent store) rank 0 hosts the rendezvous store
-    on a socket bound to 127.0.0.1 (TCPStore alone listens on every interface). Otherwise nothing
-    here: `deepspeed.init_distributed` then meets at MASTER_ADDR, reachable from the other nodes."""
+    """The process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), with
+    nothing listening on all interfaces: rank 0 hosts the rendezvous store on a socket bound to
+    MASTER_ADDR (127.0.0.1 on one node, node 0's cluster address across nodes; TCPStore alone binds
+    every interface), and gloo/NCCL are pinned to that address's interface. Under torchrun's agent
+    store (TORCHELASTIC_USE_AGENT_STORE) the agent hosts the store and DeepSpeed joins it."""
     import datetime
-    import ipaddress
+    import errno
     import socket
 
-    addr = os.environ.get("MASTER_ADDR", "")
-    try:
-        loopback = addr == "localhost" or ipaddress.ip_address(addr).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback or os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+    from selfalign.tasks.train_nodes import resolve
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    pin_interfaces(addr)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
         return
-    rank, world, port = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["MASTER_PORT"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(minutes=30)
     if rank == 0:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        family, ip = resolve(addr)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            sock.bind((ip, port))
         except OSError as e:
-            raise RuntimeError(f"train: the rendezvous port 127.0.0.1:{port} is not free ({e})") from None
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise RuntimeError(f"train: the rendezvous port {addr}:{port} is not free ({e})") from None
+            raise RuntimeError(f"train: rank 0 cannot listen at {addr}:{port} ({e}): train.master_addr must be "
+                               "an address of node 0, the node that runs the pipeline") from None
         sock.listen(128)
-        store = dist.TCPStore("127.0.0.1", port, world, True, timeout, master_listen_fd=sock.detach())
+        store = dist.TCPStore(addr, port, world, True, timeout, master_listen_fd=sock.detach())
     else:
-        store = dist.TCPStore("127.0.0.1", port, world, False, timeout)
+        store = dist.TCPStore(addr, port, world, False, timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
@@ -294,7 +312,7 @@ def main(spec_path: str) -> None:
     vhead = vopt = None
     if loss_name == "hpo":
         vhead = value_head(hidden_size, engine.device)
-        vopt = torch.optim.AdamW(vhead.parameters(), lr=spec["hpo_value_lr"], weight_decay=0.0)
+        vopt = torch.optim.AdamW(vhead.parameters(), lr=spec["hpo"]["value_lr"], weight_decay=0.0)
     trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
     policy_params = [p for _, p in trainable]
     if vhead is not None:

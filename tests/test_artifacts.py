@@ -118,8 +118,11 @@ def test_a_round_model_trained_again_keeps_the_earlier_one(tmp_path, monkeypatch
 def test_an_evaluation_key_reruns_only_the_evaluation(tmp_path, tiny_model):
     """Stage keys come from the keys each stage reads and its inputs: evaluate.samples,
     evaluate.max_tokens and data.max_eval_prompts leave the score and pair stages' keys alone."""
-    from selfalign.flows import pipeline
     from selfalign.flows.config import load_config
+    from selfalign.tasks.evaluate import evaluate_key
+    from selfalign.tasks.pairs import pairs_key
+    from selfalign.tasks.score import score_key
+    from selfalign.tasks.train import train_key
 
     base = {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
             "data.eval_prompts": "e", "data.offline_pairs": "o"}
@@ -128,17 +131,25 @@ def test_an_evaluation_key_reruns_only_the_evaluation(tmp_path, tiny_model):
 
     def keys(**over):
         cfg = load_config(None, base | over)
-        return (pipeline.score_key(cfg, samples, tiny_model, tiny_model, offline),
-                pipeline.pairs_key(cfg, 1, samples, offline))
+        return (score_key(cfg.score, cfg.model, samples, tiny_model, tiny_model, offline)[0],
+                pairs_key(cfg.pairs, samples, offline, 1, cfg.evaluate.preferred, cfg.evaluate.checker)[0],
+                train_key(cfg.train, cfg.model, tiny_model, samples, 1)[0])
 
     same = keys()
     for over in ({"evaluate.samples": 9}, {"evaluate.max_tokens": 7}, {"data.max_eval_prompts": 3},
                  {"score.shards": 2}, {"evaluate.judge_url": "http://127.0.0.1:9/v1", "evaluate.judge_model": "m"}):
         assert keys(**over) == same, over
     assert keys(**{"pairs.gamma": 0.25})[1] != same[1] and keys(**{"pairs.gamma": 0.25})[0] == same[0]
-    assert keys(**{"score.batch_tokens": 999})[0] != same[0]
+    assert keys(**{"score.batch_tokens": 999})[0] != same[0] and keys(**{"score.batch_tokens": 999})[2] == same[2]
+    assert keys(**{"train.lr": 1e-6})[:2] == same[:2] and keys(**{"train.lr": 1e-6})[2] != same[2]
+    assert keys(**{"evaluate.preferred": "selfalign.tasks.toy:is_preferred"})[1] != same[1]  # it labels the pairs
     cfg = load_config(None, base)
-    assert pipeline.pairs_key(cfg, 1, samples, offline + offline) != same[1]  # the offline rows are an input
+    assert pairs_key(cfg.pairs, samples, offline + offline, 1)[0] != same[1]  # the offline rows are an input
+    # the evaluation's own key: its keys and the engine's, not the judge's nor how many draw the samples
+    ev = lambda **o: (lambda c: evaluate_key(c.evaluate, c.generate, c.model, tiny_model, offline)[0])(load_config(None, base | o))
+    assert ev() == ev(**{"generate.k": 20, "generate.shards": 2, "evaluate.judge_url": "http://127.0.0.1:9/v1",
+                         "evaluate.judge_model": "m"})
+    assert ev() != ev(**{"evaluate.samples": 9}) and ev() != ev(**{"generate.temperature": 0.5})
 
 
 def test_the_command_line_refuses_a_folder_another_run_holds(tmp_path, monkeypatch, capsys):

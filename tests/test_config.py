@@ -68,7 +68,7 @@ BAD_VALUES = [  # (override on the demo preset, what the error says: the key and
     ("--generate.threads=-1", "generate.threads: -1 must be >= 0"),
     ("--score.reference=best", "score.reference: 'best'"),
     ("--score.batch_tokens=0", "score.batch_tokens: 0 must be >= 1"),
-    ("--pairs.min_valid=1", "pairs.min_valid: 1 must be in [2, generate.k=8]"),
+    ("--pairs.min_valid=1", "pairs.min_valid: 1 must be >= 2"),
     ("--pairs.min_valid=9", "pairs.min_valid: 9 must be in [2, generate.k=8]"),
     ("--pairs.alpha_step=0", "pairs.alpha_step: 0.0 must be > 0"),
     ("--pairs.alpha_max=-1", "pairs.alpha_max: -1.0 must be >= 0"),
@@ -205,31 +205,31 @@ TWO_HOOKS = f"{ONE_HOOK},selfalign.tasks.toy:readability_reward"
 
 def test_hpo_reward_weights_take_a_number_or_a_list(tmp_path):
     def weights(value, hooks=ONE_HOOK):
-        return load_config(DEMO, {"train.loss": "hpo", "train.hpo_rewards": hooks,
-                                  "train.hpo_reward_weights": value}).train.hpo_reward_list()
+        return load_config(DEMO, {"train.loss": "hpo", "train.hpo.rewards": hooks,
+                                  "train.hpo.reward_weights": value}).train.hpo.reward_list()
 
     assert weights(2) == [(ONE_HOOK, 2.0)]
     assert weights(0.5) == [(ONE_HOOK, 0.5)]
     assert weights([1, 0.25], TWO_HOOKS) == [(ONE_HOOK, 1.0), ("selfalign.tasks.toy:readability_reward", 0.25)]
     assert weights("1,0.25", TWO_HOOKS)[1][1] == 0.25
     # the same from the command line and from a preset file
-    cfg = load_config(DEMO, ["--train.loss=hpo", f"--train.hpo_rewards={ONE_HOOK}", "--train.hpo_reward_weights=3"])
-    assert cfg.train.hpo_reward_weights == "3" and cfg.train.hpo_reward_list() == [(ONE_HOOK, 3.0)]
+    cfg = load_config(DEMO, ["--train.loss=hpo", f"--train.hpo.rewards={ONE_HOOK}", "--train.hpo.reward_weights=3"])
+    assert cfg.train.hpo.reward_weights == [3.0] and cfg.train.hpo.reward_list() == [(ONE_HOOK, 3.0)]
     preset = tmp_path / "p.yaml"
     preset.write_text(DEMO.read_text().replace("../../", str(ROOT) + "/").replace(
-        "train:\n", f"train:\n  loss: hpo\n  hpo_rewards: {TWO_HOOKS}\n  hpo_reward_weights: [2, 1.5e-1]\n"))
-    assert [w for _, w in load_config(preset).train.hpo_reward_list()] == [2.0, 0.15]
+        "train:\n", f"train:\n  loss: hpo\n  hpo:\n    rewards: [{TWO_HOOKS}]\n    reward_weights: [2, 1.5e-1]\n"))
+    assert [w for _, w in load_config(preset).train.hpo.reward_list()] == [2.0, 0.15]
     # a number for two rewards: the message says what is expected
-    with pytest.raises(ConfigError, match=r"train.hpo_reward_weights: '2' must give one weight per reward in "
-                                          r"train.hpo_rewards \(2\), comma-separated"):
+    with pytest.raises(ConfigError, match=r"train.hpo.reward_weights: \[2.0\] must give one weight per reward in "
+                                          r"train.hpo.rewards \(2\)"):
         weights(2, TWO_HOOKS)
-    with pytest.raises(ConfigError, match=r"train.hpo_reward_weights: expected numbers, got \['a', 1\]"):
+    with pytest.raises(ConfigError, match=r"train.hpo.reward_weights: expected numbers, got \['a', 1\]"):
         weights(["a", 1], TWO_HOOKS)
-    with pytest.raises(ConfigError, match="train.hpo_reward_weights: 'nan' must be finite numbers"):
+    with pytest.raises(ConfigError, match="train.hpo.reward_weights: expected numbers, got 'nan'"):
         weights("nan")
-    with pytest.raises(ConfigError, match=r"'1;2' must be comma-separated numbers, one per reward .* e.g. '1.0,1.0'"):
+    with pytest.raises(ConfigError, match=r"train.hpo.reward_weights: '1;2' must be numbers"):
         weights("1;2", TWO_HOOKS)
-    with pytest.raises(ConfigError, match="train.hpo_reward_weights: expected a string, got True"):
+    with pytest.raises(ConfigError, match="train.hpo.reward_weights: expected numbers, got True"):
         weights(True)
 
 
@@ -242,26 +242,35 @@ def test_mrpo_references_resolve_relative_to_the_preset(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     preset = sub / "p.yaml"
     preset.write_text(DEMO.read_text().replace("../../", str(ROOT) + "/").replace(
-        "train:\n", "train:\n  loss: mrpo\n  mrpo_references: ../refs/a, org/hub-model,./b\n"
-                     "  mrpo_tokenizers: ../toks/a,,\n"))
+        "train:\n", "train:\n  loss: mrpo\n  mrpo:\n    references: [../refs/a, org/hub-model, ./b]\n"
+                     "    tokenizers: ../toks/a,,\n"))
     t = load_config(preset).train
-    assert t.mrpo_reference_list() == [(str(tmp_path / "refs" / "a"), str(tmp_path / "toks" / "a")),
+    assert t.mrpo.reference_list() == [(str(tmp_path / "refs" / "a"), str(tmp_path / "toks" / "a")),
                                        ("org/hub-model", ""), (str(sub / "b"), "")]
     # overrides on the command line stay relative to the working directory, as for every path key
-    t = load_config(preset, ["--train.mrpo_references=./c", "--train.mrpo_tokenizers="]).train
-    assert t.mrpo_references == "./c"
+    t = load_config(preset, ["--train.mrpo.references=./c", "--train.mrpo.tokenizers="]).train
+    assert t.mrpo.references == ["./c"] and t.mrpo.tokenizers == []
+    with pytest.raises(ConfigError, match=r"train.mrpo.tokenizers: \['', ''\] must give one entry .* \(1\)"):
+        load_config(preset, ["--train.mrpo.references=./c", "--train.mrpo.tokenizers=,"])
 
 
-def test_grouped_keys_spell_the_flat_ones(tmp_path):
-    """`train: {lora: {r: 8}}` in a preset and `--train.lora.r=8` on the command line are train.lora_r."""
+def test_grouped_keys_nest_in_a_preset_and_on_the_command_line(tmp_path):
+    """`train: {lora: {r: 8}}` in a preset and `--train.lora.r=8` on the command line set train.lora.r;
+    the old flat spelling fails naming the nested one."""
     preset = tmp_path / "p.yaml"
     model_folder(tmp_path / "ref")
     preset.write_text("model: {policy: m, reference: m}\ndata: {prompts: p, eval_prompts: e, offline_pairs: o}\n"
-                      "train:\n  beta: 0.2\n  lora:\n    enabled: true\n    r: 8\n    target_modules: q_proj,v_proj\n"
+                      "train:\n  beta: 0.2\n  lora:\n    enabled: true\n    r: 8\n    target_modules: [q_proj, v_proj]\n"
                       "  mrpo:\n    references: ./ref\n")
     cfg = load_config(preset, ["--train.lora.alpha=4", "--train.lora.r=4"])
     t = cfg.train
-    assert (t.beta, t.lora_enabled, t.lora_r, t.lora_alpha, t.lora_target_modules) == (0.2, True, 4, 4.0, "q_proj,v_proj")
-    assert t.mrpo_references == str((tmp_path / "ref").resolve())  # grouped path keys resolve like flat ones
-    with pytest.raises(ConfigError, match="lora_rank"):
+    assert (t.beta, t.lora.enabled, t.lora.r, t.lora.alpha, t.lora.target_modules) == (0.2, True, 4, 4.0, ["q_proj", "v_proj"])
+    assert t.mrpo.references == [str((tmp_path / "ref").resolve())]  # grouped path keys resolve like flat ones
+    assert cfg.flat()["train.lora.r"] == 4 and "train.lora_r" not in cfg.flat()  # MLflow's param names
+    assert load_config(preset, ["--train.lora.target_modules=q_proj,k_proj"]).train.lora.target_modules == ["q_proj", "k_proj"]
+    with pytest.raises(ConfigError, match="unknown config key train.lora.rank"):
         load_config(preset, ["--train.lora.rank=4"])
+    with pytest.raises(ConfigError, match=r"unknown config key train.lora_r \(train.lora.r\? known in train"):
+        load_config(preset, ["--train.lora_r=4"])
+    with pytest.raises(ConfigError, match="train.lora: expected a mapping, got 4"):
+        load_config(preset, {"train.lora": 4})

@@ -38,8 +38,8 @@ def _overrides(tiny_model, tmp_path, **over) -> dict:
 
 
 def _hpo(**over) -> dict:
-    return {"train.loss": "hpo", "train.hpo_rewards": HOOKS, "train.hpo_reward_weights": "1,0.5",
-            "train.hpo_value_lr": 1e-2} | over
+    return {"train.loss": "hpo", "train.hpo.rewards": HOOKS, "train.hpo.reward_weights": "1,0.5",
+            "train.hpo.value_lr": 1e-2} | over
 
 
 def _spec(cfg, model: str, pairs: Path, out: Path, monkeypatch) -> Path:

@@ -48,7 +48,7 @@ def engine(monkeypatch):
 
     monkeypatch.setattr(generate, "run_vllm", run_vllm)
     monkeypatch.setattr(evaluate, "run_vllm", run_vllm)
-    monkeypatch.setattr(generate, "build_job", lambda cfg, model, prompts, runs, seed: {
+    monkeypatch.setattr(generate, "build_job", lambda g, m, model, prompts, runs, seed: {
         "model": model, "prompts": prompts, "runs": runs, "seed": seed})
     monkeypatch.setattr(evaluate, "build_job", generate.build_job)
     return state
@@ -58,7 +58,7 @@ def test_shards_of_a_stage_and_their_seeds(engine, tmp_path):
     cfg = load_config(None, BASE)
     out = tmp_path / "samples.parquet"
     logged = []
-    stats = generate.run_generate(cfg, "pi0", PROMPTS, out, tmp_path, 1, KEY, logged.append)
+    stats = generate.run_generate(cfg.generate, cfg.model, "pi0", PROMPTS, out, tmp_path, 1, KEY, logged.append)
     assert len(engine.calls) == 1  # one engine start for every shard
     runs = engine.calls[0]["runs"]
     assert [(r["first"], r["count"]) for r in runs] == [(0, 4), (4, 4), (8, 2)]
@@ -72,7 +72,8 @@ def test_shards_of_a_stage_and_their_seeds(engine, tmp_path):
     # shard 0 is one shard of the whole set when shard_size is 0
     whole = tmp_path / "whole"
     whole.mkdir()
-    generate.run_generate(load_config(None, BASE | {"generate.shard_size": 0}), "pi0", PROMPTS,
+    one = load_config(None, BASE | {"generate.shard_size": 0})
+    generate.run_generate(one.generate, one.model, "pi0", PROMPTS,
                           whole / "samples.parquet", whole, 1, KEY, logged.append)
     assert [(r["first"], r["count"]) for r in engine.calls[-1]["runs"]] == [(0, 10)]
 
@@ -82,22 +83,22 @@ def test_a_crash_loses_one_shard_and_the_rerun_draws_only_the_missing_ones(engin
     ref, out = tmp_path / "ref" / "samples.parquet", tmp_path / "run" / "samples.parquet"
     ref.parent.mkdir()
     out.parent.mkdir()
-    generate.run_generate(cfg, "pi0", PROMPTS, ref, ref.parent, 1, KEY, print)
+    generate.run_generate(cfg.generate, cfg.model, "pi0", PROMPTS, ref, ref.parent, 1, KEY, print)
 
     engine.crash_after = 1  # the engine dies while drawing shard 1
     with pytest.raises(Crash):
-        generate.run_generate(cfg, "pi0", PROMPTS, out, out.parent, 1, KEY, print)
+        generate.run_generate(cfg.generate, cfg.model, "pi0", PROMPTS, out, out.parent, 1, KEY, print)
     assert artifacts.is_done(artifacts.shard_path(out, 0), KEY | {"shard": 0}) and not out.exists()
     engine.crash_after = None
     logged = []
-    generate.run_generate(cfg, "pi0", PROMPTS, out, out.parent, 1, KEY, logged.append)
+    generate.run_generate(cfg.generate, cfg.model, "pi0", PROMPTS, out, out.parent, 1, KEY, logged.append)
     assert [r["output"] for r in engine.calls[-1]["runs"]] == [str(artifacts.shard_path(out, i)) for i in (1, 2)]
     assert "samples.shard-00000.parquet: up to date, skipped" in logged
     assert out.read_bytes() == ref.read_bytes()
 
     # a shard written under another stage key (other config, model or prompts) is drawn again
     (out.parent / "samples.parquet").unlink()
-    generate.run_generate(cfg, "pi0", PROMPTS, out, out.parent, 1, KEY | {"config": "other"}, print)
+    generate.run_generate(cfg.generate, cfg.model, "pi0", PROMPTS, out, out.parent, 1, KEY | {"config": "other"}, print)
     assert len(engine.calls[-1]["runs"]) == 3
     artifacts.remove_shards(out)
     assert sorted(p.name for p in out.parent.iterdir() if "shard" in p.name) == []
@@ -108,14 +109,14 @@ def test_evaluate_draws_the_next_rounds_shards_in_its_job(engine, tmp_path, monk
     evals = [{"id": f"e{i}", "prompt": f"What is {i} + 2?"} for i in range(3)]
     ref = tmp_path / "ref" / "samples.parquet"
     ref.parent.mkdir()
-    generate.run_generate(cfg, "pi0", PROMPTS, ref, ref.parent, 1, KEY, print)
+    generate.run_generate(cfg.generate, cfg.model, "pi0", PROMPTS, ref, ref.parent, 1, KEY, print)
 
     nxt = tmp_path / "round_1" / "samples.parquet"
     nxt.parent.mkdir()
     # shard 1 survived an earlier, interrupted evaluate stage
     shutil.copy(artifacts.shard_path(ref, 1), artifacts.shard_path(nxt, 1))
     artifacts.mark_done(artifacts.shard_path(nxt, 1), KEY | {"shard": 1})
-    metrics, gen = evaluate.run_evaluate(cfg, "pi0", evals, tmp_path, 7, print, next_round=(PROMPTS, nxt, 1, KEY))
+    metrics, gen = evaluate.run_evaluate(cfg.evaluate, cfg.generate, cfg.model, "pi0", evals, tmp_path, 7, print, next_round=(PROMPTS, nxt, 1, KEY))
     runs = engine.calls[-1]["runs"]
     prompts = engine.calls[-1]["prompts"]
     assert [r["output"] for r in runs[2:]] == [str(artifacts.shard_path(nxt, i)) for i in (0, 2)]
@@ -133,7 +134,7 @@ def test_a_shared_engine_credits_each_stage_with_its_own_time(engine, tmp_path):
     nxt = tmp_path / "round_1" / "samples.parquet"
     nxt.parent.mkdir()
     engine.seconds_per_run = 0.3
-    metrics, gen = evaluate.run_evaluate(cfg, "pi0", evals, tmp_path, 7, print, next_round=(PROMPTS, nxt, 1, KEY))
+    metrics, gen = evaluate.run_evaluate(cfg.evaluate, cfg.generate, cfg.model, "pi0", evals, tmp_path, 7, print, next_round=(PROMPTS, nxt, 1, KEY))
     assert len(engine.calls[-1]["runs"]) == 5
     assert 0.6 <= metrics["eval/seconds"] < 0.85 and 0.9 <= gen["generate/seconds"] < 1.15
     assert gen["generate/shared_engine"] == 1
@@ -150,7 +151,7 @@ def test_vllm_shards_are_the_same_whether_drawn_together_or_alone(tiny_model, tm
     ref, out = tmp_path / "ref" / "samples.parquet", tmp_path / "run" / "samples.parquet"
     ref.parent.mkdir()
     out.parent.mkdir()
-    generate.run_generate(cfg, tiny_model, PROMPTS, ref, ref.parent, 1, KEY, print)
+    generate.run_generate(cfg.generate, cfg.model, tiny_model, PROMPTS, ref, ref.parent, 1, KEY, print)
     rows = artifacts.read_table(ref)
     assert len(rows) == 30 and len({r["response"] for r in rows}) > 10  # sampled, not degenerate
 
@@ -160,7 +161,7 @@ def test_vllm_shards_are_the_same_whether_drawn_together_or_alone(tiny_model, tm
         artifacts.mark_done(artifacts.shard_path(out, i), KEY | {"shard": i})
     evals = [{"id": f"e{i}", "prompt": f"What is {i} + 2?"} for i in range(3)]
     logged = []
-    evaluate.run_evaluate(cfg, tiny_model, evals, out.parent, 7, logged.append, next_round=(PROMPTS, out, 1, KEY))
+    evaluate.run_evaluate(cfg.evaluate, cfg.generate, cfg.model, tiny_model, evals, out.parent, 7, logged.append, next_round=(PROMPTS, out, 1, KEY))
     assert "vLLM: wrote samples.shard-00001.parquet (12 samples)" in logged
     # generate.threads' default: every core this process may use
     assert f"vLLM: engine ready, {len(os.sched_getaffinity(0))} CPU thread(s)" in logged
@@ -173,7 +174,7 @@ def test_vllm_shards_are_the_same_whether_drawn_together_or_alone(tiny_model, tm
     for i in (0, 1):
         shutil.copy(artifacts.shard_path(ref, i), artifacts.shard_path(alone, i))
         artifacts.mark_done(artifacts.shard_path(alone, i), KEY | {"shard": i})
-    generate.run_generate(cfg, tiny_model, PROMPTS, alone, alone.parent, 1, KEY, print)
+    generate.run_generate(cfg.generate, cfg.model, tiny_model, PROMPTS, alone, alone.parent, 1, KEY, print)
     assert alone.read_bytes() == ref.read_bytes()
 
 
@@ -218,7 +219,7 @@ def test_the_cpu_engine_runs_generate_threads_threads(tiny_model, tmp_path, monk
     cfg = load_config(None, BASE | {"model.policy": tiny_model, "model.reference": tiny_model, "generate.k": 2,
                                     "generate.max_tokens": 8, "generate.threads": 3})
     out, logged = tmp_path / "samples.parquet", []
-    stats = generate.run_generate(cfg, tiny_model, PROMPTS[:2], out, tmp_path, 1, KEY, logged.append)
+    stats = generate.run_generate(cfg.generate, cfg.model, tiny_model, PROMPTS[:2], out, tmp_path, 1, KEY, logged.append)
     assert "vLLM: engine ready, 3 CPU thread(s)" in logged and stats["generate/samples"] == 4
 
 

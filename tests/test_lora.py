@@ -28,40 +28,41 @@ BASE_KEYS = {"model.policy": "p", "model.reference": "r", "data.prompts": "p", "
 
 def test_lora_is_off_by_default_and_its_keys_reach_the_worker():
     cfg = load_config(None, BASE_KEYS)
-    assert cfg.train.lora_enabled is False and cfg.train.lora_spec() is None
-    cfg = load_config(None, BASE_KEYS | {"train.lora_enabled": True, "train.lora_r": 8, "train.lora_alpha": 16,
-                                         "train.lora_dropout": 0.05, "train.lora_target_modules": " q_proj, v_proj "})
-    assert cfg.train.lora_spec() == {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
-    assert load_config(None, BASE_KEYS | {"train.lora_enabled": True}).train.lora_spec()["target_modules"] == "all-linear"
-    # the LoRA keys are not checked while LoRA is off
-    assert load_config(None, BASE_KEYS | {"train.lora_r": 0}).train.lora_r == 0
+    assert cfg.train.lora.enabled is False and "train.lora.r" not in cfg.train.keyed()  # not in the stage key
+    cfg = load_config(None, BASE_KEYS | {"train.lora.enabled": True, "train.lora.r": 8, "train.lora.alpha": 16,
+                                         "train.lora.dropout": 0.05, "train.lora.target_modules": " q_proj, v_proj "})
+    assert cfg.train.lora.spec() == {"r": 8, "alpha": 16.0, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]}
+    assert load_config(None, BASE_KEYS | {"train.lora.enabled": True}).train.lora.spec()["target_modules"] == "all-linear"
+    # a bad LoRA value fails even while LoRA is off (it would, the day LoRA is turned on)
+    with pytest.raises(ConfigError, match=r"train\.lora\.r: 0 must be >= 1"):
+        load_config(None, BASE_KEYS | {"train.lora.r": 0})
 
 
 @pytest.mark.parametrize("key,value,match", [
-    ("train.lora_r", 0, r"train\.lora_r: 0 must be >= 1"),
-    ("train.lora_alpha", 0, r"train\.lora_alpha: 0\.0 must be > 0"),
-    ("train.lora_dropout", 1.0, r"train\.lora_dropout: 1\.0 must be in \[0, 1\)"),
-    ("train.lora_dropout", -0.1, r"train\.lora_dropout: -0\.1 must be in \[0, 1\)"),
-    ("train.lora_target_modules", " , ", r"train\.lora_target_modules: ' , ' must name at least one module"),
-    ("train.lora_target_modules", "all-linear,q_proj", r"all-linear already selects every linear layer"),
-    ("train.lora_target_modules", "q_proj,,v_proj", r"has '', which is not a module name"),
-    ("train.lora_target_modules", "q proj", r"has 'q proj', which is not a module name"),
+    ("train.lora.r", 0, r"train\.lora\.r: 0 must be >= 1"),
+    ("train.lora.alpha", 0, r"train\.lora\.alpha: 0\.0 must be > 0"),
+    ("train.lora.dropout", 1.0, r"train\.lora\.dropout: 1\.0 must be in \[0, 1\)"),
+    ("train.lora.dropout", -0.1, r"train\.lora\.dropout: -0\.1 must be in \[0, 1\)"),
+    ("train.lora.target_modules", " , ", r"train\.lora\.target_modules: \['', ''\] must name at least one module"),
+    ("train.lora.target_modules", "all-linear,q_proj", r"all-linear already selects every linear layer"),
+    ("train.lora.target_modules", "q_proj,,v_proj", r"has '', which is not a module name"),
+    ("train.lora.target_modules", "q proj", r"has 'q proj', which is not a module name"),
 ])
 def test_bad_lora_values_are_named(key, value, match):
     with pytest.raises(ConfigError, match=match):
-        load_config(None, BASE_KEYS | {"train.lora_enabled": True, key: value})
-    with pytest.raises(ConfigError, match=r"train\.lora_enabled: expected true/false, got 'yes'"):
-        load_config(None, BASE_KEYS | {"train.lora_enabled": "yes"})
+        load_config(None, BASE_KEYS | {"train.lora.enabled": True, key: value})
+    with pytest.raises(ConfigError, match=r"train\.lora\.enabled: expected true/false, got 'yes'"):
+        load_config(None, BASE_KEYS | {"train.lora.enabled": "yes"})
 
 
 def test_target_modules_are_checked_against_a_local_policy_at_load_time(tiny_model):
-    keys = BASE_KEYS | {"model.policy": tiny_model, "train.lora_enabled": True}
-    assert load_config(None, keys | {"train.lora_target_modules": "q_proj,v_proj"}).train.lora_enabled
-    with pytest.raises(ConfigError, match=r"train\.lora_target_modules: \['q_prj'\] does not fit this model: .*"
+    keys = BASE_KEYS | {"model.policy": tiny_model, "train.lora.enabled": True}
+    assert load_config(None, keys | {"train.lora.target_modules": "q_proj,v_proj"}).train.lora.enabled
+    with pytest.raises(ConfigError, match=r"train\.lora\.target_modules: \['q_prj'\] does not fit this model: .*"
                                           r"\(model\.policy: .*tiny"):
-        load_config(None, keys | {"train.lora_target_modules": "q_prj"})
+        load_config(None, keys | {"train.lora.target_modules": "q_prj"})
     with pytest.raises(ConfigError, match=r"puts an adapter on the output embeddings \(lm_head\)"):
-        load_config(None, keys | {"train.lora_target_modules": "lm_head"})
+        load_config(None, keys | {"train.lora.target_modules": "lm_head"})
 
 
 # ---- the worker's pieces, in process -----------------------------------------------------------
@@ -196,7 +197,7 @@ def test_target_modules_that_do_not_fit_the_model_are_named(tiny_model):
     from selfalign.tasks.lm_logps import load_model
     from selfalign.tasks.lora import wrap_lora
 
-    for targets, match in [(["nonexistent_proj"], r"train\.lora_target_modules: \['nonexistent_proj'\] does not fit"),
+    for targets, match in [(["nonexistent_proj"], r"train\.lora\.target_modules: \['nonexistent_proj'\] does not fit"),
                            (["lm_head"], r"puts an adapter on the output embeddings \(lm_head\)"),
                            (["embed_tokens", "q_proj"], r"puts an adapter on the input embeddings \(model\.embed_tokens\)")]:
         model = load_model(tiny_model, "float32", device="cpu")
@@ -210,8 +211,8 @@ def _cfg(tiny_model, tmp_path, **over):
     return load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
                               "data.eval_prompts": "e", "data.offline_pairs": "o", "run.dir": str(tmp_path),
                               "train.lr": 1e-2, "train.max_steps": 4, "train.batch_size": 4,
-                              "train.micro_batch_size": 2, "train.checkpoint_every": 2, "train.lora_enabled": True,
-                              "train.lora_r": 4, "train.lora_alpha": 8, "train.lora_target_modules": "q_proj,v_proj"}
+                              "train.micro_batch_size": 2, "train.checkpoint_every": 2, "train.lora.enabled": True,
+                              "train.lora.r": 4, "train.lora.alpha": 8, "train.lora.target_modules": "q_proj,v_proj"}
                        | over)
 
 
@@ -293,7 +294,7 @@ CLI = [sys.executable, "-m", "selfalign.flows.cli", "run", str(ROOT / "deploy" /
 SMALL = ["--run.rounds=1", "--data.prompts_per_round=24", "--generate.k=4", "--pairs.min_valid=2",
          "--data.max_eval_prompts=8", "--evaluate.samples=2", "--train.max_steps=3", "--train.batch_size=8",
          "--train.micro_batch_size=4", "--train.rpo_alpha=0", "--tracking.plots=false",
-         "--train.lora_enabled=true", "--train.lora_r=8", "--train.lora_alpha=16", "--train.lr=1e-3"]
+         "--train.lora.enabled=true", "--train.lora.r=8", "--train.lora.alpha=16", "--train.lr=1e-3"]
 
 
 @pytest.mark.slow
@@ -318,7 +319,7 @@ def test_one_lora_round_of_the_demo_through_the_cli(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("selfalign").experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     child = next(r for r in runs if "mlflow.parentRunId" in r.data.tags)
-    assert parent.data.params["train.lora_enabled"] == "True" and parent.data.params["train.lora_r"] == "8"
+    assert parent.data.params["train.lora.enabled"] == "True" and parent.data.params["train.lora.r"] == "8"
     for key in ("loss", "rewards/margins", "rewards/accuracies", "eval/preferred_rate", "eval/pair_accuracy"):
         assert key in child.data.metrics, key
     history = client.get_metric_history(child.info.run_id, "loss")

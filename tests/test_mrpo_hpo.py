@@ -88,8 +88,9 @@ def test_score_stage_stores_mrpo_reference_logps(tiny_model, other_reference, tm
     samples = artifacts.write_table(tmp_path / "samples.parquet", rows)
     cfg = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
                              "data.eval_prompts": "e", "data.offline_pairs": "o", "train.loss": "mrpo",
-                             "train.mrpo_references": f"{tiny_model}, {other_reference}"})
-    run_score(cfg, samples, tiny_model, tiny_model, [], tmp_path / "scores.parquet", log=lambda m: None)
+                             "train.mrpo.references": f"{tiny_model}, {other_reference}"})
+    run_score(cfg.score, cfg.model, samples, tiny_model, tiny_model, [], tmp_path / "scores.parquet", log=lambda m: None,
+              references=cfg.train.extra_references())
     out = artifacts.read_table(tmp_path / "scores.parquet")
     items = [(r["prompt"], r["response"], encode_prompt(tok, r["prompt"]), r["response_ids"]) for r in rows[:2]]
     other = reference_logps(other_reference, "", tok, items)
@@ -101,7 +102,8 @@ def test_score_stage_stores_mrpo_reference_logps(tiny_model, other_reference, tm
     # other losses: no extra column, no extra work
     cfg_dpo = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
                                  "data.eval_prompts": "e", "data.offline_pairs": "o"})
-    run_score(cfg_dpo, samples, tiny_model, tiny_model, [], tmp_path / "scores2.parquet", log=lambda m: None)
+    run_score(cfg_dpo.score, cfg_dpo.model, samples, tiny_model, tiny_model, [], tmp_path / "scores2.parquet",
+              log=lambda m: None, references=cfg_dpo.train.extra_references())
     assert "mrpo_ref_logps" not in artifacts.read_table(tmp_path / "scores2.parquet")[0]
 
 
@@ -123,7 +125,7 @@ def test_worker_fills_mrpo_references_of_replay_pairs_only(tiny_model, other_ref
     tok = load_tokenizer(tiny_model)
     rows = _pair_rows(tok)
     rows[1]["mrpo_ref_chosen_logps"], rows[1]["mrpo_ref_rejected_logps"] = [-1.0, -2.0], [-3.0, -4.0]  # generated
-    spec = {"mrpo_references": [[tiny_model, ""], [other_reference, ""]], "dtype": "float32",
+    spec = {"mrpo": {"references": [[tiny_model, ""], [other_reference, ""]]}, "dtype": "float32",
             "trust_remote_code": False, "batch_tokens": 4096}
     fill_mrpo_reference_logps(rows, spec, tok, rank=0, world=1, device="cpu")
     assert rows[1]["mrpo_ref_chosen_logps"] == [-1.0, -2.0] and rows[1]["mrpo_ref_rejected_logps"] == [-3.0, -4.0]
@@ -139,7 +141,7 @@ def test_worker_evaluates_weighted_aux_rewards_on_chosen_and_rejected(tiny_model
     from selfalign.tasks.train_refs import fill_aux_rewards
 
     rows = _pair_rows(load_tokenizer(tiny_model))
-    spec = {"hpo_rewards": [["selfalign.tasks.toy:checker_reward", 1.0], ["selfalign.tasks.toy:readability_reward", 0.5]]}
+    spec = {"hpo": {"rewards": [["selfalign.tasks.toy:checker_reward", 1.0], ["selfalign.tasks.toy:readability_reward", 0.5]]}}
     fill_aux_rewards(rows, spec, rank=0, world=1)
     for r in rows:
         for side in ("chosen", "rejected"):
@@ -167,7 +169,7 @@ def test_value_head_reads_the_prompts_last_hidden_state_and_trains_alone(tiny_mo
     head = value_head(feats.shape[1], "cpu")
     values = head(feats).squeeze(-1)
     assert values.tolist() == [0.0, 0.0]  # zero-initialised: the first advantages are the rewards
-    Objective({"loss": "hpo", "hpo_tau": 0.7}, world=1).value_loss(values, torch.tensor([1.0, 0.5]),
+    Objective({"loss": "hpo", "hpo": {"tau": 0.7}}, world=1).value_loss(values, torch.tensor([1.0, 0.5]),
                                                                   torch.tensor([0.0, 0.25])).backward()
     assert head.weight.grad.abs().sum() > 0 and all(p.grad is None for p in lm.parameters())
     # the same sums as the logits path, with or without features
@@ -177,31 +179,32 @@ def test_value_head_reads_the_prompts_last_hidden_state_and_trains_alone(tiny_mo
 
 # ----------------------------------------------------------------------------------------- config
 def test_demo_resolves_with_mrpo_and_hpo_overrides():
-    cfg = load_config(DEMO, ["--train.loss=mrpo", "--train.mrpo_references=assets/demo/sft"])
-    assert cfg.train.mrpo_reference_list() == [("assets/demo/sft", "")]
-    cfg = load_config(DEMO, ["--train.loss=mrpo", "--train.mrpo_references=a, b", "--train.mrpo_tokenizers=,tb"])
-    assert cfg.train.mrpo_reference_list() == [("a", ""), ("b", "tb")]
-    cfg = load_config(DEMO, ["--train.loss=hpo", f"--train.hpo_rewards={HOOKS}", "--train.hpo_reward_weights=1,0.5"])
-    assert cfg.train.hpo_reward_list() == [("selfalign.tasks.toy:checker_reward", 1.0),
+    cfg = load_config(DEMO, ["--train.loss=mrpo", "--train.mrpo.references=assets/demo/sft"])
+    assert cfg.train.mrpo.reference_list() == [("assets/demo/sft", "")]
+    cfg = load_config(DEMO, ["--train.loss=mrpo", "--train.mrpo.references=a, b", "--train.mrpo.tokenizers=,tb"])
+    assert cfg.train.mrpo.reference_list() == [("a", ""), ("b", "tb")]
+    cfg = load_config(DEMO, ["--train.loss=hpo", f"--train.hpo.rewards={HOOKS}", "--train.hpo.reward_weights=1,0.5"])
+    assert cfg.train.hpo.reward_list() == [("selfalign.tasks.toy:checker_reward", 1.0),
                                            ("selfalign.tasks.toy:readability_reward", 0.5)]
-    # keys of a loss that is not selected are not checked
-    assert load_config(DEMO, ["--train.hpo_tau=5"]).train.loss == "dpo"
+    # a group's values are checked whichever loss is selected
+    with pytest.raises(ConfigError, match=r"train\.hpo\.tau: 5\.0 must be in \(0, 1\)"):
+        load_config(DEMO, ["--train.hpo.tau=5"])
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    (["--train.loss=mrpo"], "train.mrpo_references: ''"),
-    (["--train.loss=mrpo", "--train.mrpo_references=a,b", "--train.mrpo_tokenizers=t"], "train.mrpo_tokenizers: 't'"),
-    (["--train.loss=mrpo", "--train.mrpo_references=a", "--train.mrpo_convention=other"], "train.mrpo_convention: 'other'"),
-    (["--train.loss=mrpo", "--train.mrpo_references=a", "--train.mrpo_alpha=1.5"], "train.mrpo_alpha: 1.5"),
-    (["--train.loss=hpo"], "train.hpo_rewards: ''"),
-    (["--train.loss=hpo", "--train.hpo_rewards=nocolon"], "train.hpo_rewards: 'nocolon'"),
-    (["--train.loss=hpo", "--train.hpo_rewards=selfalign.tasks.toy:nope"], "train.hpo_rewards: cannot load 'selfalign.tasks.toy:nope'"),
-    (["--train.loss=hpo", f"--train.hpo_rewards={HOOKS}", "--train.hpo_reward_weights=1,2,3"], "train.hpo_reward_weights: '1,2,3'"),
-    (["--train.loss=hpo", f"--train.hpo_rewards={HOOKS}", "--train.hpo_reward_weights=1,x"], "train.hpo_reward_weights: '1,x'"),
-    (["--train.loss=hpo", f"--train.hpo_rewards={HOOKS}", "--train.hpo_tau=1.5"], "train.hpo_tau: 1.5"),
-    (["--train.loss=hpo", f"--train.hpo_rewards={HOOKS}", "--train.hpo_nll=median"], "train.hpo_nll: 'median'"),
-    (["--train.loss=hpo", f"--train.hpo_rewards={HOOKS}", "--train.hpo_preference=ipo"], "train.hpo_preference: 'ipo'"),
-    (["--train.loss=hpo", f"--train.hpo_rewards={HOOKS}", "--train.hpo_eta=0"], "train.hpo_eta: 0.0"),
+    (["--train.loss=mrpo"], "train.mrpo.references: []"),
+    (["--train.loss=mrpo", "--train.mrpo.references=a,b", "--train.mrpo.tokenizers=t"], "train.mrpo.tokenizers: ['t']"),
+    (["--train.loss=mrpo", "--train.mrpo.references=a", "--train.mrpo.convention=other"], "train.mrpo.convention: 'other'"),
+    (["--train.loss=mrpo", "--train.mrpo.references=a", "--train.mrpo.alpha=1.5"], "train.mrpo.alpha: 1.5"),
+    (["--train.loss=hpo"], "train.hpo.rewards: []"),
+    (["--train.loss=hpo", "--train.hpo.rewards=nocolon"], "train.hpo.rewards: 'nocolon'"),
+    (["--train.loss=hpo", "--train.hpo.rewards=selfalign.tasks.toy:nope"], "train.hpo.rewards: cannot load 'selfalign.tasks.toy:nope'"),
+    (["--train.loss=hpo", f"--train.hpo.rewards={HOOKS}", "--train.hpo.reward_weights=1,2,3"], "train.hpo.reward_weights: [1.0, 2.0, 3.0]"),
+    (["--train.loss=hpo", f"--train.hpo.rewards={HOOKS}", "--train.hpo.reward_weights=1,x"], "train.hpo.reward_weights: '1,x'"),
+    (["--train.loss=hpo", f"--train.hpo.rewards={HOOKS}", "--train.hpo.tau=1.5"], "train.hpo.tau: 1.5"),
+    (["--train.loss=hpo", f"--train.hpo.rewards={HOOKS}", "--train.hpo.nll=median"], "train.hpo.nll: 'median'"),
+    (["--train.loss=hpo", f"--train.hpo.rewards={HOOKS}", "--train.hpo.preference=ipo"], "train.hpo.preference: 'ipo'"),
+    (["--train.loss=hpo", f"--train.hpo.rewards={HOOKS}", "--train.hpo.eta=0"], "train.hpo.eta: 0.0"),
 ])
 def test_mrpo_and_hpo_keys_are_validated_with_key_and_value(overrides, needle):
     with pytest.raises(ConfigError) as e:
@@ -213,7 +216,7 @@ def test_worker_takes_mrpo_references_of_replay_pairs_from_the_cache(tiny_model,
     from selfalign.tasks import train_refs
 
     tok = load_tokenizer(tiny_model)
-    spec = {"mrpo_references": [[tiny_model, ""], [other_reference, ""]], "dtype": "float32",
+    spec = {"mrpo": {"references": [[tiny_model, ""], [other_reference, ""]]}, "dtype": "float32",
             "trust_remote_code": False, "batch_tokens": 4096, "ref_cache": str(tmp_path / "cache")}
     first = _pair_rows(tok)
     train_refs.fill_mrpo_reference_logps(first, spec, tok, rank=0, world=1, device="cpu")

@@ -18,9 +18,9 @@ NR = torch.tensor([60.0, 30, 70, 45], dtype=torch.float64)
 RC1 = torch.tensor([-98.0, -75, -160, -44], dtype=torch.float64)  # MRPO's additional reference
 RR1 = torch.tensor([-140.0, -63, -155, -95], dtype=torch.float64)
 SPEC = {"beta": 0.1, "label_smoothing": 0.0, "gamma_beta_ratio": 0.5, "alpha": 0.2, "alpha_mode": "stable",
-        "mrpo_eta": 0.1, "mrpo_alpha": -1.0, "mrpo_convention": "code", "mrpo_naive": False,
-        "hpo_preference": "dpo", "hpo_lambda": 1.0, "hpo_eta": 1.0, "hpo_w_max": 20.0, "hpo_tau": 0.7,
-        "hpo_nll": "mean", "hpo_on_rejected": True}
+        "mrpo": {"eta": 0.1, "alpha": -1.0, "convention": "code", "naive": False},
+        "hpo": {"preference": "dpo", "lam": 1.0, "eta": 1.0, "w_max": 20.0, "tau": 0.7, "nll": "mean",
+                "on_rejected": True}}
 
 
 def _args(name):
@@ -64,11 +64,11 @@ def test_alpha_dpo_state_carries_across_steps():
 
 def test_mrpo_golden_values_through_the_dispatch():
     # docs/algorithms.md 8.5: rows (primary = S_ref, additional = S_ref1)
-    mean = lambda **kw: Objective(SPEC | {"loss": "mrpo"} | kw, world=1)(*_args("mrpo"))[0].mean().item()
+    mean = lambda **kw: Objective(SPEC | {"loss": "mrpo", "mrpo": SPEC["mrpo"] | kw}, world=1)(*_args("mrpo"))[0].mean().item()
     assert mean() == pytest.approx(0.452039, abs=1e-6)
-    assert mean(mrpo_naive=True) == pytest.approx(0.467082, abs=1e-6)
-    assert mean(mrpo_eta=-0.1, mrpo_alpha=0.5) == pytest.approx(0.485053, abs=1e-6)
-    assert mean(mrpo_convention="swapped") == pytest.approx(0.466399, abs=1e-6)
+    assert mean(naive=True) == pytest.approx(0.467082, abs=1e-6)
+    assert mean(eta=-0.1, alpha=0.5) == pytest.approx(0.485053, abs=1e-6)
+    assert mean(convention="swapped") == pytest.approx(0.466399, abs=1e-6)
 
 
 def test_hpo_golden_values_through_the_dispatch():
@@ -78,7 +78,8 @@ def test_hpo_golden_values_through_the_dispatch():
     losses, c, r = obj(*args)
     assert losses.item() == pytest.approx(3.009361, abs=1e-6)
     assert obj.value_loss(args[-1], args[-3], args[-2]).item() == pytest.approx(0.209, abs=1e-6)
-    assert obj.__class__(SPEC | {"loss": "hpo", "hpo_lambda": 0.0}, world=1)(*args)[0].item() == pytest.approx(0.313262, abs=1e-6)
+    no_nll = SPEC | {"loss": "hpo", "hpo": SPEC["hpo"] | {"lam": 0.0}}
+    assert obj.__class__(no_nll, world=1)(*args)[0].item() == pytest.approx(0.313262, abs=1e-6)
 
 
 def test_a_new_loss_needs_only_its_function_and_its_config_field(monkeypatch):

@@ -259,7 +259,7 @@ def test_training_stage_packed_trains_the_padded_model(tiny_model, tmp_path, rep
     from selfalign.flows.config import load_config
     from selfalign.tasks.train import run_train
 
-    extra = {"train.hpo_rewards": "selfalign.tasks.toy:checker_reward"} if loss == "hpo" else {}
+    extra = {"train.hpo.rewards": "selfalign.tasks.toy:checker_reward"} if loss == "hpo" else {}
     runs = {}
     for packing in (True, False):
         cfg = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",

@@ -188,7 +188,7 @@ def test_vllm_worker_top_p_on_cpu(tiny_model, tmp_path):
         for label, p in (("tiny", 1e-6), ("half", 0.5), ("one", 1.0)):
             runs[label] = generate.sampling_run(tmp_path / f"{name}-{label}.parquet", n=3, temperature=1.0,
                                                 top_p=p, max_tokens=12) | {"seed": 1234}
-        job = generate.build_job(cfg, tiny_model, prompts, list(runs.values()), seed=5) | {
+        job = generate.build_job(cfg.generate, cfg.model, tiny_model, prompts, list(runs.values()), seed=5) | {
             "native_top_p": native, "native_sampler": native_sampler}
         generate.run_vllm(job, tmp_path / f"{name}.json", cfg.generate.kv_cache_gib)
         return {label: [r["response_ids"] for r in artifacts.read_table(run["output"])] for label, run in runs.items()}

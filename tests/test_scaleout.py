@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from selfalign.flows.config import ConfigError, load_config
-from selfalign.tasks import artifacts, generate, lm_logps, procs, score, train
+from selfalign.tasks import artifacts, generate, lm_logps, procs, score, train, train_nodes
 
 BASE = {"model.policy": "pi0", "model.reference": "sft", "data.prompts": "p", "data.eval_prompts": "e",
         "data.offline_pairs": "o", "generate.k": 2, "pairs.min_valid": 2, "generate.shard_size": 2}
@@ -51,7 +51,7 @@ def engine(monkeypatch):
         return []
 
     monkeypatch.setattr(generate, "run_vllm", run_vllm)
-    monkeypatch.setattr(generate, "build_job", lambda cfg, model, prompts, runs, seed: {
+    monkeypatch.setattr(generate, "build_job", lambda g, m, model, prompts, runs, seed: {
         "model": model, "prompts": prompts, "runs": runs, "seed": seed})
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # CPU: workers get cores, not GPUs
     return state
@@ -59,7 +59,7 @@ def engine(monkeypatch):
 
 def _generate(cfg, out: Path):
     out.parent.mkdir(parents=True, exist_ok=True)
-    return generate.run_generate(cfg, "pi0", PROMPTS, out, out.parent, 1, KEY, lambda m: None)
+    return generate.run_generate(cfg.generate, cfg.model, "pi0", PROMPTS, out, out.parent, 1, KEY, lambda m: None)
 
 
 def test_generation_workers_draw_disjoint_shards_and_join_the_same_table(engine, tmp_path):
@@ -111,11 +111,12 @@ def test_a_failed_worker_loses_its_shard_and_the_rerun_deals_only_the_missing_on
 
 def test_worker_counts_are_not_part_of_the_stage_keys():
     one, two = load_config(None, BASE), load_config(None, BASE | {"generate.shards": 2, "score.shards": 3})
-    for sections in (("model", "generate"), ("model", "score", "data"), ("model", "generate", "evaluate")):
-        assert one.section_hash(*sections) == two.section_hash(*sections)
-    assert one.section_hash("generate") != load_config(None, BASE | {"generate.k": 3}).section_hash("generate")
+    for c in (one, two):
+        assert "generate.shards" not in c.generate.keyed() and "score.shards" not in c.score.keyed()
+    assert one.generate.keyed() == two.generate.keyed() and one.score.keyed() == two.score.keyed()
+    assert one.generate.keyed() != load_config(None, BASE | {"generate.k": 3}).generate.keyed()
     # the engine's thread count is: in bfloat16 it can change a few samples
-    assert one.section_hash("generate") != load_config(None, BASE | {"generate.threads": 1}).section_hash("generate")
+    assert one.generate.keyed() != load_config(None, BASE | {"generate.threads": 1}).generate.keyed()
     for key in ("generate.shards", "score.shards"):
         with pytest.raises(ConfigError, match=f"{key}: 0 must be >= 1"):
             load_config(None, BASE | {key: 0})
@@ -183,14 +184,16 @@ def test_two_scoring_workers_write_the_scores_of_one(tiny_model, tmp_path):
     """Real worker processes (threads each; no Prefect): the merged table equals the in-process one."""
     samples = _scored_samples(tiny_model, tmp_path / "samples.parquet")
     over = {"model.policy": tiny_model, "model.reference": tiny_model, "score.batch_tokens": 120,
-            "train.loss": "mrpo", "train.mrpo_references": tiny_model}
+            "train.loss": "mrpo", "train.mrpo.references": tiny_model}
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     logged = []
-    s1 = score.run_score(load_config(None, BASE | over), samples, tiny_model, tiny_model, HELDOUT,
-                         tmp_path / "one" / "scores.parquet", lambda m: None)
-    s2 = score.run_score(load_config(None, BASE | over | {"score.shards": 2}), samples, tiny_model, tiny_model,
-                         HELDOUT, tmp_path / "two" / "scores.parquet", logged.append)
+    one, two = load_config(None, BASE | over), load_config(None, BASE | over | {"score.shards": 2})
+    refs = one.train.extra_references()
+    s1 = score.run_score(one.score, one.model, samples, tiny_model, tiny_model, HELDOUT,
+                         tmp_path / "one" / "scores.parquet", lambda m: None, references=refs)
+    s2 = score.run_score(two.score, two.model, samples, tiny_model, tiny_model, HELDOUT,
+                         tmp_path / "two" / "scores.parquet", logged.append, references=refs)
     assert (tmp_path / "two" / "scores.parquet").read_bytes() == (tmp_path / "one" / "scores.parquet").read_bytes()
     rows = artifacts.read_table(tmp_path / "one" / "scores.parquet")
     assert sum(math.isfinite(r["policy_logp"]) for r in rows) == 35 and all(len(r["mrpo_ref_logps"]) == 1 for r in rows)
@@ -229,7 +232,7 @@ def run_vllm(job, job_path, kv_cache_gib, log=print):
     return []
 
 pipeline.run_vllm = generate.run_vllm = run_vllm
-generate.build_job = lambda cfg, model, prompts, runs, seed: {"model": model, "prompts": prompts, "runs": runs, "seed": seed}
+generate.build_job = lambda g, m, model, prompts, runs, seed: {"model": model, "prompts": prompts, "runs": runs, "seed": seed}
 
 @flow
 def stages(config: dict) -> list:
@@ -293,14 +296,15 @@ def test_two_vllm_workers_draw_the_samples_of_one_engine(tiny_model, tmp_path):
     ref, out = tmp_path / "one" / "samples.parquet", tmp_path / "two" / "samples.parquet"
     ref.parent.mkdir()
     out.parent.mkdir()
-    generate.run_generate(load_config(None, BASE | over), tiny_model, prompts, ref, ref.parent, 1, key, print)
+    one = load_config(None, BASE | over)
+    generate.run_generate(one.generate, one.model, tiny_model, prompts, ref, ref.parent, 1, key, print)
     rows = artifacts.read_table(ref)
     assert len(rows) == 18 and len({r["response"] for r in rows}) > 6  # sampled, not degenerate
     shutil.copy(artifacts.shard_path(ref, 1), artifacts.shard_path(out, 1))
     artifacts.mark_done(artifacts.shard_path(out, 1), key | {"shard": 1})
     logged = []
-    generate.run_generate(load_config(None, BASE | over | {"generate.shards": 2}), tiny_model, prompts, out,
-                          out.parent, 1, key, logged.append)
+    two = load_config(None, BASE | over | {"generate.shards": 2})
+    generate.run_generate(two.generate, two.model, tiny_model, prompts, out, out.parent, 1, key, logged.append)
     assert "generate: 2 shards on 2 workers" in logged
     assert sorted(m for m in logged if m.startswith("vLLM: wrote")) == [
         "vLLM: wrote samples.shard-00000.parquet (6 samples)", "vLLM: wrote samples.shard-00002.parquet (6 samples)"]
@@ -326,8 +330,6 @@ def test_the_deepspeed_command_line_comes_from_the_hostfile(tmp_path):
     assert cmd[cmd.index("--master_addr") + 1] == "10.0.0.5" and cmd[cmd.index("--master_port") + 1] == "6000"
     with pytest.raises(ValueError, match="needs train.launcher=deepspeed"):
         train.launch_command("torchrun", 1, Path("spec.json"), hostfile=str(hf))
-    # the multi-node workers meet on rank 0's reachable address, not on loopback
-    assert train.worker_env(single_node=False).get("GLOO_SOCKET_IFNAME") == os.environ.get("GLOO_SOCKET_IFNAME")
 
 
 def test_one_node_commands_rendezvous_on_loopback():
@@ -336,10 +338,10 @@ def test_one_node_commands_rendezvous_on_loopback():
     for launcher in ("torchrun", "deepspeed"):
         cmd = " ".join(train.launch_command(launcher, 2, Path("spec.json")))
         assert "127.0.0.1" in cmd
-    env = train.worker_env()
-    if "GLOO_SOCKET_IFNAME" not in os.environ:
-        assert env["GLOO_SOCKET_IFNAME"] == train.loopback_interface()
-        assert socket.if_nametoindex(env["GLOO_SOCKET_IFNAME"]) > 0
+    import psutil
+
+    lo = train_nodes.interface_to("127.0.0.1")  # where every worker pins gloo and NCCL on one node
+    assert socket.if_nametoindex(lo) > 0 and any(a.address == "127.0.0.1" for a in psutil.net_if_addrs()[lo])
 
 
 @pytest.mark.parametrize("text, where", [
@@ -472,3 +474,144 @@ def test_a_failing_process_stops_the_local_launch(tmp_path):
     assert f"train: the rendezvous port 127.0.0.1:{port} is not free" in proc.stderr
     assert time.time() - t0 < 60
 
+
+
+# --- training across nodes (train.nnodes): DeepSpeed's runner on each node, no ssh -------------------
+
+NODES = {"train.nnodes": 2, "train.launcher": "deepspeed", "train.master_addr": "10.0.0.5"}
+
+
+def test_each_node_runs_deepspeeds_runner_without_ssh(tmp_path):
+    hf = train_nodes.write_hostfile(tmp_path / "hostfile", 3, 8)
+    assert train.read_hostfile(hf) == {"node-0": 8, "node-1": 8, "node-2": 8}
+    cmd = train.launch_command("deepspeed", 8, Path("spec.json"), hostfile=str(hf), master_addr="10.0.0.5",
+                               master_port=6000, node_rank=0)
+    assert cmd == [sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hf), "--no_ssh", "--node_rank",
+                   "0", "--master_addr", "10.0.0.5", "--master_port", "6000", "--module", "selfalign.tasks.train_worker",
+                   "spec.json"]
+    launch = {"id": "x", "state": "open", "spec": "spec.json", "hostfile": str(hf), "nnodes": 3, "nproc": 8,
+              "master_addr": "10.0.0.5", "master_port": 6000}
+    assert train_nodes.node_command(launch, 2) == cmd[:7] + ["2"] + cmd[8:]
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match=rf"--node-rank: {bad} must be in \[1, 2\] \(train.nnodes=3; node 0 runs"):
+            train_nodes.node_command(launch, bad)
+
+
+def test_a_node_joins_the_newest_open_launch_it_has_not_joined(tmp_path):
+    def write(name, state="open", mtime=0.0):
+        work = tmp_path / name / "train"
+        work.mkdir(parents=True, exist_ok=True)
+        launch = train_nodes.open_launch(work, work / "spec.json", work / "hostfile", 2, 1, "127.0.0.1", 29500)
+        if state == "closed":
+            train_nodes.close_launch(work, launch, 0)
+        os.utime(work / train_nodes.LAUNCH_FILE, (mtime, mtime))
+        return launch
+
+    assert train_nodes.next_launch(tmp_path, set()) is None
+    write("round_1", "closed", 100)
+    stale, current = write("round_2", mtime=200), write("round_3", mtime=300)
+    path, launch, mtime = train_nodes.next_launch(tmp_path, set())
+    assert launch == current and path.parent.parent.name == "round_3" and mtime == 300
+    assert train_nodes.next_launch(tmp_path, {current["id"]})[1] == stale
+    assert train_nodes.next_launch(tmp_path, {current["id"]}, after=300) is None  # nothing newer than the joined one
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"train.launcher": "local"}, "train.nnodes: 2 needs train.launcher=deepspeed (got 'local')"),
+    ({"train.master_addr": ""}, "train.master_addr: '' must be node 0's address in the cluster network with "
+                                "train.nnodes=2"),
+    ({"train.master_addr": "0.0.0.0"}, "train.master_addr: '0.0.0.0' must be node 0's own address, not a wildcard"),
+    ({"train.master_addr": "::"}, "train.master_addr: '::' must be node 0's own address, not a wildcard"),
+    ({"train.nnodes": 0}, "train.nnodes: 0 must be >= 1"),
+    ({"train.batch_size": 12, "train.micro_batch_size": 2, "train.nproc": 2},
+     "train.batch_size: 12 must be a multiple of micro_batch_size * nproc * nnodes = 8"),
+])
+def test_node_config_errors_name_the_key_and_value(over, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, BASE | NODES | over)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_node_config_keys(tmp_path):
+    cfg = load_config(None, BASE | NODES | {"train.nproc": 2, "train.micro_batch_size": 2, "train.batch_size": 8})
+    assert (cfg.train.nnodes, cfg.train.master_addr) == (2, "10.0.0.5")
+    assert cfg.train.zero_stage_for(cfg.train.nproc * cfg.train.nnodes) == 2
+    hf = _hostfile(tmp_path, "a slots=1\nb slots=1\n")
+    with pytest.raises(ConfigError, match="train.nnodes: 2 starts every node without ssh; train.hostfile"):
+        load_config(None, BASE | NODES | {"train.hostfile": str(hf)})
+
+
+def test_train_node_command_line_errors(capsys, tmp_path):
+    from selfalign.flows.cli import main
+
+    assert main(["train-node", str(tmp_path), "--node-rank", "0"]) == 2
+    assert "train-node: --node-rank 0 must be >= 1 (node 0 runs the pipeline)" in capsys.readouterr().err
+
+
+def test_stopping_deepspeeds_runner_stops_its_launcher_and_ranks(tmp_path):
+    """DeepSpeed's runner exits on SIGTERM without passing it on; started as a group, the stage's or
+    train-node's stop reaches its launcher and ranks too."""
+    import psutil
+
+    script = tmp_path / "rank.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    hf = train_nodes.write_hostfile(tmp_path / "hostfile", 2, 2)
+    cmd = train.launch_command("deepspeed", 2, Path("unused"), hostfile=str(hf), master_addr="127.0.0.1",
+                               master_port=_free_port(), node_rank=1)
+    cmd = cmd[:cmd.index("--module")] + [str(script)]
+    proc = procs.start_child(cmd, group=True, env=train.worker_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        def ranks(tree):
+            return [p for p in tree if p.cmdline()[2:3] == [str(script)]]  # python -u rank.py --local_rank=i
+
+        tree: list[psutil.Process] = []
+        for _ in range(600):  # until the launcher has started both ranks
+            tree = psutil.Process(proc.pid).children(recursive=True)
+            if len(ranks(tree)) == 2:
+                break
+            time.sleep(0.2)
+        assert len(ranks(tree)) == 2, [p.cmdline() for p in tree]
+        procs.stop_child(proc)
+        _, alive = psutil.wait_procs(tree, timeout=60)
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        procs.stop_child(proc)
+        procs.forget_child(proc)
+
+
+@pytest.mark.slow
+def test_two_nodes_of_one_process_train_the_model_of_two_processes_on_one_node(tiny_model, tmp_path, replay_pairs):
+    """2 nodes x 1 rank on loopback: the train stage runs node 0's part (DeepSpeed's runner with
+    --no_ssh --node_rank 0) and `selfalign train-node` the other's, which it finds through the launch
+    file in the run folder. Per-step losses and weights equal 2 processes on one node within 1e-5;
+    every socket that either node's processes listen on is on 127.0.0.1."""
+    import torch
+
+    steps1, w1, _ = _train(tiny_model, tmp_path, replay_pairs, "one", **{"train.nproc": 2})
+    port = _free_port()
+    log = open(tmp_path / "node1.log", "w")
+    node1 = subprocess.Popen([sys.executable, "-m", "selfalign.flows.cli", "train-node", str(tmp_path),
+                              "--node-rank", "1", "--poll", "0.2"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        with Listening() as listening:
+            steps2, w2, out = _train(tiny_model, tmp_path, replay_pairs, "two", **NODES | {
+                "train.master_addr": "127.0.0.1", "train.master_port": port})
+    finally:
+        node1.terminate()  # it runs until stopped
+        node1.wait(60)
+        log.close()
+    text = (tmp_path / "node1.log").read_text()
+    assert f"train-node 1: {tmp_path / 'two' / 'train'}: done" in text, text[-3000:]
+    assert node1.returncode == 128 + 15, text[-3000:]
+    launch = artifacts.read_json(tmp_path / "two" / "train" / train_nodes.LAUNCH_FILE)
+    assert (launch["state"], launch["rc"], launch["nnodes"]) == ("closed", 0, 2)
+    assert listening.seen, "no listening socket seen: the check would be vacuous"
+    assert all(ip == "127.0.0.1" for _, ip, _ in listening.seen), listening.seen
+    assert any(p == port for _, _, p in listening.seen)  # the store, on the configured port
+    assert len({pid for pid, _, _ in listening.seen}) >= 2  # both nodes' ranks listened (gloo), not just one
+    assert len(steps2) == len(steps1) == 3
+    for s1, s2 in zip(steps1, steps2):
+        assert s2["loss"] == pytest.approx(s1["loss"], abs=1e-5)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)

@@ -44,7 +44,8 @@ def test_pair_stage_filters_picks_and_mixes(tmp_path):
     # N_off = 6 -> both generated pairs are used and 2 offline ones, never the one sharing prompt q1
     offline = [{"id": f"o{i}", "prompt": q, "chosen": "c", "rejected": "r"}
                for i, q in enumerate([q1, q2] + [f"What is {i} + 2?" for i in range(4)])]
-    stats = run_pairs(cfg, scores, offline, tmp_path / "pairs.parquet", tmp_path / "sweep.json", seed=0, log=lambda m: None)
+    stats = run_pairs(cfg.pairs, scores, offline, tmp_path / "pairs.parquet", tmp_path / "sweep.json", seed=0,
+                      log=lambda m: None, preferred=cfg.evaluate.preferred)
     pairs = artifacts.read_table(tmp_path / "pairs.parquet")
     assert stats["pairs/dropped_invalid"] == 1 and stats["pairs/dropped_truncated"] == 1
     assert stats["pairs/dropped_special"] == 1
@@ -106,7 +107,7 @@ def test_identical_generated_pairs_are_dropped_and_counted(tmp_path):
     rows = [sample("a", q1, 0, "The sum is 3.", 2.0), sample("a", q1, 1, " The sum  is\n3. ", -1.0),
             sample("b", q2, 0, "4", 1.0), sample("b", q2, 1, "It is 4.", 0.0)]
     artifacts.write_table(tmp_path / "scores.parquet", rows)
-    stats = run_pairs(cfg, tmp_path / "scores.parquet", [], tmp_path / "pairs.parquet", tmp_path / "s.json",
+    stats = run_pairs(cfg.pairs, tmp_path / "scores.parquet", [], tmp_path / "pairs.parquet", tmp_path / "s.json",
                       seed=0, log=lambda m: None)
     pairs = artifacts.read_table(tmp_path / "pairs.parquet")
     assert stats["pairs/dropped_identical"] == 1 and [p["prompt_id"] for p in pairs] == ["b"]
@@ -121,7 +122,7 @@ def test_replay_cap_warns_with_the_counts(tmp_path):
     offline = [{"id": "o1", "prompt": "What is 9 + 9?", "chosen": "18!", "rejected": "19"},
                {"id": "o2", "prompt": "What is 8 + 9?", "chosen": "17!", "rejected": "16"}]
     warned = []
-    stats = run_pairs(cfg, tmp_path / "scores.parquet", offline, tmp_path / "pairs.parquet", tmp_path / "s.json",
+    stats = run_pairs(cfg.pairs, tmp_path / "scores.parquet", offline, tmp_path / "pairs.parquet", tmp_path / "s.json",
                       seed=0, log=lambda m: None, warn=warned.append)
     assert stats["pairs/generated"] == 1 and stats["pairs/generated_built"] == 6
     assert warned == ["pairs: replay uses 1 of the 6 generated pairs built (pairs.gamma=0.5, pairs.budget=0, "
@@ -131,11 +132,11 @@ def test_replay_cap_warns_with_the_counts(tmp_path):
 def test_offline_source_trains_on_the_budget_of_offline_pairs_alone(tmp_path):
     cfg = load_config(None, BASE | {"pairs.source": "offline", "pairs.budget": 3})
     offline = [{"id": f"o{i}", "prompt": f"What is {i} + 2?", "chosen": f"{i + 2}!", "rejected": "no"} for i in range(5)]
-    stats = run_pairs(cfg, None, offline, tmp_path / "pairs.parquet", tmp_path / "s.json", seed=1, log=lambda m: None)
+    stats = run_pairs(cfg.pairs, None, offline, tmp_path / "pairs.parquet", tmp_path / "s.json", seed=1, log=lambda m: None)
     pairs = artifacts.read_table(tmp_path / "pairs.parquet")
     assert len(pairs) == stats["pairs/kept"] == 3 and {p["source"] for p in pairs} == {"offline"}
     assert stats["pairs/generated_built"] == 0 and not (tmp_path / "s.json").exists()
-    again = run_pairs(cfg, None, offline, tmp_path / "again.parquet", tmp_path / "s.json", seed=2, log=lambda m: None)
+    again = run_pairs(cfg.pairs, None, offline, tmp_path / "again.parquet", tmp_path / "s.json", seed=2, log=lambda m: None)
     assert again["pairs/kept"] == 3  # another round, another draw of the same size
 
 
@@ -146,7 +147,7 @@ def test_two_sided_sweep_is_the_default_and_its_side_is_recorded(tmp_path):
     artifacts.write_table(tmp_path / "scores.parquet", rows)
     for alpha_min, side in ((-1.0, -1), (0.0, 0)):
         cfg = load_config(None, BASE | {"pairs.validity": "", "pairs.min_valid": 2, "pairs.alpha_min": alpha_min})
-        stats = run_pairs(cfg, tmp_path / "scores.parquet", [], tmp_path / "pairs.parquet", tmp_path / "s.json",
+        stats = run_pairs(cfg.pairs, tmp_path / "scores.parquet", [], tmp_path / "pairs.parquet", tmp_path / "s.json",
                           seed=0, log=lambda m: None)
         assert stats["alpha_side"] == side and (stats["alpha_star"] < 0) == (side == -1)
         assert artifacts.read_json(tmp_path / "s.json")["side"] == {-1: "shorter", 0: "none"}[side]

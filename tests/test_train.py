@@ -72,8 +72,8 @@ AT_REFERENCE = {
 LOSS_KEYS = {
     "cdpo": {"train.label_smoothing": 0.1},
     # the additional reference is the policy's own model, so the combined reference equals it
-    "mrpo": {"train.mrpo_references": "{model}"},
-    "hpo": {"train.hpo_rewards": "selfalign.tasks.toy:checker_reward,selfalign.tasks.toy:readability_reward"},
+    "mrpo": {"train.mrpo.references": "{model}"},
+    "hpo": {"train.hpo.rewards": "selfalign.tasks.toy:checker_reward,selfalign.tasks.toy:readability_reward"},
 }
 
 
@@ -84,7 +84,7 @@ def test_every_configurable_loss_is_covered():
 
 
 def test_the_config_knows_every_loss_the_trainer_has():
-    from selfalign.flows.config import LOSSES
+    from selfalign.tasks.train_config import LOSSES
     from selfalign.kernels.losses import PAIR_LOSSES
 
     assert LOSSES == sorted(PAIR_LOSSES) + ["alpha_dpo", "mrpo", "hpo"]
