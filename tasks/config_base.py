@@ -65,7 +65,7 @@ def parse_value(key: str, value: Any, typ: Any) -> Any:
     if origin is Literal:
         allowed = get_args(typ)
         numbers = [a for a in allowed if isinstance(a, int)]
-        if numbers and not (isinstance(value, int) and not isinstance(value, bool) or value in allowed):
+        if numbers and (isinstance(value, bool) or not isinstance(value, int) and value not in allowed):
             words = "/".join(a for a in allowed if isinstance(a, str))
             raise ConfigError(f"{key}: expected an integer or {words}, got {value!r}")
         if not numbers and not isinstance(value, str):
