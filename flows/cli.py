@@ -1,5 +1,5 @@
 """Command line: `selfalign run <preset.yaml> [--section.key=value ...]`, `selfalign compare <run>`,
-`selfalign server`, `selfalign deploy <preset>`."""
+`selfalign server`, `selfalign deploy <preset>`, `selfalign train-node <run folder> --node-rank i`."""
 from __future__ import annotations
 
 import argparse
@@ -285,6 +285,26 @@ def cmd_server(args: argparse.Namespace) -> int:
                  out=lambda m: print(m, flush=True))
 
 
+def cmd_train_node(args: argparse.Namespace) -> int:
+    """Another node's part of training across nodes (`train.nnodes`): joins each launch of the run's
+    train stage, on node 0, until stopped."""
+    from selfalign.tasks.procs import Interrupted, stop_on_signals
+    from selfalign.tasks.train_nodes import follow
+
+    if args.node_rank < 1:
+        print(f"train-node: --node-rank {args.node_rank} must be >= 1 (node 0 runs the pipeline)", file=sys.stderr)
+        return 2
+    try:
+        with stop_on_signals():
+            follow(Path(args.run_dir), args.node_rank, log=lambda m: print(m, flush=True), poll=args.poll)
+    except ValueError as e:  # this node's rank is beyond the run's train.nnodes
+        print(f"train-node: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        return e.exit_code
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from selfalign.flows.deploy import DeployError, deploy, schedules
 
@@ -343,6 +363,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlflow-workers", type=int, default=1)
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for both to be healthy")
     p.set_defaults(func=cmd_server)
+    p = sub.add_parser("train-node", help="on another node of train.nnodes: join each round's training of a run "
+                       "(node 0 runs the pipeline); runs until stopped")
+    p.add_argument("run_dir", help="the run's folder on the shared filesystem (run.dir, else runs/<run.name>), or a "
+                   "folder holding several runs (a continual chain's)")
+    p.add_argument("--node-rank", type=int, required=True, help="this node's rank, 1 .. train.nnodes - 1")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between looks at the run folder (default: 1)")
+    p.set_defaults(func=cmd_train_node)
     p = sub.add_parser("deploy", help="register the run flow as a Prefect deployment on a process work pool",
                        usage="selfalign deploy PRESET [--section.key=value ...] [--cron CRON] [--name NAME] ...")
     p.add_argument("preset", help="preset YAML; --section.key=value overrides may follow")
