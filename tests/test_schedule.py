@@ -123,7 +123,8 @@ def test_two_scheduled_runs_form_a_chain(chain):
     assert set(by_flow_run) == {first["id"], second["id"]}
     for fr in (first, second):
         run = by_flow_run[fr["id"]]
-        assert run.data.tags["prefect.flow_run_url"].endswith(f"/runs/flow-run/{fr['id']}")
+        url = run.data.tags["prefect.flow_run_url"]
+        assert url.startswith(f"http://127.0.0.1:{chain['pport']}/") and url.endswith(f"/flow-run/{fr['id']}")
         [artifact] = api(chain["pport"], "/artifacts/filter", {"artifacts": {"key": {"any_": ["round-table"]}},
                                                                  "flow_runs": {"id": {"any_": [fr["id"]]}}})
         assert f"/runs/{run.info.run_id}" in artifact["data"]
@@ -161,15 +162,20 @@ def test_both_uis_show_the_scheduled_runs_and_the_pairs_table(chain, tmp_path):
         exp = client.get_experiment_by_name("selfalign")
         [parent] = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{second['id']}'")
         [round_1] = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-        pairs = client.load_table(exp.experiment_id, "tables/pairs.json", run_ids=[round_1.info.run_id])
-        prompt = str(pairs["prompt"].iloc[0])[:30]
+        pairs = json.loads(Path(client.download_artifacts(round_1.info.run_id, "tables/pairs.json", str(tmp_path))).read_text())
+        assert "mlflow.loggedArtifacts" in round_1.data.tags  # what makes the UI show the file as a table
+        prompt = str(pairs["data"][0][pairs["columns"].index("prompt")])[:30]
         url = f"{chain['mlflow']}/#/experiments/{exp.experiment_id}/runs/{round_1.info.run_id}/artifacts/tables/pairs.json"
         browser.goto(url)
         # the artifact view renders the table: its column headers and the first pair's prompt
         browser.wait_text(["chosen", "rejected", "chosen_len", prompt], timeout=120)
         browser.screenshot(shots / "mlflow_pairs_table.png")
+        assert browser.js("document.querySelectorAll('table th, [role=columnheader]').length") >= 4
         browser.goto(f"{chain['mlflow']}/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id}")
         browser.wait_text(["prefect.flow_run_url", "continual.decision"], timeout=120)
         browser.screenshot(shots / "mlflow_chain_run.png")
+        # the MLflow run's link opens its flow run in the Prefect UI, with the run's round sub-flow
+        browser.goto(parent.data.tags["prefect.flow_run_url"])
+        browser.wait_text([second["name"], "Completed"], timeout=120)
     finally:
         browser.close()
