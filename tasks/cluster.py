@@ -81,6 +81,15 @@ def _read_job(job_path: str) -> dict[str, Any]:
 
 # --- what runs on a node ------------------------------------------------------------------------
 
+def _keep(lines: list[str]):
+    """A worker's log on its node: printed now (Ray forwards it to the flow's console while the
+    worker runs) and kept for the Prefect task run, which logs it when the worker returns."""
+    def log(message: str) -> None:
+        lines.append(message)
+        print(message, flush=True)
+    return log
+
+
 def generate_on_node(job_path: str, kv_cache_gib: float) -> dict[str, Any]:
     """One generation worker on the node Ray placed it on: the job's shards not yet written with
     their manifests (an earlier attempt, lost with its node, may have written some)."""
@@ -90,7 +99,7 @@ def generate_on_node(job_path: str, kv_cache_gib: float) -> dict[str, Any]:
     todo = [r for r in job["runs"] if not artifacts.is_done(Path(r["output"]), r["manifest"])]
     lines: list[str] = []
     if todo:
-        run_vllm(dict(job, runs=todo), Path(job_path).with_suffix(".attempt.json"), kv_cache_gib, lines.append)
+        run_vllm(dict(job, runs=todo), Path(job_path).with_suffix(".attempt.json"), kv_cache_gib, _keep(lines))
     return {"node": node_name(), "drawn": [Path(r["output"]).name for r in todo],
             "skipped": len(job["runs"]) - len(todo), "log": lines}
 
@@ -101,7 +110,7 @@ def score_on_node(job_path: str) -> dict[str, Any]:
 
     job = _read_job(job_path)
     lines: list[str] = []
-    out = run_score_worker(job, Path(job_path).with_suffix(".attempt.json"), lines.append)
+    out = run_score_worker(job, Path(job_path).with_suffix(".attempt.json"), _keep(lines))
     return {"node": node_name(), "output": str(out), "log": lines}
 
 
