@@ -32,7 +32,7 @@ from selfalign.tasks.cluster_config import ClusterConfig
 from selfalign.tasks import artifacts, plots
 from selfalign.tasks.config_base import digest
 from selfalign.tasks.data import load_data
-from selfalign.tasks.evaluate import evaluate_key, run_evaluate
+from selfalign.tasks.evaluate import NextRound, evaluate_key, run_evaluate
 from selfalign.tasks.generate import generate_key, run_generate, run_vllm
 from selfalign.tasks.judge import Judge, judge_round
 from selfalign.tasks.pairs import pairs_key, run_pairs
@@ -182,30 +182,22 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path, tracker: MetricLogg
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]]) -> dict:
-    """Evaluates the model that round r produced (r = 0: pi_0). When round r+1 follows, the same
-    vLLM engine also draws its samples and records them as round r+1's finished generate stage
-    (not with generate.shards > 1: round r+1's generate stage then draws them on its workers)."""
+def evaluate_task(cfg: Config, r: int, model: str, prompts: list[dict[str, str]],
+                  also_draw: NextRound | None = None) -> dict:
+    """Evaluates the model that round r produced (r = 0: pi_0). With `also_draw` (next_round_draw),
+    the same vLLM engine also draws round r+1's samples and records them as round r+1's finished
+    generate stage."""
     rd = artifacts.round_dir(cfg.run_dir, r)
     out = rd / "eval_greedy.parquet"
     key, keyed = evaluate_key(cfg.evaluate, cfg.generate, cfg.model, model, prompts)
-    nxt = None
-    if r < cfg.run.rounds and cfg.generate.shards == 1 and not cfg.cluster.address and cfg.pairs.source == "dice":
-        nd = artifacts.round_dir(cfg.run_dir, r + 1)
-        next_prompts = round_prompts(training_prompts(cfg), cfg.data.prompts_per_round, r + 1)
-        next_key = generate_key(cfg.generate, cfg.model, model, next_prompts, cfg.run.seed + r + 1)[0]
-        if not artifacts.is_done(nd / "samples.parquet", next_key):
-            nxt = (next_prompts, nd / "samples.parquet", next_key)
 
     def work():
         metrics, gen = run_evaluate(cfg.evaluate, cfg.generate, cfg.model, model, prompts, rd, cfg.run.seed + 7919 * r,
-                                    _log(), next_round=(nxt[0], nxt[1], r + 1, nxt[2]) if nxt else None,
-                                    run_seed=cfg.run.seed)
-        if nxt:
-            nd = nxt[1].parent
-            artifacts.write_json(nd / "generate.stats.json", gen)
-            artifacts.mark_done(nxt[1], nxt[2])
-            artifacts.remove_shards(nxt[1])
+                                    _log(), next_round=also_draw, run_seed=cfg.run.seed)
+        if also_draw:
+            artifacts.write_json(also_draw.output.parent / "generate.stats.json", gen)
+            artifacts.mark_done(also_draw.output, also_draw.key)
+            artifacts.remove_shards(also_draw.output)
         return metrics
 
     return _stage(out, key, work, rd / "evaluate.stats.json", keyed)
@@ -237,6 +229,18 @@ def round_prompts(prompts: list[dict[str, str]], per_round: int, r: int) -> list
         return prompts
     start = ((r - 1) * per_round) % len(prompts)
     return [prompts[(start + i) % len(prompts)] for i in range(per_round)]
+
+
+def next_round_draw(cfg: Config, r: int, model: str) -> NextRound | None:
+    """Round r+1's samples from `model` (its policy) for round r's evaluation engine to draw, unless
+    they are drawn already; None after the last round, for the offline arm (it draws none), and where
+    round r+1's generate stage draws on workers of its own (generate.shards > 1, a cluster)."""
+    if r >= cfg.run.rounds or cfg.generate.shards != 1 or cfg.cluster.address or cfg.pairs.source != "dice":
+        return None
+    out = artifacts.round_dir(cfg.run_dir, r + 1) / "samples.parquet"
+    prompts = round_prompts(training_prompts(cfg), cfg.data.prompts_per_round, r + 1)
+    key = generate_key(cfg.generate, cfg.model, model, prompts, cfg.run.seed + r + 1)[0]
+    return None if artifacts.is_done(out, key) else NextRound(prompts, out, r + 1, key)
 
 
 def scoring_reference(cfg: Config, r: int, reference_prev: str) -> str:
@@ -285,7 +289,8 @@ def start_flow(config: dict, parent_run_id: str = "") -> dict:
         model, steps = train_task(start, 0, cfg.model.reference, pairs, tracker)
         if steps:
             metrics |= {f"train/{k}": v for k, v in steps[-1].items() if k in ("loss", "rewards/accuracies", "rewards/margins")}
-        metrics |= evaluate_task(cfg, 0, str(model), load_prompts_eval(cfg))
+        # round 1's samples come from the same vLLM engine as pi_0's evaluation: one engine start less
+        metrics |= evaluate_task(cfg, 0, str(model), load_prompts_eval(cfg), also_draw=next_round_draw(cfg, 0, str(model)))
         metrics["round/seconds"] = time.time() - t0
         tracker.log_metrics(metrics, step=0)
         log_tables(tracker, artifacts.round_dir(cfg.run_dir, 0))
@@ -338,7 +343,9 @@ def round_flow(config: dict, r: int, policy: str, reference: str, parent_run_id:
             if steps:
                 metrics |= {f"train/{k}": v for k, v in steps[-1].items()
                             if k in ("loss", "rewards/accuracies", "rewards/margins")}
-            metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg))
+            # round r+1's samples come from the same vLLM engine as this evaluation: one engine start less
+            metrics |= evaluate_task(cfg, r, str(model), load_prompts_eval(cfg),
+                                     also_draw=next_round_draw(cfg, r, str(model)))
             if cfg.evaluate.judge_url:
                 metrics |= judge_task(cfg, r)
             result["model"] = str(model)
@@ -499,7 +506,8 @@ def _rounds(cfg: Config, config: dict) -> dict:
         t0 = time.time()
         policy, reference = cfg.model.policy, cfg.model.reference
         if policy:
-            base = evaluate_task(cfg, 0, policy, load_prompts_eval(cfg))
+            # round 1's samples come from the same vLLM engine as pi_0's evaluation: one engine start less
+            base = evaluate_task(cfg, 0, policy, load_prompts_eval(cfg), also_draw=next_round_draw(cfg, 0, policy))
             base["round/seconds"] = time.time() - t0
         else:  # round 0: pi_0 from the SFT model
             start = start_flow(config, parent)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from selfalign.kernels.stats import mean_ci, per_prompt
 from selfalign.tasks import artifacts
@@ -18,6 +18,15 @@ from selfalign.tasks.data import load_hook
 from selfalign.tasks.evaluate_config import EvaluateConfig
 from selfalign.tasks.generate import build_job, generate_stats, join_shards, plan_shards, run_vllm, sampling_run
 from selfalign.tasks.generate_config import GenerateConfig
+
+
+class NextRound(NamedTuple):
+    """The next round's samples for an evaluation engine to draw as well: that round's prompts, its
+    samples table, its number and its generate stage's key."""
+    prompts: list[dict[str, str]]
+    output: Path
+    round: int
+    key: dict[str, Any]
 
 
 def _per_prompt_values(rows: list[dict[str, Any]], preferred, checker) -> dict[str, dict[str, float]]:
@@ -63,7 +72,7 @@ def evaluate_key(e: EvaluateConfig, g: GenerateConfig, m: ModelConfig, model: st
 
 def run_evaluate(e: EvaluateConfig, g: GenerateConfig, m: ModelConfig, model: str, prompts: list[dict[str, str]],
                  out_dir: Path, seed: int, log=print,
-                 next_round: tuple[list[dict[str, str]], Path, int, dict[str, Any]] | None = None,
+                 next_round: NextRound | None = None,
                  run_seed: int = 0) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Greedy and sampled answers on the eval prompts, on the engine of the generate section `g`.
     With `next_round` = (prompts, output, round, generate stage key), the same engine also draws the

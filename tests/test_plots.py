@@ -104,7 +104,7 @@ def test_round_flow_draws_the_round_plots_and_logs_all(tmp_path, monkeypatch):
             {"alpha": a / 100, "mean_len_gap": 2.0 - a, "n_pairs": 20} for a in range(4)]})
         return rd / "pairs.parquet", {"pairs/kept": 20}
 
-    def evaluate_task(*a):
+    def evaluate_task(*a, **k):
         return {"eval/accuracy": 1.0}
 
     model = tmp_path / "trained"

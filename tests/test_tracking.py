@@ -224,7 +224,7 @@ def test_round_flow_logs_and_registers_each_rounds_model(tiny_model, tmp_path, m
     monkeypatch.setattr(pipeline, "score_task", lambda *a: (tmp_path / "sc", {"eval/pair_accuracy": 0.9}))
     monkeypatch.setattr(pipeline, "pairs_task", pairs_task)
     monkeypatch.setattr(pipeline, "train_task", lambda cfg, r, policy, pairs, tracker=None: (models[r - 1], []))
-    monkeypatch.setattr(pipeline, "evaluate_task", lambda *a: {"eval/accuracy": 1.0})
+    monkeypatch.setattr(pipeline, "evaluate_task", lambda *a, **k: {"eval/accuracy": 1.0})
     parent = MlflowLogger(uri, cfg.tracking.experiment, cfg.run.name,
                           artifact_location=(tmp_path / "mlartifacts").as_uri())
     policy = cfg.model.policy
