@@ -150,7 +150,7 @@ def control_config(preset: str, overrides: list[str], cfg):
     """The offline-only arm of `cfg`: the same rounds, seeds and pair budget, offline pairs only, from
     the same pi_0 (round 0 of `cfg`'s run, shared, when that trained it), in `<run dir>-offline`,
     logged to the same MLflow store."""
-    from selfalign.flows.pipeline import tracking_uri
+    from selfalign.flows.run_tracking import tracking_uri
 
     extra = ["--pairs.source=offline", f"--run.name={cfg.run.name}-offline",
              f"--run.dir={cfg.run_dir.resolve()}-offline", f"--tracking.uri={tracking_uri(cfg)}"]
@@ -184,7 +184,7 @@ def _print_summary(cfg, summary: dict) -> None:
     if summary["stopped"]:
         print(f"\nstopped early: {summary['stopped']}")
     print(f"\nfinal model: {summary['final_model']}")
-    from selfalign.flows.pipeline import tracking_uri
+    from selfalign.flows.run_tracking import tracking_uri
 
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:"):

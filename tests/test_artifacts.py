@@ -88,10 +88,10 @@ def test_a_rerun_names_the_config_keys_that_changed(tmp_path):
 
 
 def test_a_round_model_trained_again_keeps_the_earlier_one(tmp_path, monkeypatch):
-    from selfalign.flows import pipeline
+    from selfalign.flows import stages
 
     said = []
-    monkeypatch.setattr(pipeline, "_log", lambda: said.append)
+    monkeypatch.setattr(stages, "_log", lambda: said.append)
     model = tmp_path / "round_1" / "model"
 
     def train(weights: bytes):
@@ -102,15 +102,15 @@ def test_a_round_model_trained_again_keeps_the_earlier_one(tmp_path, monkeypatch
         return work
 
     stats = tmp_path / "round_1" / "train.steps.json"
-    pipeline._stage(model, {"config": "a"}, train(b"first"), stats, {"train.lr": 1e-6}, keep_old=True)
-    pipeline._stage(model, {"config": "a"}, train(b"never"), stats, {"train.lr": 1e-6}, keep_old=True)
+    stages._stage(model, {"config": "a"}, train(b"first"), stats, {"train.lr": 1e-6}, keep_old=True)
+    stages._stage(model, {"config": "a"}, train(b"never"), stats, {"train.lr": 1e-6}, keep_old=True)
     assert said[-1] == "model: up to date, skipped"
-    pipeline._stage(model, {"config": "b"}, train(b"second"), stats, {"train.lr": 2e-6}, keep_old=True)
+    stages._stage(model, {"config": "b"}, train(b"second"), stats, {"train.lr": 2e-6}, keep_old=True)
     assert "model: running again, its inputs or config changed (train.lr 1e-06 -> 2e-06)" in said
     [kept] = [p for p in model.parent.iterdir() if p.name.startswith("model.before-")]
     assert (kept / "model.safetensors").read_bytes() == b"first"
     assert (model / "model.safetensors").read_bytes() == b"second"
-    pipeline._stage(model, {"config": "c"}, train(b"third"), stats, {"train.lr": 3e-6}, keep_old=False)
+    stages._stage(model, {"config": "c"}, train(b"third"), stats, {"train.lr": 3e-6}, keep_old=False)
     assert len([p for p in model.parent.iterdir() if p.name.startswith("model.before-")]) == 1
     assert (model / "model.safetensors").read_bytes() == b"third"
 

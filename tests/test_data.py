@@ -421,7 +421,7 @@ class ExpensiveStage(Exception):
 @pytest.mark.parametrize("policy", ["error", "skip"])
 def test_run_flow_checks_data_before_any_stage(tmp_path, tiny_model, monkeypatch, policy):
     """A bad row stops the run before the first engine starts; skipped rows reach MLflow."""
-    from selfalign.flows import pipeline
+    from selfalign.flows import pipeline, run_tracking
     from selfalign.flows.config import load_config
 
     files = {"prompts": write(tmp_path / "prompts.jsonl", [P, {"id": "b", "prompt": ""}]),
@@ -448,7 +448,7 @@ def test_run_flow_checks_data_before_any_stage(tmp_path, tiny_model, monkeypatch
         raise ExpensiveStage
 
     monkeypatch.setattr(pipeline, "get_run_logger", lambda: Logger)
-    monkeypatch.setattr(pipeline, "make_logger", lambda *a, **k: tracker)
+    monkeypatch.setattr(run_tracking, "make_logger", lambda *a, **k: tracker)
     monkeypatch.setattr(pipeline, "evaluate_task", evaluate_task)
     if policy == "error":
         with pytest.raises(DataError, match="prompts.jsonl: row 2, field 'prompt': is empty"):

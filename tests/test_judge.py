@@ -280,22 +280,22 @@ def test_judge_config_keys():
 
 
 def test_judge_stage_runs_once_per_input(stub, tmp_path, monkeypatch):
-    from selfalign.flows import pipeline
+    from selfalign.flows import stages
     from selfalign.flows.config import load_config
     from selfalign.tasks import artifacts
 
     s = stub(prefers_good)
     lines = []
-    monkeypatch.setattr(pipeline, "_log", lambda: lines.append)
+    monkeypatch.setattr(stages, "_log", lambda: lines.append)
     run = tmp_path / "run"
     rows = lambda texts: [{"prompt_id": f"e{i}", "prompt": f"q{i}", "k": 0, "response": t} for i, t in enumerate(texts)]
     artifacts.write_table(artifacts.round_dir(run, 0) / "eval_greedy.parquet", rows(["old", "x"]))
     artifacts.write_table(artifacts.round_dir(run, 1) / "eval_greedy.parquet", rows(["good", "y"]))
     args = [f"--run.dir={run}", f"--evaluate.judge_url={s.url}", "--evaluate.judge_model=m"]
     cfg = load_config(ROOT / "deploy" / "presets" / "demo.yaml", args)
-    m = pipeline.judge_task.fn(cfg, 1)
+    m = stages.judge_task.fn(cfg, 1)
     assert m["judge/win_rate"] == pytest.approx(0.75) and len(s.requests) == 4
-    assert pipeline.judge_task.fn(cfg, 1) == m and len(s.requests) == 4 and "judge.parquet: up to date" in lines[-1]
+    assert stages.judge_task.fn(cfg, 1) == m and len(s.requests) == 4 and "judge.parquet: up to date" in lines[-1]
     other = load_config(ROOT / "deploy" / "presets" / "demo.yaml", args[:2] + ["--evaluate.judge_model=other"])
-    pipeline.judge_task.fn(other, 1)
+    stages.judge_task.fn(other, 1)
     assert len(s.requests) == 8 and s.requests[-1]["body"]["model"] == "other"

@@ -207,7 +207,7 @@ import json, sys, threading
 from pathlib import Path
 from prefect import flow
 from prefect.context import TaskRunContext
-from selfalign.flows import pipeline
+from selfalign.flows import stages
 from selfalign.flows.config import from_dict
 from selfalign.tasks import artifacts, generate
 from selfalign.tasks.data import encode_response, load_tokenizer
@@ -231,17 +231,17 @@ def run_vllm(job, job_path, kv_cache_gib, log=print):
         artifacts.mark_done(run["output"], run["manifest"])
     return []
 
-pipeline.run_vllm = generate.run_vllm = run_vllm
+stages.run_vllm = generate.run_vllm = run_vllm
 generate.build_job = lambda g, m, model, prompts, runs, seed: {"model": model, "prompts": prompts, "runs": runs, "seed": seed}
 
 @flow
-def stages(config: dict) -> list:
+def stage_flow(config: dict) -> list:
     cfg = from_dict(config)
-    samples, _ = pipeline.generate_task(cfg, 1, args["model"], args["prompts"])
-    scores, _ = pipeline.score_task(cfg, 1, samples, args["model"], args["model"], [])
+    samples, _ = stages.generate_task(cfg, 1, args["model"], args["prompts"])
+    scores, _ = stages.score_task(cfg, 1, samples, args["model"], args["model"], [])
     return [str(samples), str(scores)]
 
-print("RESULT " + json.dumps({"paths": stages(args["config"]), "seen": seen}))
+print("RESULT " + json.dumps({"paths": stage_flow(args["config"]), "seen": seen}))
 '''
 
 

@@ -275,7 +275,7 @@ def test_round_tables_are_browsable_in_mlflow(tmp_path):
     MLflow tables (what the UI shows), read back through MLflow's own API."""
     from mlflow.tracking import MlflowClient
 
-    from selfalign.flows.pipeline import log_tables
+    from selfalign.flows.run_tracking import log_tables
     from selfalign.tasks import artifacts
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

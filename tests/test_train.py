@@ -182,14 +182,14 @@ def test_step_metrics_reach_mlflow_while_training_runs(tiny_model, tmp_path, mon
     from mlflow.tracking import MlflowClient
 
     from conftest import write_replay_pairs
-    from selfalign.flows import pipeline
+    from selfalign.flows import stages
     from selfalign.tasks import artifacts
     from selfalign.tasks.tracking import MlflowLogger
 
     class Logger:
         info = warning = staticmethod(lambda *a: None)
 
-    monkeypatch.setattr(pipeline, "get_run_logger", lambda: Logger)
+    monkeypatch.setattr(stages, "get_run_logger", lambda: Logger)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(None, {"model.policy": tiny_model, "model.reference": tiny_model, "data.prompts": "p",
                              "data.eval_prompts": "e", "data.offline_pairs": "o", "run.dir": str(tmp_path / "run"),
@@ -209,7 +209,7 @@ def test_step_metrics_reach_mlflow_while_training_runs(tiny_model, tmp_path, mon
 
     tracker.log_metrics = logged
     t0 = time.time()
-    pipeline.train_task.fn(cfg, 1, tiny_model, pairs, tracker)
+    stages.train_task.fn(cfg, 1, tiny_model, pairs, tracker)
     assert seen_while_running and seen_while_running[0] >= 1, f"no step reached MLflow during {time.time() - t0:.0f}s"
     history = reader.get_metric_history(tracker.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 41))
