@@ -107,8 +107,8 @@ def main() -> None:
             n[0] += 1
             d = work / f"gen_{n[0]}"
             d.mkdir()
-            stats = run_generate(cfg, path, sub, d / "samples.parquet", d, r=n[0], key={"bench": n[0]},
-                                 log=lambda m: None)
+            stats = run_generate(cfg.generate, cfg.model, path, sub, d / "samples.parquet", d, r=n[0],
+                                 key={"bench": n[0]}, log=lambda m: None)
             return stats["generate/tokens"]
 
         def baseline(sub=ids):

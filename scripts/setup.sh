@@ -41,7 +41,10 @@ fi
 # here, once per machine, into the cache the training stage uses.
 if [ "$flavour" = cpu ]; then
   echo "[setup] compiling DeepSpeed's CPU communication op (once per machine)" >&2
-  TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/selfalign/torch_extensions}" DS_ACCELERATOR=cpu \
+  ext="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/selfalign/torch_extensions}"
+  # A build lock older than any build was left by a killed process; torch would wait on it forever.
+  [ -d "$ext" ] && find "$ext" -mindepth 2 -maxdepth 2 -name lock -mmin +10 -delete
+  TORCH_EXTENSIONS_DIR="$ext" DS_ACCELERATOR=cpu \
     "$venv/bin/python" -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" \
     >/dev/null 2>&1 || echo "[setup] warning: could not pre-build the op; the first training run will" >&2
 fi

@@ -98,11 +98,33 @@ def worker_env() -> dict[str, str]:
     worker itself (`train_worker.pin_interfaces`): on another node that interface has its own name."""
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfalign" / "torch_extensions"))
+    clear_stale_build_locks(Path(env["TORCH_EXTENSIONS_DIR"]))
     import torch  # here, not at the top: the local launcher (this module run as a script) needs none
 
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     return env
+
+
+STALE_LOCK_SECONDS = 600
+
+
+def clear_stale_build_locks(extensions_dir: Path, older_than: float = STALE_LOCK_SECONDS, log=print) -> list[Path]:
+    """Removes build locks of DeepSpeed's JIT-compiled ops left by a process killed while it held one.
+    torch marks an op build in progress with a file `lock` in the op's folder and every later loader
+    waits, without a timeout, until that file is gone: one rank killed at that moment would hang all
+    training on the machine. A build takes about a minute, so a lock older than `older_than` seconds
+    has no live holder."""
+    removed = []
+    for lock in extensions_dir.glob("*/lock") if extensions_dir.is_dir() else []:
+        try:
+            if time.time() - lock.stat().st_mtime > older_than:
+                lock.unlink()
+                removed.append(lock)
+                log(f"train: removed a stale build lock {lock} (left by a process stopped while building the op)")
+        except FileNotFoundError:  # released meanwhile
+            pass
+    return removed
 
 
 def local_launch(nproc: int, master_port: int, worker_args: list[str]) -> int:

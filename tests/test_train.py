@@ -215,3 +215,23 @@ def test_step_metrics_reach_mlflow_while_training_runs(tiny_model, tmp_path, mon
     assert sorted(m.step for m in history) == list(range(1, 41))
     run = reader.get_run(tracker.run_id)
     assert {"rewards/margins", "rewards/accuracies", "learning_rate", "grad_norm"} <= set(run.data.metrics)
+
+
+def test_a_stale_op_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    """A rank killed while torch built DeepSpeed's op leaves `<op>/lock`, on which every later
+    training would wait forever; a lock as old as no build takes is removed before a launch."""
+    import os
+    import time
+
+    from selfalign.tasks.train import STALE_LOCK_SECONDS, clear_stale_build_locks
+
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    old = time.time() - STALE_LOCK_SECONDS - 60
+    os.utime(stale, (old, old))
+    lines = []
+    assert clear_stale_build_locks(tmp_path, log=lines.append) == [stale]
+    assert not stale.exists() and fresh.exists() and str(stale) in lines[0]
+    assert clear_stale_build_locks(tmp_path / "missing") == []
