@@ -1,4 +1,6 @@
 """Per-token log-probabilities of labels: the hot path of scoring and training.
+Over 400 lines for one op: its reference, its chunked paths and their autograd functions share the
+chunking and the backend choice; the Triton kernels are in logps_triton.py.
 
 Convention. Labels are aligned with positions (the caller has already shifted: ``labels[..., t]`` is
 predicted by ``logits[..., t, :]``). For a row of logits z in R^V and a label y,

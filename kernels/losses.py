@@ -1,4 +1,5 @@
 """Preference losses as pure functions over per-sequence log-probs.
+Over 400 lines for one contract: every loss of train.loss, each a short pure function under it.
 
 Inputs are summed response log-probs S(y) of shape (B,) (``policy_*``, ``ref_*``) and, where a loss
 needs token averages A(y) = S(y)/|y|, response token counts ``chosen_lengths``/``rejected_lengths``

@@ -1,5 +1,7 @@
 """DeepSpeed training worker: one process per rank, launched by the train stage with torchrun or the
-`deepspeed` launcher. It owns its loop (HF Trainer/accelerate mis-detect ranks on CPU gloo runs):
+`deepspeed` launcher. Over 400 lines: set-up -> steps -> save read in one place; references, the
+guard, checkpoints and LoRA are in train_refs, train_guard, train_ckpt and lora.
+It owns its loop (HF Trainer/accelerate mis-detect ranks on CPU gloo runs):
 
     policy <- pi_{r-1};  reference = pi_{r-1} (frozen, never loaded: its log-probs come with the pairs)
     for each step: loss = mean_over_pairs L(S_policy(y_w), S_policy(y_l), S_ref(y_w), S_ref(y_l), ...)

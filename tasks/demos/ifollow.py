@@ -1,5 +1,6 @@
 """Verifiable instruction following for a small instruct model (SmolLM2-135M-Instruct): short factual or
 arithmetic questions with known answers, each with one format instruction that a rule can check.
+Over 400 lines: mostly the fact tables of the question bank; the rules take the first 200.
 
 Prompt: "<instruction> <question>" or "<question> <instruction>", e.g.
     "Answer with a number only. What is 17 plus 25?"      "What is the capital of Peru? Answer in one word."
