@@ -127,6 +127,12 @@ def clear_stale_build_locks(extensions_dir: Path, older_than: float = STALE_LOCK
     return removed
 
 
+def watch_build_locks(extensions_dir: Path, stop: threading.Event, log=print, every: float = 30.0) -> None:
+    """While training runs: removes stale build locks (`clear_stale_build_locks`) every `every` seconds."""
+    while not stop.wait(every):
+        clear_stale_build_locks(extensions_dir, log=log)
+
+
 def local_launch(nproc: int, master_port: int, worker_args: list[str]) -> int:
     """The `local` launcher: `nproc` worker processes on this node, ranks 0..nproc-1, rendezvous at
     127.0.0.1:`master_port` (rank 0 hosts the store on a loopback socket). When one fails the others
@@ -261,8 +267,12 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         follower = threading.Thread(target=follow_steps, args=(metrics_path, on_step, stop), daemon=True,
                                     name="selfalign-train-steps")
         follower.start()
+    env = worker_env()
+    # A rank killed elsewhere while it held the op's build lock would leave this launch's ranks waiting.
+    threading.Thread(target=watch_build_locks, args=(Path(env["TORCH_EXTENSIONS_DIR"]), stop, log), daemon=True,
+                     name="selfalign-build-locks").start()
     with open(work / "worker.log", "w") as logf:
-        proc = procs.start_child(cmd, group=True, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = procs.start_child(cmd, group=True, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  text=True)
         rc = None
         tail: list[str] = []
@@ -285,8 +295,8 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
             procs.forget_child(proc)
             if launch is not None:  # the other nodes stop their part when this one failed or was stopped
                 train_nodes.close_launch(work, launch, 1 if rc is None else rc)
+            stop.set()
             if follower is not None:
-                stop.set()
                 follower.join()
     if rc != 0:
         if fault:

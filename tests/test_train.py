@@ -235,3 +235,27 @@ def test_a_stale_op_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
     assert clear_stale_build_locks(tmp_path, log=lines.append) == [stale]
     assert not stale.exists() and fresh.exists() and str(stale) in lines[0]
     assert clear_stale_build_locks(tmp_path / "missing") == []
+
+
+def test_a_lock_left_while_training_runs_is_removed_by_the_watch(tmp_path):
+    """Ranks already waiting on a lock that a killed process left are freed while the stage runs."""
+    import os
+    import threading
+    import time
+
+    from selfalign.tasks.train import STALE_LOCK_SECONDS, watch_build_locks
+
+    stop = threading.Event()
+    watch = threading.Thread(target=watch_build_locks, args=(tmp_path, stop, lambda m: None, 0.05))
+    watch.start()
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    old = time.time() - STALE_LOCK_SECONDS - 1
+    os.utime(lock, (old, old))
+    deadline = time.time() + 30
+    while lock.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    watch.join(10)
+    assert not lock.exists() and not watch.is_alive()
