@@ -84,7 +84,7 @@ def run_ours(args, policy: str, pairs: Path, out: Path, packing: bool) -> dict:
         "train.lr": args.lr, "train.beta": args.beta, "train.max_steps": args.steps, "train.batch_size": args.pairs,
         "train.micro_batch_size": args.micro_batch, "train.threads": args.threads, "train.packing": packing})
     out.parent.mkdir(parents=True, exist_ok=True)
-    steps = run_train(cfg, policy, pairs, out, seed=args.seed, log=lambda m: None)
+    steps = run_train(cfg.train, cfg.model, policy, pairs, out, seed=args.seed, log=lambda m: None)
     t = [s["seconds"] for s in steps]
     return {"first_loss": steps[0]["loss"], "timed_s": t[-1] - t[0], "steps": len(steps)}
 

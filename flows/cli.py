@@ -204,7 +204,7 @@ def check_inputs(cfg) -> int:
 
     try:
         load_data(cfg)
-        check_tokenizers(cfg)
+        check_tokenizers(cfg.model, cfg.train.reference_tokenizers())
     except DataError as e:
         print(f"data error: {e}", file=sys.stderr)
         return 2

@@ -162,9 +162,9 @@ def train_task(cfg: Config, r: int, model: str, pairs: Path, tracker: MetricLogg
         tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         seen.add(row["step"])
 
-    _stage(out, key, lambda: {"steps": run_train(cfg, model, pairs, out, cfg.run.seed + r, _log(), key=key,
+    _stage(out, key, lambda: {"steps": run_train(cfg.train, cfg.model, model, pairs, out, cfg.run.seed + r, _log(), key=key,
                                                  on_step=on_step if tracker is not None else None,
-                                                 batch_tokens=cfg.score.batch_tokens)},
+                                                 batch_tokens=cfg.score.batch_tokens, run_dir=cfg.run_dir)},
            steps_path, keyed, keep_old=cfg.run.keep_old_models)
     if tracker is not None:
         for row in artifacts.read_json(steps_path)["steps"]:

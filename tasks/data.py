@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from selfalign.tasks.config_base import ModelConfig
 
 
 def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
@@ -434,21 +438,18 @@ class ModelError(ValueError):
     """A model of the run cannot be used; the message names its config key."""
 
 
-def check_tokenizers(cfg: Any) -> None:
+def check_tokenizers(m: ModelConfig, extra: Sequence[tuple[str, str]] = ()) -> None:
     """Loads the tokenizer of every model the run starts from that `load_data` did not: the reference
-    (when it is not the policy) and the MRPO references (or their own tokenizers). ModelError names
-    the key of the first that does not load."""
-    seen = {cfg.model.policy or cfg.model.reference}
-    models = [("model.reference", cfg.model.reference)]
-    if cfg.train.loss == "mrpo":
-        models += [("train.mrpo.tokenizers" if tok else "train.mrpo.references", tok or m)
-                   for m, tok in cfg.train.mrpo.reference_list()]
+    (when it is not the policy) and those of `extra` ((config key, path), e.g. the MRPO references').
+    ModelError names the key of the first that does not load."""
+    seen = {m.policy or m.reference}
+    models = [("model.reference", m.reference), *extra]
     for key, path in models:
         if path in seen:
             continue
         seen.add(path)
         try:
-            load_tokenizer(path, cfg.model.trust_remote_code)
+            load_tokenizer(path, m.trust_remote_code)
         except (OSError, ValueError) as e:
             raise ModelError(f"{key}: the tokenizer of {path!r} does not load: {str(e).splitlines()[0]}") from None
 

@@ -202,11 +202,13 @@ def train_key(t: TrainConfig, m: ModelConfig, model: str, pairs: Path, seed: int
     return key, settings
 
 
-def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=print,
-              key: dict[str, Any] | None = None, on_step=None, batch_tokens: int = 16384) -> list[dict[str, Any]]:
+def run_train(t: TrainConfig, m: ModelConfig, model: str, pairs_path: Path, out_dir: Path, seed: int, log=print,
+              key: dict[str, Any] | None = None, on_step=None, batch_tokens: int = 16384,
+              run_dir: Path | None = None) -> list[dict[str, Any]]:
     """Trains pi_r from pi_{r-1} (= `model`) on the round's pairs; writes `out_dir` (HF format).
-    Reads the train and model sections of `cfg`; `batch_tokens`: tokens per forward of the reference
-    log-probs it fills in (the pipeline passes score.batch_tokens).
+    `t`, `m`: the train and model sections; `batch_tokens`: tokens per forward of the reference
+    log-probs it fills in (the pipeline passes score.batch_tokens); `run_dir`: the folder the other
+    nodes of a multi-node training watch (named in the log).
     Every `train.checkpoint_every` steps the worker saves a DeepSpeed checkpoint; a later call with
     the same spec and stage `key` resumes from the latest one (others are discarded first).
     `on_step(row)` is called with each step's metrics while training runs (MLflow's live curves)."""
@@ -217,13 +219,12 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
     if partial.exists():
         shutil.rmtree(partial)
     metrics_path = work / "metrics.jsonl"
-    t = cfg.train
     zero_stage = t.zero_stage_for(None if t.hostfile else t.nproc * t.nnodes)
     # The worker's job: the train section (its top-level keys by name: a loss's hyper-parameters reach
     # it so, train_worker.pair_loss), the group of the loss or LoRA in use, and what it trains on.
     spec = {k: v for k, v in dataclasses.asdict(t).items() if k not in SAVING_KEYS and k not in ("lora", "mrpo", "hpo")}
     spec |= {"model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
-             "seed": seed, "dtype": cfg.model.dtype, "trust_remote_code": cfg.model.trust_remote_code,
+             "seed": seed, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
              "zero_stage": zero_stage, "batch_tokens": batch_tokens,
              "ref_cache": str(d) if (d := refcache.resolve_dir(t.ref_cache)) else None}
     if t.loss == "mrpo":
@@ -254,7 +255,7 @@ def run_train(cfg, model: str, pairs_path: Path, out_dir: Path, seed: int, log=p
         cmd = launch_command("deepspeed", t.nproc, spec_path, hostfile=str(hostfile), master_addr=t.master_addr,
                              master_port=t.master_port, node_rank=0)
         where = (f"{t.nnodes} nodes x {t.nproc} process(es) (node 0 here; the others join with "
-                 f"`selfalign train-node {cfg.run_dir} --node-rank i`)")
+                 f"`selfalign train-node {run_dir or out_dir.parent} --node-rank i`)")
     else:
         cmd = launch_command(t.launcher, t.nproc, spec_path, hostfile=t.hostfile, master_addr=t.master_addr,
                              master_port=t.master_port)

@@ -246,6 +246,12 @@ class TrainConfig:
         """(model, tokenizer or "") of each additional MRPO reference; none unless train.loss=mrpo."""
         return self.mrpo.reference_list() if self.loss == "mrpo" else []
 
+    def reference_tokenizers(self) -> list[tuple[str, str]]:
+        """(config key, path) of the tokenizer of each additional MRPO reference: its own tokenizer when
+        train.mrpo.tokenizers names one, else the reference model's."""
+        return [("train.mrpo.tokenizers" if tok else "train.mrpo.references", tok or m)
+                for m, tok in self.extra_references()]
+
     def keyed(self) -> dict[str, Any]:
         """The keys the trained model depends on, by name: not those of saving and launching, not the
         LoRA group when LoRA is off, not another loss's group."""

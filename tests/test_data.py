@@ -383,6 +383,10 @@ def test_a_model_whose_tokenizer_does_not_load_stops_the_run_named(tmp_path, tin
     demo = str(Path(__file__).resolve().parents[1] / "deploy" / "presets" / "demo.yaml")
     assert cli.main(["run", demo, "--model.policy=" + tiny_model, f"--model.reference={sft}", *args]) == 2
     assert capsys.readouterr().err.startswith(f"model error: model.reference: the tokenizer of '{sft}' does not load")
+    # an MRPO reference is named by its key too, the reference itself being fine
+    assert cli.main(["run", demo, f"--model.policy={tiny_model}", f"--model.reference={tiny_model}", *args,
+                     "--train.loss=mrpo", f"--train.mrpo.references={sft}"]) == 2
+    assert capsys.readouterr().err.startswith(f"model error: train.mrpo.references: the tokenizer of '{sft}'")
 
 
 def load_tokenizer_of(path):

@@ -46,7 +46,7 @@ def _spec(cfg, model: str, pairs: Path, out: Path, monkeypatch) -> Path:
     """The worker spec the train stage writes, without launching the worker (a launch that exits 9)."""
     with monkeypatch.context() as m, pytest.raises(RuntimeError, match=r"exit 9"):
         m.setattr(train_stage, "launch_command", lambda *a, **kw: [sys.executable, "-c", "raise SystemExit(9)"])
-        run_train(cfg, model, pairs, out, seed=0, log=lambda m: None)
+        run_train(cfg.train, cfg.model, model, pairs, out, seed=0, log=lambda m: None)
     return out.parent / "train" / "spec.json"
 
 
@@ -183,7 +183,7 @@ def test_inf_gradient_on_one_rank_stops_both_ranks(tiny_model, tmp_path, replay_
            r"the optimizer step was not taken and the round's model is not written; the last good checkpoint \(step 1\)")
     t0 = time.time()
     with pytest.raises(NonFiniteTraining, match=msg):
-        run_train(cfg, tiny_model, replay_pairs(), out, seed=0, log=lambda m: None)
+        run_train(cfg.train, cfg.model, tiny_model, replay_pairs(), out, seed=0, log=lambda m: None)
     log = (tmp_path / "round_1" / "train" / "worker.log").read_text()
     # both ranks took the decision (each raised the same message), none was torn down by the other
     said = "train: non-finite gradient (norm inf) of lm.model.embed_tokens.weight on rank 1 at step 2/4"
@@ -231,7 +231,8 @@ def test_hpo_training_killed_after_a_checkpoint_resumes_with_the_same_value_head
     assert 1 <= step < 6 and not out.exists()
 
     logged = []
-    steps = run_train(load_config(None, over), tiny_model, pairs, out, seed=0, log=logged.append)
+    cfg = load_config(None, over)
+    steps = run_train(cfg.train, cfg.model, tiny_model, pairs, out, seed=0, log=logged.append)
     assert any(f"resuming from the checkpoint of step {step}" in m for m in logged)
     ref_steps = [json.loads(line) for line in (ref_out.parent / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [s["step"] for s in ref_steps] == [1, 2, 3, 4, 5, 6]
@@ -255,7 +256,8 @@ def test_hpo_training_killed_after_a_checkpoint_resumes_with_the_same_value_head
 if __name__ == "__main__":
     if sys.argv[1] == "stage":  # stage OVERRIDES_JSON PAIRS OUT
         over = json.loads(sys.argv[2])
-        run_train(load_config(None, over), over["model.policy"], Path(sys.argv[3]), Path(sys.argv[4]), seed=0,
+        cfg = load_config(None, over)
+        run_train(cfg.train, cfg.model, over["model.policy"], Path(sys.argv[3]), Path(sys.argv[4]), seed=0,
                   log=lambda m: print(m, flush=True))
     else:  # record SPEC OUT [--no-guard]
         recorder = Recorder()

@@ -21,7 +21,7 @@ def test_deepspeed_training_on_cuda(tiny_model, tmp_path, replay_pairs, zero_sta
     from selfalign.tasks.train import run_train
 
     cfg = _cfg(tiny_model, tmp_path, **{"train.zero_stage": zero_stage, "model.dtype": dtype})
-    steps = run_train(cfg, tiny_model, replay_pairs(), tmp_path / "model", seed=0, log=print)
+    steps = run_train(cfg.train, cfg.model, tiny_model, replay_pairs(), tmp_path / "model", seed=0, log=print)
     assert len(steps) == 6
     assert steps[0]["loss"] == pytest.approx(math.log(2), abs=1e-2 if dtype == "bfloat16" else 1e-4)
     assert steps[-1]["loss"] < steps[0]["loss"]
@@ -39,7 +39,7 @@ def test_auto_zero_stage_on_one_gpu_trains_like_zero2(tiny_model, tmp_path, repl
     runs, said = {}, []
     for stage in ("auto", 2):
         cfg = _cfg(tiny_model, tmp_path / str(stage), **{"train.zero_stage": stage, "model.dtype": dtype})
-        runs[stage] = run_train(cfg, tiny_model, replay_pairs(str(stage)), tmp_path / str(stage) / "model", seed=0,
+        runs[stage] = run_train(cfg.train, cfg.model, tiny_model, replay_pairs(str(stage)), tmp_path / str(stage) / "model", seed=0,
                                 log=said.append)
     assert any("ZeRO-0 (auto)" in m for m in said), said
     auto, z2 = runs["auto"], runs[2]

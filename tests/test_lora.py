@@ -232,7 +232,7 @@ def test_lora_training_stage_checkpoints_resumes_and_merges(tiny_model, tmp_path
     ref_out = tmp_path / "ref" / "model"
     ref_out.parent.mkdir()
     logged = []
-    ref_steps = run_train(cfg, tiny_model, pairs, ref_out, seed=0, log=logged.append, key={"k": 1})
+    ref_steps = run_train(cfg.train, cfg.model, tiny_model, pairs, ref_out, seed=0, log=logged.append, key={"k": 1})
     assert any("train: LoRA r=4" in m and "trainable parameters" in m for m in logged)
     assert ref_steps[0]["loss"] == pytest.approx(LN2, abs=1e-6) and ref_steps[-1]["loss"] < ref_steps[0]["loss"]
     ref = load_file(ref_out / "model.safetensors")
@@ -249,7 +249,7 @@ def test_lora_training_stage_checkpoints_resumes_and_merges(tiny_model, tmp_path
     out.parent.mkdir()
     monkeypatch.setenv(FAULT_NAN_STEP, "3")
     with pytest.raises(NonFiniteTraining, match=r"non-finite loss nan at step 3/4.*last good checkpoint \(step 2\)"):
-        run_train(cfg, tiny_model, pairs, out, seed=0, log=lambda m: None, key={"k": 1})
+        run_train(cfg.train, cfg.model, tiny_model, pairs, out, seed=0, log=lambda m: None, key={"k": 1})
     assert not out.exists()
     ckpt = checkpoint_dir(out) / "step-000002"
     saved = [torch.load(p, weights_only=False)["module"] for p in ckpt.glob("*model_states.pt")]
@@ -257,7 +257,7 @@ def test_lora_training_stage_checkpoints_resumes_and_merges(tiny_model, tmp_path
     assert saved and all(saved) and all(".lora_" in k for sd in saved for k in sd)
     monkeypatch.delenv(FAULT_NAN_STEP)
     logged.clear()
-    steps = run_train(cfg, tiny_model, pairs, out, seed=0, log=logged.append, key={"k": 1})
+    steps = run_train(cfg.train, cfg.model, tiny_model, pairs, out, seed=0, log=logged.append, key={"k": 1})
     assert any("resuming from the checkpoint of step 2" in m for m in logged)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     for s, r in zip(steps, ref_steps):
@@ -271,7 +271,7 @@ def test_lora_training_stage_checkpoints_resumes_and_merges(tiny_model, tmp_path
     z3 = tmp_path / "z3" / "model"
     z3.parent.mkdir()
     z3_cfg = _cfg(tiny_model, tmp_path, **{"train.zero_stage": 3, "train.checkpoint_every": 0})
-    z3_steps = run_train(z3_cfg, tiny_model, pairs, z3, seed=0, log=lambda m: None)
+    z3_steps = run_train(z3_cfg.train, z3_cfg.model, tiny_model, pairs, z3, seed=0, log=lambda m: None)
     for s, r in zip(z3_steps, ref_steps):
         assert s["loss"] == pytest.approx(r["loss"], abs=1e-5)
     got = load_file(z3 / "model.safetensors")
@@ -279,7 +279,7 @@ def test_lora_training_stage_checkpoints_resumes_and_merges(tiny_model, tmp_path
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
     r2 = tmp_path / "round2" / "model"
     r2.parent.mkdir()
-    r2_steps = run_train(z3_cfg, str(ref_out), pairs, r2, seed=0, log=lambda m: None)
+    r2_steps = run_train(z3_cfg.train, z3_cfg.model, str(ref_out), pairs, r2, seed=0, log=lambda m: None)
     assert r2_steps[0]["loss"] == pytest.approx(LN2, abs=1e-6)
     # same seed, same first batch: round 2 starts from what round 1 learned (chosen over rejected)
     gap = lambda s: s["logps/chosen"] - s["logps/rejected"]

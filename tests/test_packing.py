@@ -269,7 +269,7 @@ def test_training_stage_packed_trains_the_padded_model(tiny_model, tmp_path, rep
         name = f"{loss}_{packing}"
         out = tmp_path / name / "model"
         out.parent.mkdir()
-        runs[packing] = (run_train(cfg, tiny_model, replay_pairs(name), out, seed=0, log=lambda m: None),
+        runs[packing] = (run_train(cfg.train, cfg.model, tiny_model, replay_pairs(name), out, seed=0, log=lambda m: None),
                          load_file(out / "model.safetensors"))
     (steps_p, w_p), (steps_d, w_d) = runs[True], runs[False]
     for a, b in zip(steps_p, steps_d):

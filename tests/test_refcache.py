@@ -62,7 +62,7 @@ def _train(model, run_dir, pairs, cache, **over):
     out = run_dir / "model"
     out.parent.mkdir(parents=True)
     lines: list[str] = []
-    steps = run_train(cfg, model, pairs, out, seed=0, log=lines.append)
+    steps = run_train(cfg.train, cfg.model, model, pairs, out, seed=0, log=lines.append)
     return steps, "\n".join(lines)
 
 

@@ -54,7 +54,7 @@ def test_training_resumes_from_the_last_good_checkpoint_after_a_nan(tiny_model, 
     pairs = replay_pairs()
     ref_out = tmp_path / "ref" / "model"
     ref_out.parent.mkdir()
-    ref_steps = run_train(cfg, tiny_model, pairs, ref_out, seed=0, log=lambda m: None, key={"k": 1})
+    ref_steps = run_train(cfg.train, cfg.model, tiny_model, pairs, ref_out, seed=0, log=lambda m: None, key={"k": 1})
     ref = load_file(ref_out / "model.safetensors")
 
     out = tmp_path / "run" / "model"
@@ -63,7 +63,7 @@ def test_training_resumes_from_the_last_good_checkpoint_after_a_nan(tiny_model, 
     logged = []
     with pytest.raises(NonFiniteTraining, match=r"non-finite loss nan at step 3/4 \(micro-batch 1 of 2\).*"
                                                 r"last good checkpoint \(step 2\)"):
-        run_train(cfg, tiny_model, pairs, out, seed=0, log=logged.append, key={"k": 1})
+        run_train(cfg.train, cfg.model, tiny_model, pairs, out, seed=0, log=logged.append, key={"k": 1})
     assert not out.exists() and not out.with_name("model.partial").exists()
     ckpt = checkpoint_dir(out)
     assert json.loads((ckpt / "latest.json").read_text()) == {"step": 2, "tag": "step-000002"}
@@ -71,7 +71,7 @@ def test_training_resumes_from_the_last_good_checkpoint_after_a_nan(tiny_model, 
 
     monkeypatch.delenv(FAULT_NAN_STEP)
     logged.clear()
-    steps = run_train(cfg, tiny_model, pairs, out, seed=0, log=logged.append, key={"k": 1})
+    steps = run_train(cfg.train, cfg.model, tiny_model, pairs, out, seed=0, log=logged.append, key={"k": 1})
     assert any("resuming from the checkpoint of step 2" in m for m in logged)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     for s, r in zip(steps, ref_steps):
@@ -83,7 +83,7 @@ def test_training_resumes_from_the_last_good_checkpoint_after_a_nan(tiny_model, 
 
     # another training (here: another stage key) never resumes these checkpoints
     logged.clear()
-    run_train(cfg, tiny_model, pairs, out, seed=0, log=logged.append, key={"k": 2})
+    run_train(cfg.train, cfg.model, tiny_model, pairs, out, seed=0, log=logged.append, key={"k": 2})
     assert any("discarding checkpoints of another training" in m for m in logged)
     assert not any("resuming" in m for m in logged)
 

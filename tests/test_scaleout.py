@@ -390,7 +390,7 @@ def _train(tiny_model, tmp_path, replay_pairs, name, **over):
                              "train.micro_batch_size": 2} | over)
     out = tmp_path / name / "model"
     out.parent.mkdir()
-    steps = train.run_train(cfg, tiny_model, replay_pairs(name), out, seed=0, log=lambda m: None)
+    steps = train.run_train(cfg.train, cfg.model, tiny_model, replay_pairs(name), out, seed=0, log=lambda m: None)
     return steps, load_file(out / "model.safetensors"), out
 
 
@@ -597,12 +597,17 @@ def test_two_nodes_of_one_process_train_the_model_of_two_processes_on_one_node(t
         with Listening() as listening:
             steps2, w2, out = _train(tiny_model, tmp_path, replay_pairs, "two", **NODES | {
                 "train.master_addr": "127.0.0.1", "train.master_port": port})
+        done = f"train-node 1: {tmp_path / 'two' / 'train'}: done"
+        for _ in range(300):  # node 1's launcher may still be exiting when node 0's part returns
+            if done in (tmp_path / "node1.log").read_text() or node1.poll() is not None:
+                break
+            time.sleep(0.2)
     finally:
         node1.terminate()  # it runs until stopped
         node1.wait(60)
         log.close()
     text = (tmp_path / "node1.log").read_text()
-    assert f"train-node 1: {tmp_path / 'two' / 'train'}: done" in text, text[-3000:]
+    assert done in text, text[-3000:]
     assert node1.returncode == 128 + 15, text[-3000:]
     launch = artifacts.read_json(tmp_path / "two" / "train" / train_nodes.LAUNCH_FILE)
     assert (launch["state"], launch["rc"], launch["nnodes"]) == ("closed", 0, 2)

@@ -19,7 +19,7 @@ def _train(tiny_model, tmp_path, replay_pairs, name, log=None, **over):
                              "train.micro_batch_size": 2} | over)
     out = tmp_path / name / "model"
     out.parent.mkdir()
-    steps = run_train(cfg, tiny_model, replay_pairs(name), out, seed=0, log=log or (lambda m: None))
+    steps = run_train(cfg.train, cfg.model, tiny_model, replay_pairs(name), out, seed=0, log=log or (lambda m: None))
     return steps, load_file(out / "model.safetensors")
 
 
