@@ -5,6 +5,8 @@
   baseline  model.generate(do_sample=True, temperature, top_p, num_return_sequences=K,
             max_new_tokens) on batches of --hf-batch prompts (left-padded), with its KV cache; only
             the generate calls are timed (model loading is not)
+  vllm_sampler  (--vllm-sampler) the same stage with vLLM's own CPU top-p and draw instead of ours
+            (tasks/vllm_worker.py): what the version-gated sampler patch is worth
 
 Same random-init Llama (saved with from_pretrained; its near-uniform next-token distribution almost
 never samples the end of turn, so both sides generate about K x max_tokens per prompt), same chat
@@ -16,6 +18,7 @@ alternating repetitions. Last line: JSON, ratio = ours / baseline.
 
     .venv/bin/python bench/generate_vs_hf.py           # 4 layers, hidden 256, vocab 32k, 96 prompts x 8 x 64
     .venv/bin/python bench/generate_vs_hf.py --temperature 0.7 --top-p 0.9   # DICE's sampling
+    .venv/bin/python bench/generate_vs_hf.py --vllm-sampler   # also vLLM's own CPU sampler
     .venv/bin/python bench/generate_vs_hf.py --quick   # a smoke run
 """
 from __future__ import annotations
@@ -68,6 +71,8 @@ def main() -> None:
     ap.add_argument("--top-p", type=float, default=1.0, help="the demo preset's (config default: 0.9)")
     ap.add_argument("--hf-batch", type=int, default=8, help="prompts per HF generate call (x K sequences)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--vllm-sampler", action="store_true",
+                    help="a third side: the stage with vLLM's own CPU top-p and draw")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (smoke test)")
     args = ap.parse_args()
     if args.quick:
@@ -79,7 +84,7 @@ def main() -> None:
 
     from selfalign.flows.config import load_config
     from selfalign.tasks.data import encode_prompt, load_tokenizer
-    from selfalign.tasks.generate import run_generate
+    from selfalign.tasks import generate
     from selfalign.tasks.lm_logps import load_model
 
     torch.set_num_threads(args.threads)
@@ -101,15 +106,26 @@ def main() -> None:
               f"temperature {args.temperature}, top_p {args.top_p}; HF batch {args.hf_batch} prompts; "
               f"load average {common.load_average():.1f}", flush=True)
         n = [0]
-        tokens: dict[str, list[int]] = {"ours": [], "baseline": []}
+        tokens: dict[str, list[int]] = {"ours": [], "baseline": []} | ({"vllm_sampler": []} if args.vllm_sampler else {})
 
         def ours(sub=prompts):
             n[0] += 1
             d = work / f"gen_{n[0]}"
             d.mkdir()
-            stats = run_generate(cfg.generate, cfg.model, path, sub, d / "samples.parquet", d, r=n[0],
-                                 key={"bench": n[0]}, log=lambda m: None)
+            stats = generate.run_generate(cfg.generate, cfg.model, path, sub, d / "samples.parquet", d, r=n[0],
+                                          key={"bench": n[0]}, log=lambda m: None)
             return stats["generate/tokens"]
+
+        def vllm_sampler(sub=prompts):  # run_generate's steps, the job asking for vLLM's own sampler
+            n[0] += 1
+            d = work / f"gen_{n[0]}"
+            d.mkdir()
+            out = d / "samples.parquet"
+            paths, runs = generate.plan_shards(cfg.generate, sub, out, 0, n[0], {"bench": n[0]}, log=lambda m: None)
+            job = generate.build_job(cfg.generate, cfg.model, path, sub, runs, n[0])
+            generate.run_workers(cfg.generate, job | {"native_top_p": True, "native_sampler": True}, d,
+                                 lambda m: None)
+            return sum(r["n_tokens"] for r in generate.join_shards(out, paths))
 
         def baseline(sub=ids):
             return hf_generate(hf, tok, sub, args)
@@ -118,20 +134,28 @@ def main() -> None:
         ours(prompts[:2])  # warm-up; on two prompts its time is about the stage's fixed cost
         startup = time.perf_counter() - t
         baseline(ids[:2])
-        times = common.alternate({"ours": lambda: tokens["ours"].append(ours()),
-                                  "baseline": lambda: tokens["baseline"].append(baseline())}, args.reps)
+        sides = {"ours": lambda: tokens["ours"].append(ours()),
+                 "baseline": lambda: tokens["baseline"].append(baseline())}
+        if args.vllm_sampler:
+            vllm_sampler(prompts[:2])
+            sides["vllm_sampler"] = lambda: tokens["vllm_sampler"].append(vllm_sampler())
+        times = common.alternate(sides, args.reps)
     tps = {k: common.median([n_ / t for n_, t in zip(tokens[k], times[k])]) for k in times}
     for k in times:
         print(f"  {k:10s} {tps[k]:9.1f} tokens/s (median of {args.reps}; {sum(tokens[k])} tokens in {sum(times[k]):.1f} s)")
-    steady = common.median([n_ / max(t - startup, 1e-9) for n_, t in zip(tokens["ours"], times["ours"])])
+    # meaningless when a run is not longer than the warm-up (--quick)
+    net = [n_ / (t - startup) for n_, t in zip(tokens["ours"], times["ours"]) if t > 1.5 * startup]
+    steady = round(common.median(net), 1) if net else None
     print(f"  ours' fixed cost (process, imports, engine start; the 2-prompt warm-up run): {startup:.1f} s; "
-          f"without it {steady:.1f} tokens/s")
+          f"without it {steady} tokens/s")
     common.emit("generate_vs_hf", tps["ours"], tps["baseline"], "tokens/s",
                 prompts=args.prompts, k=args.k, max_tokens=args.max_tokens, layers=args.layers, hidden=args.hidden,
                 vocab=args.vocab, dtype=args.dtype, threads=args.threads, reps=args.reps,
                 tokens_ours=sum(tokens["ours"]), tokens_baseline=sum(tokens["baseline"]),
                 temperature=args.temperature, top_p=args.top_p, ours_fixed_s=round(startup, 1),
-                ours_without_fixed=round(steady, 1),
+                ours_without_fixed=steady,
+                **({"vllm_sampler": round(tps["vllm_sampler"], 1),
+                    "ours_vs_vllm_sampler": round(tps["ours"] / tps["vllm_sampler"], 3)} if args.vllm_sampler else {}),
                 load_average=round(common.load_average(), 1))
 
 

@@ -34,8 +34,8 @@ def test_train_vs_trl_quick():
 
 @pytest.mark.slow
 def test_generate_vs_hf_quick():
-    out = run_bench("generate_vs_hf.py", "--quick")
-    assert out["tokens_ours"] > 0 and out["tokens_baseline"] > 0
+    out = run_bench("generate_vs_hf.py", "--quick", "--vllm-sampler")
+    assert out["tokens_ours"] > 0 and out["tokens_baseline"] > 0 and out["vllm_sampler"] > 0
 
 
 @pytest.mark.slow
