@@ -41,7 +41,8 @@ for line in reversed(lines):
             pass
 missing = next((l.split("No module named ")[1].strip("'\"") for l in lines if "No module named " in l), "")
 if row is None:
-    row = {"bench": name, "status": "skipped" if missing else ("timeout" if rc == 124 else "failed"),
+    status = "skipped" if missing else "done" if rc == 0 else "timeout" if rc == 124 else "failed"
+    row = {"bench": name, "status": status,
            "why": f"module {missing} is not installed" if missing else "\n".join(lines[-5:])}
 row.update({"step": name, "rc": rc, "device": device})
 with open(results, "a") as f:
