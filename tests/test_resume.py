@@ -5,19 +5,19 @@
   training with the step and the value named, keeps the last good checkpoint and writes no model;
   so does an inf gradient with a finite loss, before the optimizer step (tests/test_faults.py has
   the per-stage and 2-rank checks of that, this file the CLI end to end).
-- Kill tests: the real CLI on the demo preset (tiny sizes) is killed with SIGKILL (its whole process
-  group) in the middle of generate, of score and of train, at a moment read from its files or log,
-  then rerun with the same command. The rerun finishes, redoes no finished stage (its log and the
-  finished stages' manifests show it), and ends with the artifacts of an uninterrupted run with the
-  same seed (one reference run for all the tests):
+- Kill test: the real CLI on the demo preset (tiny sizes) is killed with SIGKILL (its whole process
+  group) in the middle of generate, then rerun and killed in the middle of score, then in the middle
+  of train, each at a moment read from its files or log, and finally run to the end with the same
+  command. Each rerun redoes no finished stage (its log and the finished stages' manifests show it),
+  and the last ends with the artifacts of an uninterrupted run with the same seed (one reference run
+  for the file):
   * bit-exact: the samples (vLLM on CPU with per-request seeds, one seed per shard), the scores (the
     same CPU forward passes), the pairs, the alpha sweep and the round-0 evaluation tables;
   * within float tolerance (1e-6): the trained weights. A run resumed from a DeepSpeed checkpoint
     reloads the fp32 weights, optimiser state, data position and RNG, and came out bit-identical
     here too, but DeepSpeed does not promise it, so the test does not require it.
-  The score and train tests start from a run directory holding the reference run's finished stages
-  before the killed one, with their manifests, as a crashed run leaves them; the generate test runs
-  from scratch.
+- Fault test: from a run directory holding the reference run's stages before training, with their
+  manifests, as a crashed run leaves them: a NaN loss, then an inf gradient, then the clean rerun.
 """
 import json
 import os
@@ -196,50 +196,35 @@ def reference(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_in_generate(reference, tmp_path):
-    run = tmp_path / "run"
-    victim = Victim(run, tmp_path / "home")
-    # round 1's samples are drawn by round 0's evaluate job (one engine start): kill it once the
-    # first of the 3 shards is written
+def test_killed_in_generate_then_in_score_then_in_train_ends_as_an_uninterrupted_run(reference, tmp_path):
+    """The same command killed three times, in a different stage each time, then run to the end."""
+    run, home = tmp_path / "run", tmp_path / "home"
+    # generate: round 1's samples are drawn by round 0's evaluate job (one engine start): killed once
+    # the first of the 3 shards is written
+    victim = Victim(run, home)
     first = run / "round_1" / "samples.shard-00000.parquet.manifest.json"
     victim.kill_when("a first shard", first.exists)
     done = sorted(p.name[:-len(".manifest.json")] for p in (run / "round_1").glob("samples.shard-*.manifest.json"))
     assert 1 <= len(done) < 3 and not (run / "round_1" / "samples.parquet").exists(), done
-    rerun = run_to_end(run, tmp_path / "home")
-    for name in done:  # drawn before the kill: not drawn again
-        assert f"{name}: up to date, skipped" in rerun and f"wrote {name}" not in rerun
-    assert "wrote samples.shard-00002.parquet" in rerun
-    assert_same_artifacts(run, reference)
 
-
-@pytest.mark.slow
-def test_killed_in_score(reference, tmp_path):
-    run = tmp_path / "run"
-    _seed_run(reference, run, ["samples.parquet", "generate.stats.json"])
-    before = _manifests(run)
-    victim = Victim(run, tmp_path / "home")
-    # the policy's log-probs are done, the reference's are being computed
+    # score: killed once the policy's log-probs are done and the reference's are being computed
+    victim = Victim(run, home)
     victim.kill_when("scoring", lambda: victim.said("score[policy]:"))
+    for name in done:  # drawn before the first kill: not drawn again
+        assert victim.said(f"{name}: up to date, skipped") and not victim.said(f"wrote {name}")
+    assert victim.said("wrote samples.shard-00002.parquet")
     assert not (run / "round_1" / "scores.parquet.manifest.json").exists()
-    rerun = run_to_end(run, tmp_path / "home")
-    assert "eval_greedy.parquet: up to date, skipped" in rerun and "samples.parquet: up to date, skipped" in rerun
-    after = _manifests(run)
-    assert {k: after[k] for k in before} == before  # the finished stages' manifests are untouched
-    assert_same_artifacts(run, reference)
 
-
-@pytest.mark.slow
-def test_killed_in_train(reference, tmp_path):
-    run = tmp_path / "run"
-    _seed_run(reference, run, ["samples.parquet", "generate.stats.json", "scores.parquet", "score.stats.json",
-                               "pairs.parquet", "pairs.stats.json", "alpha_sweep.json"])
+    # train: killed once a checkpoint is written; the finished stages' manifests stay untouched
     before = _manifests(run)
-    victim = Victim(run, tmp_path / "home")
+    victim = Victim(run, home)
     latest = run / "round_1" / "train" / "checkpoints" / "latest.json"
     victim.kill_when("a training checkpoint", latest.exists)
+    assert victim.said("samples.parquet: up to date, skipped")
     assert not (run / "round_1" / "model").exists()
     step = json.loads(latest.read_text())["step"]
-    rerun = run_to_end(run, tmp_path / "home")
+
+    rerun = run_to_end(run, home)
     assert f"train: resuming from the checkpoint of step {step}" in rerun
     for name in ("eval_greedy", "samples", "scores", "pairs"):
         assert f"{name}.parquet: up to date, skipped" in rerun
@@ -248,65 +233,54 @@ def test_killed_in_train(reference, tmp_path):
     assert_same_artifacts(run, reference)
 
 
-@pytest.mark.slow
-def test_nan_in_training_fails_the_round_and_the_rerun_resumes_from_the_last_good_checkpoint(reference, tmp_path):
-    run, home = tmp_path / "run", tmp_path / "home"
-    _seed_run(reference, run, ["samples.parquet", "generate.stats.json", "scores.parquet", "score.stats.json",
-                               "pairs.parquet", "pairs.stats.json", "alpha_sweep.json"])
-    out = run_to_end(run, home, expect=3, **{FAULT_NAN_STEP: "3"})
-    assert "run failed: non-finite loss nan at step 3/3 (micro-batch 1 of 2)" in out, out[-3000:]
-    assert "last good checkpoint (step 2)" in out
-    assert not (run / "round_1" / "model").exists() and not (run / "round_1" / "model.partial").exists()
-    assert json.loads((run / "round_1/train/checkpoints/latest.json").read_text())["step"] == 2
-    # MLflow: the round's nested run and the parent run are FAILED
+def _assert_failed_in_tracking(run: Path, home: Path, times: int) -> None:
+    """MLflow: `times` parent runs and as many round runs, all FAILED; Prefect: the run flows and their
+    round sub-flows ended Failed."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("selfalign").experiment_id])
-    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("demo", "FAILED"), ("round_1", "FAILED")]
-    # Prefect: the round sub-flow and the run flow ended Failed
+    assert sorted((r.info.run_name, r.info.status) for r in runs) == \
+        [("demo", "FAILED")] * times + [("round_1", "FAILED")] * times
     with sqlite3.connect(home / "prefect" / "prefect.db") as db:
-        states = dict(db.execute("select name, state_type from flow_run"))
-    assert states == {"demo": "FAILED", "demo-round-1": "FAILED"}
-
-    # the same command again: training resumes from step 2, never from a half-trained model
-    rerun = run_to_end(run, home)
-    assert "train: resuming from the checkpoint of step 2" in rerun
-    assert_same_artifacts(run, reference)
-
-
-def _assert_failed_in_tracking(run: Path, home: Path) -> None:
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{run / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("selfalign").experiment_id])
-    assert sorted((r.info.run_name, r.info.status) for r in runs) == [("demo", "FAILED"), ("round_1", "FAILED")]
-    with sqlite3.connect(home / "prefect" / "prefect.db") as db:
-        states = dict(db.execute("select name, state_type from flow_run"))
-    assert states == {"demo": "FAILED", "demo-round-1": "FAILED"}
+        states = sorted(db.execute("select name, state_type from flow_run"))
+    assert states == [("demo", "FAILED")] * times + [("demo-round-1", "FAILED")] * times
 
 
 @pytest.mark.slow
-def test_inf_gradient_in_training_fails_the_round_and_the_rerun_resumes_from_the_last_good_checkpoint(reference, tmp_path):
-    """The loss stays finite; one element of the embedding's gradient becomes inf at step 3."""
+def test_a_nan_then_an_inf_gradient_fail_the_round_and_the_rerun_resumes_from_the_last_good_checkpoint(
+        reference, tmp_path):
+    """A NaN loss at step 3; the same command again, now with one element of the embedding's gradient
+    inf at step 3 (the loss finite); then without a fault: it ends as if nothing had happened."""
     run, home = tmp_path / "run", tmp_path / "home"
     _seed_run(reference, run, ["samples.parquet", "generate.stats.json", "scores.parquet", "score.stats.json",
                                "pairs.parquet", "pairs.stats.json", "alpha_sweep.json"])
     policy = ROOT / "assets" / "demo" / "dpo"  # round 1's input: the last good published model
     before = {p.name: p.read_bytes() for p in policy.iterdir() if p.is_file()}
+
+    def failed_at_step_3(out: str) -> None:
+        assert "last good checkpoint (step 2)" in out
+        assert not (run / "round_1" / "model").exists() and not (run / "round_1" / "model.partial").exists()
+        assert json.loads((run / "round_1/train/checkpoints/latest.json").read_text())["step"] == 2
+        steps = [json.loads(line)["step"] for line in (run / "round_1/train/metrics.jsonl").read_text().splitlines()]
+        assert steps == [1, 2]
+        kept = torch.load(run / "round_1/train/checkpoints/step-000002/mp_rank_00_model_states.pt", weights_only=False)
+        assert all(torch.isfinite(v).all() for v in kept["module"].values())
+        assert {p.name: p.read_bytes() for p in policy.iterdir() if p.is_file()} == before
+
+    out = run_to_end(run, home, expect=3, **{FAULT_NAN_STEP: "3"})
+    assert "run failed: non-finite loss nan at step 3/3 (micro-batch 1 of 2)" in out, out[-3000:]
+    failed_at_step_3(out)
+    _assert_failed_in_tracking(run, home, 1)
+
     out = run_to_end(run, home, expect=3, **{FAULT_INF_GRAD_STEP: "3"})
+    assert "train: resuming from the checkpoint of step 2" in out
     assert ("run failed: non-finite gradient (norm inf) of lm.model.embed_tokens.weight on rank 0 at step 3/3, "
             "loss finite; the optimizer step was not taken") in out, out[-3000:]
-    assert "last good checkpoint (step 2)" in out
-    assert not (run / "round_1" / "model").exists() and not (run / "round_1" / "model.partial").exists()
-    assert json.loads((run / "round_1/train/checkpoints/latest.json").read_text())["step"] == 2
-    assert [json.loads(line)["step"] for line in (run / "round_1/train/metrics.jsonl").read_text().splitlines()] == [1, 2]
-    kept = torch.load(run / "round_1/train/checkpoints/step-000002/mp_rank_00_model_states.pt", weights_only=False)
-    assert all(torch.isfinite(v).all() for v in kept["module"].values())
-    assert {p.name: p.read_bytes() for p in policy.iterdir() if p.is_file()} == before
-    _assert_failed_in_tracking(run, home)
+    failed_at_step_3(out)
+    _assert_failed_in_tracking(run, home, 2)
 
-    # the same command again: training resumes from step 2 and ends as if nothing had happened
+    # the same command again: training resumes from step 2, never from a half-trained model
     rerun = run_to_end(run, home)
     assert "train: resuming from the checkpoint of step 2" in rerun
     assert_same_artifacts(run, reference)
