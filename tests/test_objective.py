@@ -32,6 +32,35 @@ def _args(name):
     return (PC, PR, RC, RR, NC, NR)
 
 
+LN2 = math.log(2)
+# First-step loss at policy == reference (h = c = r = 0), beta = 0.1, the config's defaults; None where
+# it depends on the policy's own log-probs (reference-free parts). tests/test_train.py checks some of
+# them through the training stage.
+AT_REFERENCE = {
+    "dpo": LN2, "cdpo": LN2, "robust": LN2, "sigmoid_norm": LN2, "aot": LN2, "mrpo": LN2,
+    "ipo": 25.0, "sppo_hard": 50.0, "hinge": 1.0, "apo_zero": 1.0, "apo_down": 1.0,
+    "bco_pair": 2 * LN2, "nca_pair": 2 * LN2, "discopop": 0.5 * LN2 + 0.5,
+    "exo_pair": -LN2 - 0.5 * math.log(1e-3 * (1 - 1e-3)),
+    "simpo": None, "alpha_dpo": None, "hpo": None,
+}
+
+
+def test_every_configurable_loss_has_its_round_start_value():
+    from selfalign.tasks.train_config import LOSSES
+
+    assert LOSSES == sorted(PAIR_LOSSES) + ["alpha_dpo", "mrpo", "hpo"]
+    assert set(AT_REFERENCE) == set(LOSSES)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, v in AT_REFERENCE.items() if v is not None))
+def test_each_loss_at_the_round_start(name):
+    """Policy == reference, as at the start of every round: the loss is the value above on every pair."""
+    spec = SPEC | {"loss": name} | ({"label_smoothing": 0.1} if name == "cdpo" else {})
+    rc, rr = (torch.stack([PC, PC]), torch.stack([PR, PR])) if name == "mrpo" else (PC, PR)
+    losses = Objective(spec, world=1)(PC, PR, rc, rr, NC, NR)[0]
+    torch.testing.assert_close(losses, torch.full_like(losses, AT_REFERENCE[name]), atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("name", sorted(PAIR_LOSSES) + ["alpha_dpo", "mrpo", "hpo"])
 def test_every_loss_name_dispatches(name):
     losses, c, r = Objective(SPEC | {"loss": name}, world=1)(*_args(name))
