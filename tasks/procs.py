@@ -26,8 +26,9 @@ def cache_dir(name: str) -> Path:
 
 
 def quiet() -> bool:
-    """No progress lines in CI (CI=true, as GitHub Actions, GitLab and most runners set)."""
-    return os.environ.get("CI", "").lower() in ("true", "1")
+    """No progress lines in CI (CI=true, as GitHub Actions, GitLab and most runners set) nor where
+    progress bars are switched off (TQDM_DISABLE, which the command line sets in CI)."""
+    return any(os.environ.get(k, "").lower() in ("true", "1") for k in ("CI", "TQDM_DISABLE"))
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:

@@ -125,7 +125,9 @@ def progress_bar(label: str, every: float = 0.2):
         def __init__(self, *args, **kwargs):
             kwargs.pop("dynamic_ncols", None)
             self.sink = open(os.devnull, "w")  # no bar; tqdm still keeps count and time
-            super().__init__(*args, file=self.sink, **kwargs)
+            # Enabled whatever TQDM_* says (tqdm reads its defaults from there): a disabled bar reports
+            # an elapsed time of 0, which vLLM divides by.
+            super().__init__(*args, file=self.sink, **kwargs | {"disable": False})
             self.next_report = every
 
         def update(self, n=1):

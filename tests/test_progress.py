@@ -8,13 +8,15 @@ import pytest
 from selfalign.tasks import artifacts, generate, procs
 
 
-def test_progress_lines_every_fifth(capsys):
+def test_progress_lines_every_fifth(capsys, monkeypatch):
     pytest.importorskip("vllm")
     from selfalign.tasks.vllm_worker import progress_bar
 
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # tqdm's own switch does not turn the lines' clock off
     bar = progress_bar("samples")(total=10, desc="Processed prompts", dynamic_ncols=True, postfix="")
     for _ in range(10):
         bar.update(1)
+        assert bar.format_dict["elapsed"] > 0  # vLLM divides by it
     bar.close()
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(", ")[0] for line in lines] == [
@@ -24,12 +26,13 @@ def test_progress_lines_every_fifth(capsys):
     assert capsys.readouterr().out == ""
 
 
+@pytest.mark.parametrize("name", ["CI", "TQDM_DISABLE"])
 @pytest.mark.parametrize("value, quiet", [("true", True), ("1", True), ("false", False), (None, False)])
-def test_quiet_in_ci(monkeypatch, value, quiet):
-    if value is None:
-        monkeypatch.delenv("CI", raising=False)
-    else:
-        monkeypatch.setenv("CI", value)
+def test_quiet_in_ci_or_without_progress_bars(monkeypatch, name, value, quiet):
+    monkeypatch.delenv("CI", raising=False)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    if value is not None:
+        monkeypatch.setenv(name, value)
     assert procs.quiet() is quiet
 
 
