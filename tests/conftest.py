@@ -16,6 +16,17 @@ if "SELFALIGN_CACHE_DIR" not in os.environ:
     os.environ["SELFALIGN_CACHE_DIR"] = tempfile.mkdtemp(prefix="selfalign-test-cache-")
 
 
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """Each test's environment to itself: a command run in-process (`cli.main`) sets its defaults in
+    os.environ (TQDM_DISABLE in CI, Prefect's home), MLflow its tracking URI; a later test's
+    subprocesses in the same pytest process would inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     """A random-init 2-layer Llama with the demo's character tokenizer, saved and reloaded through
