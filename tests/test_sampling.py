@@ -304,16 +304,24 @@ def test_draw_equals_the_running_sum_reference(name, path):
     assert bool(torch.isfinite(logits.gather(1, got.unsqueeze(1))).all())  # never a filtered token
 
 
-@sample_paths
-def test_draws_follow_the_softmax_distribution(path):
-    """200k draws from fixed rows (one peaked, one flat, one with filtered tokens at block edges):
-    every token's count within 5 standard deviations of N * p, and filtered tokens never drawn."""
-    g = torch.Generator().manual_seed(2)
+def fixed_rows(g: torch.Generator) -> torch.Tensor:
+    """One peaked row, one flat, one with filtered tokens at block edges (vocab 50)."""
     vocab = 50
     rows = torch.stack([torch.randn(vocab, generator=g) * 2, 0.1 * torch.randn(vocab, generator=g),
                         torch.randn(vocab, generator=g)])
     rows[0, 5] += 6  # one token with most of the mass
     rows[2, [0, 6, 7, 13, 48, 49]] = float("-inf")  # block boundaries of block=7, and the tail
+    return rows
+
+
+@pytest.mark.parametrize("path", [SAMPLE_PATHS["default"], SAMPLE_PATHS["small-blocks"]], ids=["default", "small-blocks"])
+def test_draws_follow_the_softmax_distribution(path):
+    """200k draws from fixed rows: every token's count within 5 standard deviations of N * p, and
+    filtered tokens never drawn. (The row-at-a-time path draws what the default path draws, draw for
+    draw: the next test.)"""
+    g = torch.Generator().manual_seed(2)
+    rows = fixed_rows(g)
+    vocab = rows.shape[1]
     n = 200_000
     for row in rows:
         u = torch.rand(n, generator=g, dtype=torch.float64)
@@ -329,6 +337,10 @@ def test_draw_of_a_row_does_not_depend_on_the_batch_or_its_blocks():
     u = torch.rand(logits.shape[0], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     whole = sample_inverse_cdf(logits, u)
     assert torch.equal(whole, sample_inverse_cdf(logits, u, chunk_elements=1))
+    for row in fixed_rows(torch.Generator().manual_seed(2)):
+        many = row.expand(2000, row.shape[0]).contiguous()
+        uu = torch.rand(2000, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        assert torch.equal(sample_inverse_cdf(many, uu), sample_inverse_cdf(many, uu, **SAMPLE_PATHS["rowwise"]))
     for i in range(logits.shape[0]):
         assert int(sample_inverse_cdf(logits[i:i + 1], u[i:i + 1])) == int(whole[i])
 
