@@ -51,6 +51,10 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 def pytest_collection_modifyitems(config, items):
+    # Files with end-to-end (slow) tests first: with files dealt to test processes one at a time
+    # (scripts/test.sh), the short files then fill the end instead of one long file running alone.
+    slow_files = {item.path for item in items if "slow" in item.keywords}
+    items.sort(key=lambda item: item.path not in slow_files)
     import torch
 
     if torch.cuda.is_available():
