@@ -108,12 +108,12 @@ def main() -> None:
         n = [0]
         tokens: dict[str, list[int]] = {"ours": [], "baseline": []} | ({"vllm_sampler": []} if args.vllm_sampler else {})
 
-        def ours(sub=prompts):
+        def ours(sub=prompts, log=lambda m: None):
             n[0] += 1
             d = work / f"gen_{n[0]}"
             d.mkdir()
             stats = generate.run_generate(cfg.generate, cfg.model, path, sub, d / "samples.parquet", d, r=n[0],
-                                          key={"bench": n[0]}, log=lambda m: None)
+                                          key={"bench": n[0]}, log=log)
             return stats["generate/tokens"]
 
         def vllm_sampler(sub=prompts):  # run_generate's steps, the job asking for vLLM's own sampler
@@ -131,8 +131,14 @@ def main() -> None:
             return hf_generate(hf, tok, sub, args)
 
         t = time.perf_counter()
-        ours(prompts[:2])  # warm-up; on two prompts its time is about the stage's fixed cost
+        lines: list[tuple[float, str]] = []  # the worker's progress lines, timed: where the fixed cost goes
+        ours(prompts[:2], log=lambda m: lines.append((time.perf_counter() - t, m)))
         startup = time.perf_counter() - t
+        ready = next((s for s, m in lines if "engine ready" in m), None)
+        written = max((s for s, m in lines if "vLLM: wrote " in m), default=None)
+        split = {"to_engine_ready_s": ready, "drawing_s": written - ready if ready and written else None,
+                 "after_last_write_s": startup - written if written else None}
+        split = {k: round(v, 1) for k, v in split.items() if v is not None}
         baseline(ids[:2])
         sides = {"ours": lambda: tokens["ours"].append(ours()),
                  "baseline": lambda: tokens["baseline"].append(baseline())}
@@ -146,13 +152,13 @@ def main() -> None:
     # meaningless when a run is not longer than the warm-up (--quick)
     net = [n_ / (t - startup) for n_, t in zip(tokens["ours"], times["ours"]) if t > 1.5 * startup]
     steady = round(common.median(net), 1) if net else None
-    print(f"  ours' fixed cost (process, imports, engine start; the 2-prompt warm-up run): {startup:.1f} s; "
-          f"without it {steady} tokens/s")
+    print(f"  ours' fixed cost (process, imports, engine start; the 2-prompt warm-up run): {startup:.1f} s "
+          f"({split}: the last is the worker's exit); without it {steady} tokens/s")
     common.emit("generate_vs_hf", tps["ours"], tps["baseline"], "tokens/s",
                 prompts=args.prompts, k=args.k, max_tokens=args.max_tokens, layers=args.layers, hidden=args.hidden,
                 vocab=args.vocab, dtype=args.dtype, threads=args.threads, reps=args.reps,
                 tokens_ours=sum(tokens["ours"]), tokens_baseline=sum(tokens["baseline"]),
-                temperature=args.temperature, top_p=args.top_p, ours_fixed_s=round(startup, 1),
+                temperature=args.temperature, top_p=args.top_p, ours_fixed_s=round(startup, 1), ours_fixed_split=split,
                 ours_without_fixed=steady,
                 **({"vllm_sampler": round(tps["vllm_sampler"], 1),
                     "ours_vs_vllm_sampler": round(tps["ours"] / tps["vllm_sampler"], 3)} if args.vllm_sampler else {}),

@@ -1,7 +1,7 @@
 """DPO training throughput: pairs per second, our train stage vs TRL's DPOTrainer.
 
-  ours      tasks/train.py::run_train, the real stage: the DeepSpeed worker started by the stage (ZeRO-2,
-            1 process), train.packing on: a micro-batch's chosen and rejected sequences in one
+  ours      tasks/train.py::run_train, the real stage: the DeepSpeed worker started by the stage (ZeRO `auto`:
+            stage 0 on 1 process), train.packing on: a micro-batch's chosen and rejected sequences in one
             padding-free row, fused LM head; reference log-probs come with the pairs (computed by
             the score stage's code here, untimed), so no reference forward
   padded    the same stage with train.packing=false
