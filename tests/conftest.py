@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,16 @@ if "SELFALIGN_CACHE_DIR" not in os.environ:
 @pytest.fixture(autouse=True)
 def _own_environment():
     """Each test's environment to itself: a command run in-process (`cli.main`) sets its defaults in
-    os.environ (TQDM_DISABLE in CI, Prefect's home), MLflow its tracking URI; a later test's
-    subprocesses in the same pytest process would inherit them."""
+    os.environ (TQDM_DISABLE in CI, Prefect's home), and mlflow.set_tracking_uri/set_registry_uri
+    set process-wide URIs that outrank a client's own; a later test in the same pytest process (or
+    its subprocesses) would inherit them."""
     saved = dict(os.environ)
     yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
     os.environ.clear()
     os.environ.update(saved)
 
