@@ -65,7 +65,8 @@ def worker(args) -> None:
     import torch
     import torch.nn.functional as F
 
-    from selfalign.kernels.logps import linear_token_logps, token_logps, token_logps_reference
+    from selfalign.kernels.logps import token_logps, token_logps_reference
+    from selfalign.kernels.logps_fused import linear_token_logps
 
     torch.manual_seed(0)
     dev = torch.device(args.device)

@@ -1,6 +1,6 @@
 """The Triton kernels of kernels/logps.py (its docstring says what they cover): the fused linear +
 log-softmax forward, the row log-softmax forward and the in-place dlogits backward, built on first use,
-and their launchers. Imported by kernels/logps.py only; triton itself is imported inside the builders."""
+and their launchers. Imported by kernels/logps.py and logps_fused.py only; triton itself is imported inside the builders."""
 from __future__ import annotations
 
 import os

@@ -13,7 +13,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from selfalign.kernels.logps import linear_token_logps, sequence_logps, token_logps
+from selfalign.kernels.logps import sequence_logps, token_logps
+from selfalign.kernels.logps_fused import linear_token_logps
 from selfalign.kernels.packing import (Packed, flash_varlen_attention, pack, pack_rows, packed_sequence_logps,
                                        to_device, torch_varlen_available, varlen_attention)
 from selfalign.tasks.data import encode_prompt, encode_response, load_tokenizer

@@ -7,7 +7,7 @@ It owns its loop (HF Trainer/accelerate mis-detect ranks on CPU gloo runs):
     for each step: loss = mean_over_pairs L(S_policy(y_w), S_policy(y_l), S_ref(y_w), S_ref(y_l), ...)
 
 S_policy comes from the model's final hidden states through the fused LM-head kernel
-(`kernels/logps.py::linear_token_logps`): full (tokens x vocab) logits never exist in training
+(`kernels/logps_fused.py::linear_token_logps`): full (tokens x vocab) logits never exist in training
 (models that post-process their logits, see `lm_logps.fused_head_ok`, keep the logits path).
 Reference log-probs of generated pairs were computed by the score stage; only replay pairs need
 them, and they are computed here before the first update, when the policy still equals the reference

@@ -20,12 +20,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from selfalign.kernels import logps as L
-from selfalign.kernels.logps import (
-    linear_token_logps,
-    sequence_logps,
-    token_logps,
-    token_logps_reference,
-)
+from selfalign.kernels.logps import sequence_logps, token_logps, token_logps_reference
+from selfalign.kernels.logps_fused import linear_token_logps
 
 IGN = -100
 
