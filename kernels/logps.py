@@ -28,6 +28,8 @@ Functions, by how much (tokens x vocab) memory they touch (N = tokens, V = vocab
   tile by tile (token rows x vocab columns, C * V elements at most) from the saved hidden states
   and weight instead of keeping them. Peak extra memory is O(C * V) plus the gradients of hidden
   (N, H) and weight (V, H) (and a float32 (V, H) accumulator for 16-bit weights when N is large).
+  Below a size budget (``DEFAULT_KEEP_BYTES`` of float32 N * V) and when a gradient is wanted, it
+  keeps the forward's log-softmax instead, which saves a matmul of the backward.
 * ``sequence_logps``: per-sequence sums and counts of the token log-probs.
 
 Backends (``backend=`` argument of ``token_logps`` and ``linear_token_logps``): ``"torch"`` (chunked

@@ -1,7 +1,13 @@
 """Fused LM head: per-token log-probs of labels straight from hidden states, ``hidden @ weight.T
 (+ bias)`` -> log-softmax -> gather, without ever holding more than one chunk of logits. The memory
 of each path, the convention and the backend choice are described in logps.py, whose chunking, tile
-sizes and backward helpers this module uses."""
+sizes and backward helpers this module uses.
+
+Small inputs keep their log-softmax for the backward instead of recomputing the logits: when the
+(tokens x vocab) float32 block is at most ``DEFAULT_KEEP_BYTES`` and a gradient is wanted. That
+saves one of the head's four matmuls (two in the forward and backward of the logits, one for each
+gradient) and the second exp pass; at the sizes where memory matters the block is far larger than
+the budget and nothing changes."""
 from __future__ import annotations
 
 import math
@@ -13,10 +19,14 @@ from selfalign.kernels.logps import (_auto_chunk, _bwd_tiles,
                                      _check_labels, _lse_and_logp, _run_with_fallback, _softmax_grad_)
 from selfalign.kernels.logps_triton import triton_dlogits, triton_linear_fwd
 
+# Largest (tokens x vocab) float32 log-softmax kept from the forward for the backward. At 256 MiB: a
+# micro-batch of ~2,000 tokens at a 32k vocabulary, ~500 at 128k.
+DEFAULT_KEEP_BYTES = 256 * 2**20
+
 
 class _LinearTokenLogps(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk, backend):
+    def forward(ctx, hidden, weight, bias, labels, ignore_index, chunk, backend, keep):
         hsize = hidden.shape[-1]
         v = weight.shape[0]
         # hidden is (N, H): small next to (N, V), so a reshape copy here is acceptable
@@ -25,31 +35,34 @@ class _LinearTokenLogps(torch.autograd.Function):
         flat_labels = labels.reshape(-1)
         mask = flat_labels != ignore_index
         safe = flat_labels.masked_fill(~mask, 0).to(torch.int64)
+        kept = None
         if backend == "triton":
             lse, tgt = triton_linear_fwd(h2.to(weight.dtype), weight, bias, safe)
             lp = tgt - lse
         else:
             lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
             lp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-            buf = torch.empty((min(chunk, n), v), dtype=torch.float32, device=hidden.device)
+            # keep: every chunk's log-softmax stays in its rows of one (N, V) block, for the backward
+            buf = torch.empty((n if keep else min(chunk, n), v), dtype=torch.float32, device=hidden.device)
             for s in range(0, n, chunk):
                 e = min(s + chunk, n)
                 z = F.linear(h2[s:e].to(weight.dtype), weight, bias)  # (C, V) in compute dtype
-                lse[s:e], lp[s:e] = _lse_and_logp(z, safe[s:e], buf)
+                lse[s:e], lp[s:e] = _lse_and_logp(z, safe[s:e], buf[s:e] if keep else buf)
                 del z
+            kept = buf if keep else None
             del buf
         out = torch.where(mask, lp, torch.zeros_like(lse))
-        ctx.save_for_backward(hidden, weight, bias, safe, mask, lse)
+        ctx.save_for_backward(hidden, weight, bias, safe, mask, lse, kept)
         ctx.chunk, ctx.backend, ctx.v = chunk, backend, v
         return out.view(labels.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        hidden, weight, bias, safe, mask, lse = ctx.saved_tensors
+        hidden, weight, bias, safe, mask, lse, kept = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if not (need_h or need_w or need_b):
-            return (None,) * 7
+            return (None,) * 8
         hsize = hidden.shape[-1]
         h2 = hidden.reshape(-1, hsize)
         n, v = h2.shape[0], ctx.v
@@ -58,6 +71,8 @@ class _LinearTokenLogps(torch.autograd.Function):
         cdt = weight.dtype
         low = cdt in (torch.float16, torch.bfloat16)
         g = torch.where(mask, grad_out.reshape(-1).float(), torch.zeros_like(lse))
+        if kept is not None:
+            return _backward_from_kept(kept, hidden, weight, bias, safe, g, need_h, need_w, need_b) + (None,) * 5
 
         grad_h = torch.empty((n, hsize), dtype=hidden.dtype, device=hidden.device) if need_h else None
         if need_w:
@@ -113,7 +128,20 @@ class _LinearTokenLogps(torch.autograd.Function):
         gh = grad_h.view(hidden.shape) if need_h else None
         gw = grad_w.to(weight.dtype) if need_w else None
         gb = grad_b.to(bias.dtype) if need_b else None
-        return gh, gw, gb, None, None, None, None
+        return gh, gw, gb, None, None, None, None, None
+
+
+def _backward_from_kept(lsm, hidden, weight, bias, safe, g, need_h, need_w, need_b):
+    """The backward from the forward's (N, V) float32 log-softmax: dz = g * (onehot(y) - exp(lsm)),
+    built in place in ``lsm`` (the backward runs once), then one matmul per gradient."""
+    dz = lsm.exp_().mul_(-g[:, None])
+    dz.scatter_add_(1, safe[:, None], g[:, None])  # g is 0 on ignored rows
+    cdt = weight.dtype
+    dzc = dz if dz.dtype == cdt else dz.to(cdt)
+    gh = (dzc @ weight).to(hidden.dtype).view(hidden.shape) if need_h else None
+    gw = dzc.t() @ hidden.reshape(-1, hidden.shape[-1]).to(cdt) if need_w else None
+    gb = dz.sum(0).to(bias.dtype) if need_b else None
+    return gh, gw, gb
 
 
 def linear_token_logps(
@@ -124,6 +152,7 @@ def linear_token_logps(
     bias: torch.Tensor | None = None,
     chunk_tokens: int | None = None,
     backend: str = "auto",
+    keep_bytes: int = DEFAULT_KEEP_BYTES,
 ) -> torch.Tensor:
     """Fused LM head + log-softmax + gather, never materialising (N, V) logits.
 
@@ -162,8 +191,10 @@ def linear_token_logps(
     _check_labels(hidden.shape[:-1], labels, "hidden.shape[:-1]")
     n = math.prod(hidden.shape[:-1])
     chunk = _auto_chunk(max(n, 1), weight.shape[0], chunk_tokens, hidden.device)
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    keep = wants_grad and 0 < n * weight.shape[0] * 4 <= keep_bytes
 
     def call(be):
-        return _LinearTokenLogps.apply(hidden, weight, bias, labels, ignore_index, chunk, be)
+        return _LinearTokenLogps.apply(hidden, weight, bias, labels, ignore_index, chunk, be, keep and be != "triton")
 
     return _run_with_fallback("linear_token_logps", backend, hidden.device, weight.dtype, call)

@@ -225,11 +225,13 @@ def test_token_logps_no_grad_and_empty():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("chunk", [3, 7, 64, None])
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_linear_matches_full_logits(dtype, chunk, with_bias):
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep"])
+def test_linear_matches_full_logits(dtype, chunk, with_bias, keep):
     # 3 x 47 = 141 tokens, vocab 123, hidden 31; no chunk divides 141. The backward tiles:
     # chunk 3 -> 19 x 19 (8 x 7 tiles), 7 -> 29 x 29, 64 -> all 141 tokens x 55 columns.
+    # keep: the forward's log-softmax is kept (written chunk by chunk) and the backward uses it.
     h, w, b, y, g = _linear_inputs(3, 47, 31, 123, dtype, seed=3, with_bias=with_bias)
-    _check_linear(h, w, b, y, g, dtype, chunk_tokens=chunk, backend="torch")
+    _check_linear(h, w, b, y, g, dtype, chunk_tokens=chunk, backend="torch", keep_bytes=2**30 if keep else 0)
 
 
 def test_linear_flat_hidden_and_frozen_head():
@@ -344,12 +346,34 @@ def test_linear_never_materialises_full_logits():
     h, w, b, y, g = _linear_inputs(1, n, hsize, v, torch.bfloat16, seed=11, flat=True)
     rec = _OutputSizes()
     with rec:
-        out = linear_token_logps(h, w, y, bias=b, chunk_tokens=chunk, backend="torch")
+        out = linear_token_logps(h, w, y, bias=b, chunk_tokens=chunk, backend="torch", keep_bytes=n * v * 4 - 1)
         torch.autograd.grad(out, (h, w, b), g)
     allocs = [s for s in rec.seen if not _views_only(s[2])]
     biggest = max(s[0] for s in allocs)
     assert biggest <= chunk * v, [s for s in allocs if s[0] > chunk * v][:3]
     assert biggest < n * v // 4
+
+
+def test_linear_keeps_one_full_block_when_small_and_training():
+    n, hsize, v, chunk = 300, 8, 500, 32
+    h, w, b, y, g = _linear_inputs(1, n, hsize, v, torch.bfloat16, seed=11, flat=True)
+
+    def big_outputs(**kw):
+        rec = _OutputSizes()
+        with rec:
+            out = linear_token_logps(h, w, y, bias=b, chunk_tokens=chunk, backend="torch", **kw)
+            if out.requires_grad:
+                torch.autograd.grad(out, (h, w, b), g)
+        in_place = lambda op: op.split(".")[1].endswith("_")  # writes into its input
+        return [s for s in rec.seen if s[0] > chunk * v and not _views_only(s[2]) and not in_place(s[2])]
+
+    # within the budget: one float32 (N, V) block, the forward's log-softmax, which the backward
+    # turns into the logits' gradient in place (the bf16 copy is the matmuls' operand)
+    big = big_outputs(keep_bytes=n * v * 4)
+    assert [s[1] for s in big].count(torch.float32) == 1, big
+    # no gradient wanted (scoring): chunks only, whatever the budget
+    with torch.no_grad():
+        assert big_outputs(keep_bytes=2**30) == []
 
 
 def test_token_logps_keeps_one_full_tensor_only_for_the_gradient():
