@@ -5,7 +5,7 @@ Launchers (`train.launcher`): `local` starts the `train.nproc` processes itself 
 `python -m selfalign.tasks.train`); `torchrun`; `deepspeed`, also across nodes: without ssh
 (`train.nnodes`, each node running DeepSpeed's runner for itself, see `train_nodes`) or through ssh
 from a hostfile (`train.hostfile`). Every rendezvous socket listens on the master address only: rank 0
-creates the store on a socket bound to it (`train_worker.init_process_group`) and gloo/NCCL are pinned
+creates the store on a socket bound to it (`train_nodes.init_process_group`) and gloo/NCCL are pinned
 to its interface; that is 127.0.0.1 on one node and `train.master_addr` across nodes. With `local` and
 `deepspeed` nothing else listens (torchrun's agent hosts a store of its own, which torch binds to
 every interface)."""
@@ -95,7 +95,7 @@ def launch_command(launcher: str, nproc: int, spec_path: Path, *, hostfile: str 
 
 def worker_env() -> dict[str, str]:
     """The launcher's environment. gloo and NCCL are pinned to the master address's interface by each
-    worker itself (`train_worker.pin_interfaces`): on another node that interface has its own name."""
+    worker itself (`train_nodes.pin_interfaces`): on another node that interface has its own name."""
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "selfalign" / "torch_extensions"))
     clear_stale_build_locks(Path(env["TORCH_EXTENSIONS_DIR"]))

@@ -8,11 +8,12 @@ then starts its own part. Every other node runs `selfalign train-node <run folde
 each launch it finds open; a launch closed with a failure, or replaced by a newer attempt, stops it.
 
 Nothing listens on all interfaces: rank 0 hosts the rendezvous store on a socket bound to the master
-address (`train_worker.init_process_group`), and each node's gloo and NCCL are pinned to the
+address (`init_process_group`, called by each training worker), and each node's gloo and NCCL are pinned to the
 interface it reaches that address through (`interface_to`)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import time
 import uuid
@@ -152,3 +153,49 @@ def follow(run_dir: Path, node_rank: int, log: Callable[[str], None] = print, po
             procs.forget_child(proc)
         log(f"train-node {node_rank}: {path.parent}: " + (f"stopped, {why}" if why else
                                                           "done" if rc == 0 else f"failed (exit {rc})"))
+
+
+def pin_interfaces(addr: str) -> None:
+    """gloo and NCCL listen on the interface this node reaches the master address through (gloo would
+    otherwise take the address the host name resolves to, NCCL any interface it likes): loopback on
+    one node, the cluster network's interface across nodes. GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME
+    set by the user are kept."""
+    name = interface_to(addr)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", f"={name}")  # "=": this interface, not every one it prefixes
+
+
+def init_process_group(backend: str) -> None:
+    """The process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), with
+    nothing listening on all interfaces: rank 0 hosts the rendezvous store on a socket bound to
+    MASTER_ADDR (127.0.0.1 on one node, node 0's cluster address across nodes; TCPStore alone binds
+    every interface), and gloo/NCCL are pinned to that address's interface. Under torchrun's agent
+    store (TORCHELASTIC_USE_AGENT_STORE) the agent hosts the store and DeepSpeed joins it."""
+    import datetime
+    import errno
+
+    import torch.distributed as dist
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    pin_interfaces(addr)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(minutes=30)
+    if rank == 0:
+        family, ip = resolve(addr)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((ip, port))
+        except OSError as e:
+            sock.close()
+            if e.errno == errno.EADDRINUSE:
+                raise RuntimeError(f"train: the rendezvous port {addr}:{port} is not free ({e})") from None
+            raise RuntimeError(f"train: rank 0 cannot listen at {addr}:{port} ({e}): train.master_addr must be "
+                               "an address of node 0, the node that runs the pipeline") from None
+        sock.listen(128)
+        store = dist.TCPStore(addr, port, world, True, timeout, master_listen_fd=sock.detach())
+    else:
+        store = dist.TCPStore(addr, port, world, False, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)

@@ -1,6 +1,8 @@
 """DeepSpeed training worker: one process per rank, launched by the train stage with torchrun or the
-`deepspeed` launcher. Over 400 lines: set-up -> steps -> save read in one place; references, the
-guard, checkpoints and LoRA are in train_refs, train_guard, train_ckpt and lora.
+`deepspeed` launcher. `main` is setup -> train -> save; a step is `train_step` over
+`micro_batch_loss`. Over 400 lines so that the loop, the loss dispatch (`Objective`) and what the
+engine trains (`Policy`) read in one place; references, the guard, checkpoints, LoRA and the
+rendezvous are in train_refs, train_guard, train_ckpt, lora and train_nodes.
 It owns its loop (HF Trainer/accelerate mis-detect ranks on CPU gloo runs):
 
     policy <- pi_{r-1};  reference = pi_{r-1} (frozen, never loaded: its log-probs come with the pairs)
@@ -28,12 +30,14 @@ from __future__ import annotations
 
 import inspect
 import json
-from contextlib import nullcontext
 import math
 import os
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,16 +53,17 @@ from selfalign.tasks.lm_logps import (collate, fused_head_ok, load_model, packed
 from selfalign.tasks.lora import lora_reference, save_lora, wrap_lora
 from selfalign.tasks.train_ckpt import client_state, resume, save_checkpoint, truncate_metrics
 from selfalign.tasks.train_guard import FAULT_NAN_STEP, GradGuard, NonFiniteLoss
+from selfalign.tasks.train_nodes import init_process_group
 from selfalign.tasks.train_refs import fill_aux_rewards, fill_mrpo_reference_logps, fill_reference_logps, open_cache
 
 
-def pair_loss(fn, hyper: dict, pc, pr, rc, rr, nc, nr):
+def pair_loss(fn, hyper: dict, chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len):
     """A loss of PAIR_LOSSES called by its contract: the tensors its signature names among
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths,
     rejected_lengths (in its order), and each keyword-only hyper-parameter that the train config has
     under the same name (`train.beta`, `train.label_smoothing`, ...); the others keep their defaults."""
-    tensors = {"policy_chosen_logps": pc, "policy_rejected_logps": pr, "ref_chosen_logps": rc,
-               "ref_rejected_logps": rr, "chosen_lengths": nc, "rejected_lengths": nr}
+    tensors = {"policy_chosen_logps": chosen, "policy_rejected_logps": rejected, "ref_chosen_logps": ref_chosen,
+               "ref_rejected_logps": ref_rejected, "chosen_lengths": chosen_len, "rejected_lengths": rejected_len}
     params = inspect.signature(fn).parameters.values()
     args = [tensors[p.name] for p in params if p.name in tensors]
     kwargs = {p.name: hyper[p.name] for p in params if p.kind is p.KEYWORD_ONLY and p.name in hyper}
@@ -69,35 +74,57 @@ class Objective:
     """The configured preference loss over one micro-batch's per-sequence sums and token counts
     (losses that need averages derive them from the same sums: no second forward). Holds the
     alpha-DPO running statistics between steps; the batch statistics are gathered across ranks.
-    mrpo: `rc`, `rr` are (K, B), row 0 the primary reference. hpo: also the pairs' auxiliary
+    mrpo: the reference sums are (K, B), row 0 the primary reference. hpo: also the pairs' auxiliary
     rewards `aux_c`, `aux_r` and the value head's V(x) `values` (B,)."""
 
     def __init__(self, spec: dict, world: int):
         self.name, self.spec, self.world = spec["loss"], spec, world
         self.state = AlphaDPOState() if self.name == "alpha_dpo" else None
 
+    def metric_names(self) -> list[str]:
+        """The names of a step's metrics (TRL's), in the order `train_step` accumulates them."""
+        names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                 "logps/chosen", "logps/rejected"]
+        if self.name == "hpo":
+            names += ["value_loss", "aux/chosen", "aux/rejected", "value/mean"]
+        if self.spec.get("rpo_alpha"):
+            names += ["nll_loss"]  # TRL's name for the NLL term rpo_alpha weighs
+        return names
+
+    def references(self, cols: "RowColumns", idx: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference sums of a micro-batch's chosen and rejected responses: (B,), or for MRPO
+        (K, B), row 0 the primary reference (pi_{r-1}), then the additional ones."""
+        ref_c, ref_r = cols.get("ref_chosen_logp", idx).to(dtype), cols.get("ref_rejected_logp", idx).to(dtype)
+        if self.name == "mrpo":
+            ref_c = torch.cat([ref_c[None], cols.get("mrpo_ref_chosen_logps", idx).T.to(dtype)])
+            ref_r = torch.cat([ref_r[None], cols.get("mrpo_ref_rejected_logps", idx).T.to(dtype)])
+        return ref_c, ref_r
+
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(x) for _ in range(self.world)]
         dist.all_gather(parts, x.detach().contiguous())
         return torch.cat(parts)
 
-    def __call__(self, pc, pr, rc, rr, nc, nr, aux_c=None, aux_r=None, values=None):
+    def __call__(self, chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
+                 aux_c=None, aux_r=None, values=None):
         s, name = self.spec, self.name
+        args = (chosen, rejected, ref_chosen, ref_rejected)
         if name == "mrpo":
             m = s["mrpo"]
-            return mrpo_loss(pc, pr, rc, rr, beta=s["beta"], eta=m["eta"], alpha=m["alpha"], naive=m["naive"],
+            return mrpo_loss(*args, beta=s["beta"], eta=m["eta"], alpha=m["alpha"], naive=m["naive"],
                              convention=m["convention"])
         if name == "hpo":
-            return hpo_loss(pc, pr, rc, rr, nc, nr, aux_c, aux_r, values, beta=s["beta"],
-                            preference=s["hpo"]["preference"], eta=s["hpo"]["eta"], lam=s["hpo"]["lam"],
-                            w_max=s["hpo"]["w_max"], nll=s["hpo"]["nll"], aux_on_rejected=s["hpo"]["on_rejected"])
+            h = s["hpo"]
+            return hpo_loss(*args, chosen_len, rejected_len, aux_c, aux_r, values, beta=s["beta"],
+                            preference=h["preference"], eta=h["eta"], lam=h["lam"], w_max=h["w_max"], nll=h["nll"],
+                            aux_on_rejected=h["on_rejected"])
         if name == "alpha_dpo":
             losses, cr, rj, self.state = alpha_dpo_loss(
-                pc, pr, rc, rr, nc, nr, state=self.state, beta=s["beta"], gamma_beta_ratio=s["gamma_beta_ratio"],
-                alpha=s["alpha"], label_smoothing=s["label_smoothing"], mode=s["alpha_mode"],
-                gather=self._gather if self.world > 1 else None)
+                *args, chosen_len, rejected_len, state=self.state, beta=s["beta"],
+                gamma_beta_ratio=s["gamma_beta_ratio"], alpha=s["alpha"], label_smoothing=s["label_smoothing"],
+                mode=s["alpha_mode"], gather=self._gather if self.world > 1 else None)
             return losses, cr, rj
-        return pair_loss(PAIR_LOSSES[name], s, pc, pr, rc, rr, nc, nr)
+        return pair_loss(PAIR_LOSSES[name], s, *args, chosen_len, rejected_len)
 
     def value_loss(self, values, aux_c, aux_r) -> torch.Tensor:
         """HPO's value head: expectile regression of V(x) on the auxiliary rewards of both responses."""
@@ -210,60 +237,44 @@ def die_with_parent_or_exit() -> None:
             os._exit(1)
 
 
-def pin_interfaces(addr: str) -> None:
-    """gloo and NCCL listen on the interface this node reaches the master address through (gloo would
-    otherwise take the address the host name resolves to, NCCL any interface it likes): loopback on
-    one node, the cluster network's interface across nodes. GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME
-    set by the user are kept."""
-    from selfalign.tasks.train_nodes import interface_to
-
-    name = interface_to(addr)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", f"={name}")  # "=": this interface, not every one it prefixes
-
-
-def init_process_group(backend: str) -> None:
-    """The process group from the launcher's environment (RANK, WORLD_SIZE, MASTER_ADDR/PORT), with
-    nothing listening on all interfaces: rank 0 hosts the rendezvous store on a socket bound to
-    MASTER_ADDR (127.0.0.1 on one node, node 0's cluster address across nodes; TCPStore alone binds
-    every interface), and gloo/NCCL are pinned to that address's interface. Under torchrun's agent
-    store (TORCHELASTIC_USE_AGENT_STORE) the agent hosts the store and DeepSpeed joins it."""
-    import datetime
-    import errno
-    import socket
-
-    from selfalign.tasks.train_nodes import resolve
-
-    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    pin_interfaces(addr)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
-        return
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    timeout = datetime.timedelta(minutes=30)
-    if rank == 0:
-        family, ip = resolve(addr)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((ip, port))
-        except OSError as e:
-            sock.close()
-            if e.errno == errno.EADDRINUSE:
-                raise RuntimeError(f"train: the rendezvous port {addr}:{port} is not free ({e})") from None
-            raise RuntimeError(f"train: rank 0 cannot listen at {addr}:{port} ({e}): train.master_addr must be "
-                               "an address of node 0, the node that runs the pipeline") from None
-        sock.listen(128)
-        store = dist.TCPStore(addr, port, world, True, timeout, master_listen_fd=sock.detach())
-    else:
-        store = dist.TCPStore(addr, port, world, False, timeout)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+@dataclass
+class Run:
+    """What set-up hands to the training loop and the save: the engine and its model, the pairs with
+    every number their loss reads, and this rank's share of the steps."""
+    spec: dict
+    rank: int
+    world: int
+    tok: Any
+    rows: list[dict]
+    cols: RowColumns
+    engine: Any  # DeepSpeedEngine around Policy
+    lora: Any  # the peft model, or None
+    packing: str  # the packed rows' attention path ("": padded batches)
+    objective: Objective
+    guard: GradGuard
+    policy_params: list[torch.nn.Parameter]
+    vhead: torch.nn.Linear | None  # HPO's value head and its optimizer
+    vopt: torch.optim.Optimizer | None
+    n_micro: int  # micro-batches per step on this rank
+    steps: int
+    stream: list[int]  # the pairs' order: step s takes stream[s * batch_size:(s + 1) * batch_size]
 
 
 def main(spec_path: str) -> None:
+    die_with_parent_or_exit()
+    run = setup(json.loads(Path(spec_path).read_text()))
+    train(run)
+    save(run)
+    dist.barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def setup(spec: dict) -> Run:
+    """The process group, the model (LoRA-wrapped if asked), the pairs with their reference
+    log-probs (and MRPO's, HPO's numbers), the DeepSpeed engine and the guard."""
     import deepspeed
 
-    die_with_parent_or_exit()
-    spec = json.loads(Path(spec_path).read_text())
     on_gpu = torch.cuda.is_available()
     init_process_group("nccl" if on_gpu else "gloo")
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -280,15 +291,7 @@ def main(spec_path: str) -> None:
     tok = load_tokenizer(spec["model"], spec["trust_remote_code"])
     device_name = f"cuda:{local_rank}" if on_gpu else "cpu"
     model = load_model(spec["model"], spec["dtype"], spec["trust_remote_code"], device=device_name)
-    rows = artifacts.read_table(Path(spec["pairs"]))
-    prompt_cache: dict[str, list[int]] = {}
-    for r in rows:
-        r["prompt_ids"] = prompt_cache.setdefault(r["prompt"], encode_prompt(tok, r["prompt"]))
-        if not r["chosen_ids"]:
-            r["chosen_ids"] = encode_response(tok, r["chosen"])
-            r["rejected_ids"] = encode_response(tok, r["rejected"])
-    if not rows:
-        raise SystemExit("train: the round has no pairs")
+    rows = load_pairs(spec, tok)
     lora = wrap_lora(model, spec["lora"]) if spec.get("lora") else None
     if lora is not None and rank == 0:
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -298,155 +301,180 @@ def main(spec_path: str) -> None:
     with lora_reference(lora):  # the adapter disabled: the start-of-round model, whose cache this is
         fill_reference_logps(model, rows, tok.pad_token_id, rank, world, spec["batch_tokens"], spec["packing"],
                               cache=open_cache(spec, spec["model"], rank, world, device_name))
-    loss_name = spec["loss"]
-    if loss_name == "mrpo":
+    if spec["loss"] == "mrpo":
         fill_mrpo_reference_logps(rows, spec, tok, rank, world, device_name)
-    if loss_name == "hpo":
+    if spec["loss"] == "hpo":
         fill_aux_rewards(rows, spec, rank, world)
 
-    fused = fused_head_ok(model)
-    hidden_size = model.get_output_embeddings().weight.shape[1]
-    path = packing_path(model) if spec["packing"] else ""
-    policy = Policy(model, fused, zero3=spec["zero_stage"] == 3, packing=path)
+    hidden_size = model.get_output_embeddings().weight.shape[1]  # before ZeRO-3 partitions it
+    packing = packing_path(model) if spec["packing"] else ""
+    policy = Policy(model, fused_head_ok(model), zero3=spec["zero_stage"] == 3, packing=packing)
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=spec["lr"], weight_decay=spec["weight_decay"])
     engine, _, _, _ = deepspeed.initialize(model=policy, optimizer=optimizer, config=_ds_config(spec, world))
     vhead = vopt = None
-    if loss_name == "hpo":
+    if spec["loss"] == "hpo":
         vhead = value_head(hidden_size, engine.device)
         vopt = torch.optim.AdamW(vhead.parameters(), lr=spec["hpo"]["value_lr"], weight_decay=0.0)
-    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    policy_params = [p for _, p in trainable]
+    named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    policy_params = [p for _, p in named]
     if vhead is not None:
-        trainable += [(f"value_head.{n}", p) for n, p in vhead.named_parameters()]
+        named += [(f"value_head.{n}", p) for n, p in vhead.named_parameters()]
     B, mb = spec["batch_size"], spec["micro_batch_size"]
-    n_micro = max(1, math.ceil(len(range(rank, B, world)) / mb))  # micro-batches per step on this rank
-    guard = GradGuard(trainable, engine.device, rank, world, n_micro)
+    n_micro = max(1, math.ceil(len(range(rank, B, world)) / mb))
     steps = spec["max_steps"] or max(1, math.ceil(spec["epochs"] * len(rows) / B))
-    stream = _index_stream(len(rows), steps * B, spec["seed"])
-    objective = Objective(spec, world)
-    start = resume(engine, spec, objective, vhead, vopt)
+    # The pairs' numbers go to the device once: a micro-batch selects its rows there (a tensor built
+    # from a Python list per micro-batch is a copy from pageable memory that waits for the device).
+    return Run(spec=spec, rank=rank, world=world, tok=tok, rows=rows, cols=RowColumns(rows, spec["loss"], engine.device),
+               engine=engine, lora=lora, packing=packing, objective=Objective(spec, world),
+               guard=GradGuard(named, engine.device, rank, world, n_micro), policy_params=policy_params,
+               vhead=vhead, vopt=vopt, n_micro=n_micro, steps=steps,
+               stream=_index_stream(len(rows), steps * B, spec["seed"]))
+
+
+def load_pairs(spec: dict, tok) -> list[dict]:
+    """The round's pairs with token ids: the prompt's (chat template) and, for pairs stored as text
+    only, the responses'."""
+    rows = artifacts.read_table(Path(spec["pairs"]))
+    if not rows:
+        raise SystemExit("train: the round has no pairs")
+    prompt_cache: dict[str, list[int]] = {}
+    for r in rows:
+        r["prompt_ids"] = prompt_cache.setdefault(r["prompt"], encode_prompt(tok, r["prompt"]))
+        if not r["chosen_ids"]:
+            r["chosen_ids"] = encode_response(tok, r["chosen"])
+            r["rejected_ids"] = encode_response(tok, r["rejected"])
+    return rows
+
+
+def train(run: Run) -> None:
+    """Steps from the latest checkpoint (or the first) to the last: one JSON line of metrics per step
+    on rank 0, a checkpoint every `checkpoint_every` steps."""
+    spec, engine = run.spec, run.engine
+    start = resume(engine, spec, run.objective, run.vhead, run.vopt)
     saved = start  # the last good checkpoint's step (0: none)
-    if rank == 0:
+    if run.rank == 0:
         truncate_metrics(Path(spec["metrics"]), start)
-    metrics_f = open(spec["metrics"], "a") if rank == 0 else None
-    fault_step = int(os.environ.get(FAULT_NAN_STEP, 0))
+    metrics_f = open(spec["metrics"], "a") if run.rank == 0 else None
     every = spec.get("checkpoint_every", 0)
     kept = lambda: (f"the last good checkpoint (step {saved}) stays in {spec['checkpoints']} for a rerun"
                     if saved else "no checkpoint was saved yet")
-    device = engine.device
-    names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-             "logps/chosen", "logps/rejected"]
-    if loss_name == "hpo":
-        names += ["value_loss", "aux/chosen", "aux/rejected", "value/mean"]
-    if spec.get("rpo_alpha"):
-        names += ["nll_loss"]  # TRL's name for the NLL term rpo_alpha weighs
-    # The pairs' numbers and the index stream go to the device once: a micro-batch selects its rows
-    # there. Each tensor built from a Python list per micro-batch was a copy from pageable memory,
-    # which waits for the device; so did reading a loss or the statistics back. Within a step the host
-    # now runs ahead of the device: it reads back before the optimizer step (GradGuard.check) and at
-    # the step's end (gradient norm, statistics) only.
-    cols = RowColumns(rows, loss_name, device)
-    stream_dev = to_device(torch.tensor(stream, dtype=torch.long), device)
-    own_norm = spec["zero_stage"] == 0 and spec["dtype"] != "bfloat16"  # DeepSpeed reports no norm there
+    names = run.objective.metric_names()
+    stream_dev = to_device(torch.tensor(run.stream, dtype=torch.long), engine.device)
     t0 = time.time()
-    for step in range(start, steps):
-        step_idx = stream_dev[step * B:(step + 1) * B][rank::world]
-        acc = torch.zeros(len(names), dtype=torch.float64, device=device)
-        losses_of_step = []
-        guard.begin(step)
-        host_idx = stream[step * B:(step + 1) * B][rank::world]
-        for k, m in enumerate(range(0, len(step_idx), mb)):
-            guard.micro(k)
-            idx = step_idx[m:m + mb]
-            batch = [rows[i] for i in host_idx[m:m + mb]]
-            seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in batch] + [(r["prompt_ids"], r["rejected_ids"]) for r in batch]
-            if path:  # the micro-batch's chosen and rejected sequences in one padding-free row
-                packed = pack(seqs, device)
-                inputs, kw = (), {"packed": packed}
-                prompt_end = packed.cu_seqlens[:len(batch)].long()
-            else:
-                inputs, kw = collate(seqs, tok.pad_token_id, device), {}
-                prompt_end = torch.zeros(len(batch), dtype=torch.long, device=device)
-            if loss_name == "hpo":
-                # V(x) from the chosen sequences' last prompt position (the prompt is shared)
-                value_at = prompt_end + cols.get("prompt_len", idx) - 1
-                logps, counts, feats = engine(*inputs, value_at=value_at, **kw)
-                values = vhead(feats.float()).squeeze(-1)
-            else:
-                logps, counts = engine(*inputs, **kw)
-            pc, pr = logps[:len(batch)], logps[len(batch):]
-            nc, nr = counts[:len(batch)].to(pc.dtype), counts[len(batch):].to(pc.dtype)
-            rc, rr = cols.get("ref_chosen_logp", idx).to(pc.dtype), cols.get("ref_rejected_logp", idx).to(pc.dtype)
-            extra: list[torch.Tensor] = []
-            if loss_name == "mrpo":
-                # (K, B): row 0 the primary reference (pi_{r-1}), then the additional ones
-                rc = torch.cat([rc[None], cols.get("mrpo_ref_chosen_logps", idx).T.to(pc.dtype)])
-                rr = torch.cat([rr[None], cols.get("mrpo_ref_rejected_logps", idx).T.to(pc.dtype)])
-            if loss_name == "hpo":
-                aux_c, aux_r = cols.get("aux_chosen", idx), cols.get("aux_rejected", idx)
-                losses, cr, rj = objective(pc, pr, rc, rr, nc, nr, aux_c, aux_r, values.detach())
-                v_loss = objective.value_loss(values, aux_c, aux_r)
-                (v_loss / n_micro).backward()  # the head's own graph: features are detached
-                extra = [v_loss.detach(), aux_c.mean(), aux_r.mean(), values.detach().mean()]
-            else:
-                losses, cr, rj = objective(pc, pr, rc, rr, nc, nr)
-            loss = losses.mean()
-            if spec.get("rpo_alpha"):
-                # NLL of the chosen responses, token mean over the micro-batch (TRL's rpo_alpha): keeps
-                # the likelihood of what was chosen from falling, which plain DPO lets happen.
-                nll = -pc.sum() / nc.sum()
-                loss = loss + spec["rpo_alpha"] * nll
-                extra.append(nll.detach())
-            if fault_step == step + 1:
-                loss = loss * math.nan
-            losses_of_step.append(loss.detach())
-            engine.backward(loss)
-            if m + mb >= len(step_idx):  # the step's last backward: the optimizers step next
-                if own_norm:
-                    grads = [p.grad for p in policy_params if p.grad is not None]
-                    step_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-                guard.check(steps, kept(), torch.stack(losses_of_step))
-            engine.step()
-            acc += torch.stack([x.detach().double() for x in (loss, cr.mean(), rj.mean(), (cr - rj).mean(),
-                                (cr > rj).float().mean(), pc.mean(), pr.mean(), *extra)])
-        acc /= n_micro
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is None and own_norm:
-            grad_norm = step_norm
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise NonFiniteLoss(f"train: non-finite gradient norm {float(grad_norm)} at step {step + 1}/{steps}; "
-                                f"the round's model is not written; {kept()}")
-        if vopt is not None:
-            if world > 1:
-                for p in vhead.parameters():
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-            vopt.step()
-            vopt.zero_grad()
-        if world > 1:
-            dist.all_reduce(acc)
-            acc /= world
+    for step in range(start, run.steps):
+        stats, grad_norm = train_step(run, step, stream_dev, kept)
         if metrics_f:
-            rec = {"step": step + 1, **dict(zip(names, acc.tolist())),
+            rec = {"step": step + 1, **dict(zip(names, stats.tolist())),
                    "grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
                    "learning_rate": float(engine.get_lr()[0]),
                    "seconds": time.time() - t0}
             metrics_f.write(json.dumps(rec) + "\n")
             metrics_f.flush()
-            if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
-                print(f"train: step {step + 1}/{steps} loss {rec['loss']:.4f} "
+            if (step + 1) % max(1, run.steps // 5) == 0 or step + 1 == run.steps:
+                print(f"train: step {step + 1}/{run.steps} loss {rec['loss']:.4f} "
                       f"margin {rec['rewards/margins']:+.4f} acc {rec['rewards/accuracies']:.2f}", flush=True)
-        if every and (step + 1) % every == 0 and step + 1 < steps:
-            save_checkpoint(engine, spec, step + 1, client_state(step + 1, objective, vhead, vopt), rank)
+        if every and (step + 1) % every == 0 and step + 1 < run.steps:
+            save_checkpoint(engine, spec, step + 1, client_state(step + 1, run.objective, run.vhead, run.vopt), run.rank)
             saved = step + 1
 
-    _save(engine, spec, tok, rank, lora)
-    if vhead is not None and rank == 0:
-        _save_value_head(vhead, Path(spec["metrics"]).with_name("value_head.safetensors"))
-    dist.barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+def train_step(run: Run, step: int, stream_dev: torch.Tensor, kept) -> tuple[torch.Tensor, Any]:
+    """One optimiser step over this rank's share of the step's pairs; returns the step's metrics
+    (averaged over micro-batches and ranks) and the gradient norm. Within a step the host runs ahead
+    of the device: it reads back only before the optimizer steps (GradGuard.check) and at the end."""
+    spec, engine, guard = run.spec, run.engine, run.guard
+    B, mb = spec["batch_size"], spec["micro_batch_size"]
+    own_norm = spec["zero_stage"] == 0 and spec["dtype"] != "bfloat16"  # DeepSpeed reports no norm there
+    step_idx = stream_dev[step * B:(step + 1) * B][run.rank::run.world]
+    host_idx = run.stream[step * B:(step + 1) * B][run.rank::run.world]
+    stats = torch.zeros(len(run.objective.metric_names()), dtype=torch.float64, device=engine.device)
+    losses = []
+    guard.begin(step)
+    for k, m in enumerate(range(0, len(step_idx), mb)):
+        guard.micro(k)
+        loss, micro_stats = micro_batch_loss(run, step_idx[m:m + mb], [run.rows[i] for i in host_idx[m:m + mb]], step)
+        losses.append(loss.detach())
+        engine.backward(loss)
+        if m + mb >= len(step_idx):  # the step's last backward: the optimizers step next
+            if own_norm:
+                step_norm = torch.nn.utils.get_total_norm([p.grad for p in run.policy_params if p.grad is not None],
+                                                          foreach=True)
+            guard.check(run.steps, kept(), torch.stack(losses))
+        engine.step()
+        stats += micro_stats
+    stats /= run.n_micro
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is None and own_norm:
+        grad_norm = step_norm
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        raise NonFiniteLoss(f"train: non-finite gradient norm {float(grad_norm)} at step {step + 1}/{run.steps}; "
+                            f"the round's model is not written; {kept()}")
+    if run.vopt is not None:
+        if run.world > 1:
+            for p in run.vhead.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= run.world
+        run.vopt.step()
+        run.vopt.zero_grad()
+    if run.world > 1:
+        dist.all_reduce(stats)
+        stats /= run.world
+    return stats, grad_norm
+
+
+def micro_batch_loss(run: Run, idx: torch.Tensor, batch: list[dict], step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of one micro-batch of pairs (`idx`: their rows, on the device) and its metrics, in
+    `Objective.metric_names` order. HPO's value head takes its own backward here."""
+    spec, objective = run.spec, run.objective
+    n = len(batch)
+    seqs = [(r["prompt_ids"], r["chosen_ids"]) for r in batch] + [(r["prompt_ids"], r["rejected_ids"]) for r in batch]
+    if run.packing:  # the micro-batch's chosen and rejected sequences in one padding-free row
+        packed = pack(seqs, run.engine.device)
+        inputs, kw = (), {"packed": packed}
+        prompt_end = packed.cu_seqlens[:n].long()
+    else:
+        inputs, kw = collate(seqs, run.tok.pad_token_id, run.engine.device), {}
+        prompt_end = torch.zeros(n, dtype=torch.long, device=run.engine.device)
+    if objective.name == "hpo":
+        # V(x) from the chosen sequences' last prompt position (the prompt is shared)
+        value_at = prompt_end + run.cols.get("prompt_len", idx) - 1
+        logps, counts, feats = run.engine(*inputs, value_at=value_at, **kw)
+        values = run.vhead(feats.float()).squeeze(-1)
+    else:
+        logps, counts = run.engine(*inputs, **kw)
+    chosen, rejected = logps[:n], logps[n:]
+    chosen_len, rejected_len = counts[:n].to(chosen.dtype), counts[n:].to(chosen.dtype)
+    ref_chosen, ref_rejected = objective.references(run.cols, idx, chosen.dtype)
+    extra: list[torch.Tensor] = []
+    if objective.name == "hpo":
+        aux_c, aux_r = run.cols.get("aux_chosen", idx), run.cols.get("aux_rejected", idx)
+        losses, rw_c, rw_r = objective(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len,
+                                       aux_c, aux_r, values.detach())
+        v_loss = objective.value_loss(values, aux_c, aux_r)
+        (v_loss / run.n_micro).backward()  # the head's own graph: features are detached
+        extra = [v_loss.detach(), aux_c.mean(), aux_r.mean(), values.detach().mean()]
+    else:
+        losses, rw_c, rw_r = objective(chosen, rejected, ref_chosen, ref_rejected, chosen_len, rejected_len)
+    loss = losses.mean()
+    if spec.get("rpo_alpha"):
+        # NLL of the chosen responses, token mean over the micro-batch (TRL's rpo_alpha): keeps the
+        # likelihood of what was chosen from falling, which plain DPO lets happen.
+        nll = -chosen.sum() / chosen_len.sum()
+        loss = loss + spec["rpo_alpha"] * nll
+        extra.append(nll.detach())
+    if int(os.environ.get(FAULT_NAN_STEP, 0)) == step + 1:
+        loss = loss * math.nan
+    stats = torch.stack([x.detach().double() for x in (loss, rw_c.mean(), rw_r.mean(), (rw_c - rw_r).mean(),
+                         (rw_c > rw_r).float().mean(), chosen.mean(), rejected.mean(), *extra)])
+    return loss, stats
+
+
+def save(run: Run) -> None:
+    """The round's model (LoRA: merged, the adapter beside it) and HPO's value head, from rank 0."""
+    _save(run.engine, run.spec, run.tok, run.rank, run.lora)
+    if run.vhead is not None and run.rank == 0:
+        _save_value_head(run.vhead, Path(run.spec["metrics"]).with_name("value_head.safetensors"))
 
 
 def _save(engine, spec: dict, tok, rank: int, lora=None) -> None:
