@@ -221,7 +221,7 @@ def run_train(t: TrainConfig, m: ModelConfig, model: str, pairs_path: Path, out_
     metrics_path = work / "metrics.jsonl"
     zero_stage = t.zero_stage_for(None if t.hostfile else t.nproc * t.nnodes)
     # The worker's job: the train section (its top-level keys by name: a loss's hyper-parameters reach
-    # it so, train_worker.pair_loss), the group of the loss or LoRA in use, and what it trains on.
+    # it so, train_objective.pair_loss), the group of the loss or LoRA in use, and what it trains on.
     spec = {k: v for k, v in dataclasses.asdict(t).items() if k not in SAVING_KEYS and k not in ("lora", "mrpo", "hpo")}
     spec |= {"model": model, "pairs": str(pairs_path), "output": str(partial), "metrics": str(metrics_path),
              "seed": seed, "dtype": m.dtype, "trust_remote_code": m.trust_remote_code,
